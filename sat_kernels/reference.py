@@ -1,0 +1,169 @@
+"""The SAT math in plain PyTorch: the readable oracle, and the path CPU tensors run.
+
+Every function here is the definition the Triton kernels in ``sat_kernels.ops`` are tested
+against; they take already-validated arguments (``sat_kernels.functional`` checks them) and
+return float32 (float64 for float64 inputs, so gradcheck can run). Inputs of any floating dtype
+are read in that compute dtype.
+
+The blur is written as nine shifted multiply-adds per axis over one reflect-padded tensor: on
+CPU that is ~2x faster than SAG's 81-tap grouped conv2d, and two 1-D ``F.conv2d`` calls are a
+trap (6x slower at batch 32, see DESIGN.md "Performance notes").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Largest score block (elements) the chunked q.k^T loops hold at once: 16 Mi fp32 = 64 MiB.
+_MAX_BLOCK_ELEMENTS = 1 << 24
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (for gradcheck); every other floating dtype is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def gaussian_kernel1d(kernel_size: int, sigma: float, device=None) -> torch.Tensor:
+    """The normalized 1-D Gaussian taps SAG's ``gaussian_blur_2d`` uses (float32)."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel_size)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    return (pdf / pdf.sum()).to(device)
+
+
+def _blur_last_dim(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    radius = taps.numel() // 2
+    n = x.shape[-1]
+    padded = F.pad(x, (radius, radius), mode="reflect")
+    out = padded[..., 0:n] * taps[0]
+    for i in range(1, taps.numel()):
+        out = out + padded[..., i : i + n] * taps[i]
+    return out
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding; equals SAG's gaussian_blur_2d."""
+    planes = x.to(compute_dtype(x)).reshape(-1, *x.shape[-2:])  # reflect pad wants 3-D input
+    taps = gaussian_kernel1d(kernel_size, sigma, x.device).to(planes.dtype)
+    rows = _blur_last_dim(planes, taps)
+    return _blur_last_dim(rows.transpose(-1, -2), taps).transpose(-1, -2).reshape(x.shape)
+
+
+def attention_mass(probs: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Nk) attention each key receives: sum over queries, mean over heads.
+
+    ``probs`` is (B*heads, Nq, Nk) in diffusers' head_to_batch_dim layout (row b*heads + h)
+    or (B, heads, Nq, Nk).
+    """
+    nq, nk = probs.shape[-2:]
+    per_head = probs.reshape(-1, heads, nq, nk).sum(dim=-2, dtype=torch.float32)
+    return per_head.mean(dim=1)
+
+
+def _query_chunks(q: torch.Tensor, nk: int):
+    """Slices over the query axis so a (B, H, chunk, Nk) score block stays under the cap."""
+    b, h, nq, _ = q.shape
+    chunk = max(1, _MAX_BLOCK_ELEMENTS // max(1, b * h * nk))
+    for start in range(0, nq, chunk):
+        yield slice(start, min(start + chunk, nq))
+
+
+def default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """(B, H, Nq) natural-log log-sum-exp of each row of scale * q @ k^T, in query chunks."""
+    scale = default_scale(q, scale)
+    qf, kf = q.float(), k.float()
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    for rows in _query_chunks(q, k.shape[-2]):
+        lse[..., rows] = torch.logsumexp(scale * qf[..., rows, :] @ kf.transpose(-1, -2), dim=-1)
+    return lse
+
+
+def attention_mass_from_qk(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """attention_mass(softmax(scale q k^T)) without the Nq x Nk map:
+
+    mass[b, j] = mean_h sum_i exp(scale * q[b,h,i] . k[b,h,j] - lse[b,h,i])
+    """
+    scale = default_scale(q, scale)
+    if lse is None:
+        lse = attention_lse(q, k, scale)
+    qf, kf, lse = q.float(), k.float(), lse.float()
+    mass = torch.zeros(k.shape[:-1], dtype=torch.float32, device=q.device)  # (B, H, Nk)
+    for rows in _query_chunks(q, k.shape[-2]):
+        scores = scale * qf[..., rows, :] @ kf.transpose(-1, -2)
+        mass += torch.exp(scores - lse[..., rows, None]).sum(dim=-2)
+    return mass.mean(dim=1)
+
+
+def token_attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    tokens: torch.Tensor,
+    lse: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """(B, Nq, S): head-mean softmax probability of each query for the key tokens ``tokens``.
+
+    ``tokens`` is (B, S) long; -1 marks padding and gives probability 0.
+    """
+    scale = default_scale(q, scale)
+    if lse is None:
+        lse = attention_lse(q, k, scale)
+    valid = tokens >= 0
+    index = tokens.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+    k_sel = torch.gather(k.float(), 2, index)  # (B, H, S, D)
+    scores = scale * q.float() @ k_sel.transpose(-1, -2)  # (B, H, Nq, S)
+    probs = torch.exp(scores - lse.float()[..., None]).mean(dim=1)
+    return probs * valid[:, None, :]
+
+
+def saliency_threshold(mass: torch.Tensor, threshold: float | str) -> torch.Tensor:
+    """(B, 1) threshold per sample: the given constant, or each sample's mean for "mean"."""
+    if isinstance(threshold, str):  # "mean", checked by the caller
+        return mass.mean(dim=1, keepdim=True)
+    return torch.full((mass.shape[0], 1), float(threshold), device=mass.device)
+
+
+def saliency_mask(
+    mass: torch.Tensor,
+    map_size: tuple[int, int],
+    threshold: float | str = 1.0,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Bool mask (B, h, w) of tokens whose mass exceeds the threshold; nearest-upsampled to size."""
+    mass = mass.float()
+    mask = (mass > saliency_threshold(mass, threshold)).view(-1, *map_size)
+    if size is None:
+        return mask
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0.5
+
+
+def degrade_latents(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    mass: torch.Tensor,
+    map_size: tuple[int, int],
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor,
+    threshold: float | str = 1.0,
+    kernel_size: int = 9,
+    sigma: float = 1.0,
+) -> torch.Tensor:
+    """x_deg = sqrt(ab_t) * (m * blur(x0) + (1 - m) * x0) + sqrt(1 - ab_t) * eps.
+
+    ``mass`` is the (B, h*w) saliency; m is its thresholded map nearest-upsampled to x0's size.
+    """
+    dtype = compute_dtype(x0)
+    x0c = x0.to(dtype)
+    m = saliency_mask(mass, map_size, threshold, size=x0.shape[-2:])[:, None].to(dtype)
+    blended = m * gaussian_blur(x0c, kernel_size, sigma) + (1 - m) * x0c
+    ab = alphas_cumprod.to(x0.device, dtype)[timesteps.to(x0.device)].view(-1, 1, 1, 1)
+    return ab.sqrt() * blended + (1 - ab).sqrt() * eps.to(dtype)

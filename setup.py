@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+TRAIN = [
+    "diffusers>=0.32",
+    "transformers>=4.46",
+    "peft>=0.13",
+    "accelerate>=1.0",
+    "safetensors>=0.4",
+    "pillow>=10",
+    "tensorboard>=2.15",
+    "tqdm>=4.66",
+]
+TEST = TRAIN + ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "scikit-image>=0.22"]
+
+setup(
+    name="sat",
+    version="0.1.0",
+    description="SAT (Self-Attention Control for Diffusion Models Training): fused Triton kernels and a LoRA trainer for SD v1.5",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sat_kernels", "sat_kernels.*", "sat_train", "sat_train.*"]),
+    package_data={"sat_train": ["assets/demo_data/*"]},
+    # torch: install the build for your machine first (CPU: pip install torch==2.13.0);
+    # a bare requirement would pull a multi-GB CUDA build on CPU-only machines.
+    install_requires=["torch>=2.1", "triton>=3.0; platform_system == 'Linux'", "numpy>=1.24"],
+    extras_require={"train": TRAIN, "test": TEST, "xformers": ["xformers>=0.0.28"]},
+    entry_points={"console_scripts": ["sat-train=sat_train.cli:main"]},
+)

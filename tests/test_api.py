@@ -1,0 +1,155 @@
+"""Argument checks and backend dispatch of the public API (sat_kernels.functional).
+
+Every bad input must raise a ValueError/TypeError naming the argument before any kernel runs,
+on both backends.
+"""
+
+import pytest
+import torch
+
+import sat_kernels
+from sat_kernels import functional
+
+BACKENDS = ["torch", "triton"]
+
+
+def _degrade_args(**over):
+    torch.manual_seed(0)
+    b, c, h, w = 2, 4, 16, 16
+    args = dict(
+        x0=torch.randn(b, c, h, w),
+        eps=torch.randn(b, c, h, w),
+        saliency=torch.rand(b, 16),
+        map_size=(4, 4),
+        alphas_cumprod=torch.linspace(0.99, 0.01, 1000),
+        timesteps=torch.tensor([10, 500]),
+    )
+    args.update(over)
+    return args
+
+
+BAD_DEGRADE = [
+    ("x0 must be a torch.Tensor of shape", TypeError, dict(x0=[[1.0]])),
+    ("x0 must have shape", ValueError, dict(x0=torch.randn(4, 16, 16))),
+    ("x0 must be a floating tensor", TypeError, dict(x0=torch.ones(2, 4, 16, 16, dtype=torch.int64))),
+    ("eps must have the shape of x0", ValueError, dict(eps=torch.randn(2, 4, 16, 15))),
+    ("batch sizes must match", ValueError, dict(saliency=torch.rand(3, 16))),
+    ("map_size .* has 12 tokens but the saliency has 16", ValueError, dict(map_size=(3, 4))),
+    ("map_size must be a pair", ValueError, dict(map_size=(4,))),
+    ("map_size must be a pair", ValueError, dict(map_size=(0, 16))),
+    ("needs heads=", ValueError, dict(saliency=torch.rand(16, 16, 16))),
+    ("not a multiple of heads=3", ValueError, dict(saliency=torch.rand(16, 16, 16), heads=3)),
+    ("heads is only for", ValueError, dict(heads=8)),
+    ("must be square", ValueError, dict(saliency=torch.rand(2, 8, 16, 9), heads=8)),
+    ("saliency must be a floating", TypeError, dict(saliency=torch.ones(2, 16, dtype=torch.int32))),
+    ("too small for kernel_size=9", ValueError, dict(x0=torch.randn(2, 4, 4, 16), eps=torch.randn(2, 4, 4, 16))),
+    ("kernel_size must be an odd", ValueError, dict(kernel_size=4)),
+    ("sigma must be a positive", ValueError, dict(sigma=0.0)),
+    ('threshold must be a float or "mean"', ValueError, dict(threshold="median")),
+    ('threshold must be a float or "mean"', TypeError, dict(threshold=None)),
+    ("timesteps must lie in", ValueError, dict(timesteps=torch.tensor([10, 1000]))),
+    ("timesteps must be an integer", TypeError, dict(timesteps=torch.tensor([0.5, 1.0]))),
+    ("timesteps must have shape", ValueError, dict(timesteps=torch.tensor([1, 2, 3]))),
+    ("alphas_cumprod must have shape", ValueError, dict(alphas_cumprod=torch.rand(10, 2))),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("match,error,over", BAD_DEGRADE, ids=[m for m, _, _ in BAD_DEGRADE])
+def test_degrade_latents_rejects_bad_input(match, error, over, backend):
+    with pytest.raises(error, match=match):
+        sat_kernels.degrade_latents(**_degrade_args(**over), backend=backend)
+
+
+def _qk(b=2, h=2, nq=8, nk=6, d=4):
+    return torch.randn(b, h, nq, d), torch.randn(b, h, nk, d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_functions_reject_bad_input(backend):
+    q, k = _qk()
+    with pytest.raises(ValueError, match=r"q must have shape \(B, heads, Nq, head_dim\)"):
+        sat_kernels.attention_mass_from_qk(q[0], k, backend=backend)
+    with pytest.raises(ValueError, match="must agree on B, heads and head_dim"):
+        sat_kernels.attention_mass_from_qk(q, k[:, :1], backend=backend)
+    with pytest.raises(ValueError, match=r"lse must have shape \(B, heads, Nq\)"):
+        sat_kernels.attention_mass_from_qk(q, k, lse=torch.zeros(2, 2, 7), backend=backend)
+    with pytest.raises(TypeError, match="q must be a floating"):
+        sat_kernels.attention_mass_from_qk(q.long(), k, backend=backend)
+    with pytest.raises(TypeError, match="scale must be a float or None"):
+        sat_kernels.attention_mass_from_qk(q, k, scale="0.5", backend=backend)
+    with pytest.raises(ValueError, match=r"tokens must be in \[-1, 5\]"):
+        sat_kernels.token_attention_probs(q, k, torch.tensor([[0, 6], [1, 2]]), backend=backend)
+    with pytest.raises(TypeError, match="tokens must be an integer"):
+        sat_kernels.token_attention_probs(q, k, torch.zeros(2, 2), backend=backend)
+    with pytest.raises(ValueError, match="tokens has batch 1"):
+        sat_kernels.token_attention_probs(q, k, torch.zeros(1, 2, dtype=torch.long), backend=backend)
+    with pytest.raises(ValueError, match="probs has 6 rows, not a multiple of heads=4"):
+        sat_kernels.attention_mass(torch.rand(6, 5, 5), heads=4, backend=backend)
+    with pytest.raises(ValueError, match="heads must be a positive int"):
+        sat_kernels.attention_mass(torch.rand(6, 5, 5), heads=0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blur_and_mask_reject_bad_input(backend):
+    with pytest.raises(ValueError, match="x must have shape"):
+        sat_kernels.gaussian_blur(torch.randn(16, 16), backend=backend)
+    with pytest.raises(ValueError, match="use kernel_size <= 9"):
+        sat_kernels.gaussian_blur(torch.randn(1, 1, 5, 30), kernel_size=11, backend=backend)
+    with pytest.raises(ValueError, match="map_size .* has 9 tokens"):
+        sat_kernels.saliency_mask(torch.rand(2, 16), (3, 3), backend=backend)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sat_kernels.gaussian_blur(torch.randn(1, 1, 8, 8), backend="cuda")
+
+
+def test_mismatched_devices_are_rejected():
+    args = _degrade_args(eps=torch.randn(2, 4, 16, 16, device="meta"))
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        sat_kernels.degrade_latents(**args, backend="torch")
+
+
+def test_auto_backend_runs_torch_path_on_cpu(monkeypatch):
+    def fail(name):
+        raise AssertionError(f"auto must not import the Triton op {name} for CPU tensors")
+
+    monkeypatch.setattr(functional, "_op", fail)
+    out = sat_kernels.degrade_latents(**_degrade_args())
+    assert out.dtype == torch.float32 and out.shape == (2, 4, 16, 16)
+
+
+def test_triton_on_cpu_without_interpreter_gives_clear_error(monkeypatch):
+    monkeypatch.setattr(functional, "INTERPRETING", False)
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing sat_kernels"):
+        sat_kernels.gaussian_blur(torch.randn(1, 1, 8, 8), backend="triton")
+
+
+def test_scalar_timestep_broadcasts_over_batch():
+    args = _degrade_args(timesteps=torch.tensor(321))
+    per_sample = sat_kernels.degrade_latents(**_degrade_args(timesteps=torch.tensor([321, 321])), backend="torch")
+    torch.testing.assert_close(sat_kernels.degrade_latents(**args, backend="torch"), per_sample, rtol=0, atol=0)
+    args["timesteps"] = 321
+    torch.testing.assert_close(sat_kernels.degrade_latents(**args, backend="torch"), per_sample, rtol=0, atol=0)
+
+
+def test_torch_mass_from_qk_bounds_memory(monkeypatch):
+    """The torch path works in query chunks: no score block above the cap is ever built."""
+    from sat_kernels import reference
+
+    monkeypatch.setattr(reference, "_MAX_BLOCK_ELEMENTS", 2 * 2 * 6 * 3)  # 3 query rows at a time
+    seen = []
+    real_exp = torch.exp
+
+    def spy_exp(t):
+        seen.append(t.numel())
+        return real_exp(t)
+
+    monkeypatch.setattr(reference.torch, "exp", spy_exp)
+    q, k = _qk(nq=8, nk=6)
+    mass = sat_kernels.attention_mass_from_qk(q, k, backend="torch")
+    monkeypatch.undo()
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+    torch.testing.assert_close(mass, reference.attention_mass(probs, 2), rtol=1e-5, atol=1e-6)
+    assert seen and max(seen) <= 2 * 2 * 6 * 3
