@@ -17,8 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Largest score block (elements) the chunked q.k^T loops hold at once: 16 Mi fp32 = 64 MiB.
-_MAX_BLOCK_ELEMENTS = 1 << 24
+# Largest score block (elements) the chunked q.k^T loops hold at once: 4 Mi fp32 = 16 MiB. On a
+# 2-core CPU this chunk (64 query rows at SD's 64x64 layer, B=2, 8 heads) ran fastest: bigger
+# blocks fall out of cache (1024 rows: 1.7x slower), and the 1 GiB materialized map is 3.9x slower.
+_MAX_BLOCK_ELEMENTS = 1 << 22
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -78,10 +80,10 @@ def default_scale(q: torch.Tensor, scale: float | None) -> float:
 def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """(B, H, Nq) natural-log log-sum-exp of each row of scale * q @ k^T, in query chunks."""
     scale = default_scale(q, scale)
-    qf, kf = q.float(), k.float()
+    q_scaled, k_t = scale * q.float(), k.float().transpose(-1, -2)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     for rows in _query_chunks(q, k.shape[-2]):
-        lse[..., rows] = torch.logsumexp(scale * qf[..., rows, :] @ kf.transpose(-1, -2), dim=-1)
+        lse[..., rows] = torch.logsumexp(torch.matmul(q_scaled[..., rows, :], k_t), dim=-1)
     return lse
 
 
@@ -95,11 +97,12 @@ def attention_mass_from_qk(
     scale = default_scale(q, scale)
     if lse is None:
         lse = attention_lse(q, k, scale)
-    qf, kf, lse = q.float(), k.float(), lse.float()
+    q_scaled, k_t, lse = scale * q.float(), k.float().transpose(-1, -2), lse.float()
     mass = torch.zeros(k.shape[:-1], dtype=torch.float32, device=q.device)  # (B, H, Nk)
     for rows in _query_chunks(q, k.shape[-2]):
-        scores = scale * qf[..., rows, :] @ kf.transpose(-1, -2)
-        mass += torch.exp(scores - lse[..., rows, None]).sum(dim=-2)
+        # probabilities of these query rows, built in place: one buffer, three passes
+        probs = torch.matmul(q_scaled[..., rows, :], k_t).sub_(lse[..., rows, None]).exp_()
+        mass += probs.sum(dim=-2)
     return mass.mean(dim=1)
 
 

@@ -140,13 +140,14 @@ def test_torch_mass_from_qk_bounds_memory(monkeypatch):
 
     monkeypatch.setattr(reference, "_MAX_BLOCK_ELEMENTS", 2 * 2 * 6 * 3)  # 3 query rows at a time
     seen = []
-    real_exp = torch.exp
+    real_matmul = torch.matmul
 
-    def spy_exp(t):
-        seen.append(t.numel())
-        return real_exp(t)
+    def spy_matmul(a, b):
+        out = real_matmul(a, b)
+        seen.append(out.numel())
+        return out
 
-    monkeypatch.setattr(reference.torch, "exp", spy_exp)
+    monkeypatch.setattr(reference.torch, "matmul", spy_matmul)
     q, k = _qk(nq=8, nk=6)
     mass = sat_kernels.attention_mass_from_qk(q, k, backend="torch")
     monkeypatch.undo()
