@@ -1,0 +1,336 @@
+"""Attention mass (attention each key receives) and row log-sum-exp, in Triton.
+
+Three statistics for thresholding (no autograd: results are detached float32):
+
+* ``attention_mass(probs4d, heads)``: mean over heads of the column sums of materialized
+  probabilities (B, heads, Nq, Nk), any strides.
+* ``attention_lse(q, k, scale)``: natural-log row log-sum-exp of ``scale * q @ k^T``, computed
+  online (flash-style running max + rescaled sum) over key tiles.
+* ``attention_mass_from_qk(q, k, lse, scale)``: the same mass without the Nq x Nk map,
+  ``mass[b, j] = mean_h sum_i exp(scale * q[b,h,i] . k[b,h,j] - lse[b,h,i])``; each program owns
+  a key tile and recomputes BLOCK_Q x BLOCK_K score tiles with ``tl.dot``, reusing lse.
+
+No atomics: grid (B, key tiles, SPLIT); a program owns one (batch, key tile) output slice and
+loops over heads and query tiles. Under the interpreter SPLIT = 1 and the program writes the
+mass directly (one launch). On GPU, B * Nk / BLOCK_K programs cannot fill the SMs (64 at the
+64x64 layer), so the head x query loop of each key tile is split over SPLIT = SPLIT_H * SPLIT_Q
+programs writing disjoint rows of a (SPLIT, B, Nk) buffer, summed afterwards (deterministic,
+one extra small reduction). Exponentials use exp2 with log2(e) folded into the scale.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    """Triton's CPU interpreter runs CPU tensors (TRITON_INTERPRET=1 is checked by the caller)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type != "cuda"
+
+
+def _dot_in_f32(*tensors: torch.Tensor) -> bool:
+    """Upcast tiles to fp32 before tl.dot (fp32-accurate dot, see _precision).
+
+    Always under the interpreter (its bf16 tl.dot is wrong), for fp32/fp64 inputs, and for mixed
+    dtypes; fp16/bf16 pairs on GPU use the tensor cores with fp32 accumulation (products of two
+    halves are exact in fp32, so the result still matches the fp32 reference closely).
+    """
+    dtypes = {t.dtype for t in tensors}
+    return _interpreting(tensors[0]) or len(dtypes) > 1 or not dtypes <= {torch.float16, torch.bfloat16}
+
+
+def _precision(t: torch.Tensor) -> str:
+    """tl.dot precision for fp32 tiles: exact fp32 products when interpreting; on GPU "tf32x3"
+    (three TF32 MMAs, error ~2^-22 like fp32: 2e-7 relative on the mass at N=4096 on an H100,
+    7x faster than "ieee", which Triton runs on CUDA cores). Never plain TF32 (~1e-3)."""
+    return "ieee" if _interpreting(t) else "tf32x3"
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16; masked past D
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_for(programs: int, heads: int, q_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(SPLIT_H, SPLIT_Q): how many programs share one (batch, key tile)'s head x query loop.
+
+    One under the interpreter. On GPU enough for ~4 waves of programs over the SMs: heads first,
+    in equal shares (a divisor of H: 5 programs over 8 heads ran 1.4x slower than 8 on an H100),
+    then query tiles. E.g. B=2, N=4096, BLOCK_K=128 on 132 SMs: 64 tiles -> (8, 2) for H=8.
+    """
+    if device.type != "cuda":
+        return 1, 1
+    want = triton.cdiv(4 * _num_sms(device), max(1, programs))
+    split_h = next((d for d in range(1, heads + 1) if heads % d == 0 and d >= want), heads)
+    split_q = max(1, min(triton.cdiv(want, split_h), q_tiles))
+    return split_h, split_q
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _split_range(split, n_split, total):
+    """[lo, hi) of split `split` when `total` items are cut into n_split near-equal chunks."""
+    return split * total // n_split, (split + 1) * total // n_split
+
+
+@triton.jit
+def _attention_mass_probs_kernel(
+    P, OUT,  # P: (B, H, Nq, Nk) any strides; OUT: (SPLIT_H * SPLIT_Q, B, Nk) fp32 contiguous
+    H, NQ, NK,
+    s_pb, s_ph, s_pq, s_pk,
+    inv_heads,
+    SPLIT_H: tl.constexpr, SPLIT_Q: tl.constexpr, ACC_2D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kb = tl.program_id(1)
+    split = tl.program_id(2)  # = split_h * SPLIT_Q + split_q: which heads / query tiles to sum
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < NK
+    h_lo, h_hi = _split_range(split // SPLIT_Q, SPLIT_H, H)
+    t_lo, t_hi = _split_range(split % SPLIT_Q, SPLIT_Q, tl.cdiv(NQ, BLOCK_Q))
+    base = P + b.to(tl.int64) * s_pb
+    if ACC_2D:  # elementwise adds in the loop, one column reduction at the end
+        acc = tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for h in range(h_lo, h_hi):
+        for t in range(t_lo, t_hi):
+            offs_q = t * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            ptrs = base + h * s_ph + offs_q[:, None] * s_pq + offs_k[None, :] * s_pk
+            tile = tl.load(ptrs, mask=(offs_q[:, None] < NQ) & mask_k[None, :], other=0.0).to(tl.float32)
+            if ACC_2D:
+                acc += tile
+            else:
+                acc += tl.sum(tile, axis=0)  # column sums of this query tile
+    if ACC_2D:
+        col = tl.sum(acc, axis=0)
+    else:
+        col = acc
+    out = OUT + (split * tl.num_programs(0) + b).to(tl.int64) * NK
+    tl.store(out + offs_k, col * inv_heads, mask=mask_k)
+
+
+@triton.jit
+def _attention_lse_kernel(
+    Q, K, LSE,  # Q: (B, H, Nq, D), K: (B, H, Nk, D) any strides; LSE: (B*H, Nq) fp32 contiguous
+    H, NQ, NK, D,
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    scale_log2,  # scale * log2(e): scores are kept in base 2
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)  # flattened (batch, head)
+    qb = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)  # BLOCK_D = next_power_of_2(D): pad the head dim with a mask
+    mask_q = offs_q < NQ
+    mask_d = offs_d < D
+    q_ptrs = Q + b.to(tl.int64) * s_qb + h * s_qh + offs_q[:, None] * s_qn + offs_d[None, :] * s_qd
+    q = tl.load(q_ptrs, mask=mask_q[:, None] & mask_d[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = K + b.to(tl.int64) * s_kb + h * s_kh
+    m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running row max (base-2 scores)
+    l = tl.zeros([BLOCK_Q], dtype=tl.float32)  # running sum of exp2(score - m)
+    for start in range(0, NK, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < NK
+        # load K^T directly as a (BLOCK_D, BLOCK_K) tile
+        kt = tl.load(k_base + offs_k[None, :] * s_kn + offs_d[:, None] * s_kd,
+                     mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+        if DOT_F32:
+            s = tl.dot(q, kt.to(tl.float32), input_precision=PRECISION)
+        else:
+            s = tl.dot(q, kt)
+        s = tl.where(mask_k[None, :], s * scale_log2, float("-inf"))  # padded keys contribute 0
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m = m_new
+    lse = (m + tl.log2(l)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + bh.to(tl.int64) * NQ + offs_q, lse, mask=mask_q)
+
+
+@triton.jit
+def _attention_mass_qk_kernel(
+    Q, K, LSE, OUT,  # Q (B,H,Nq,D), K (B,H,Nk,D), LSE (B,H,Nq) any strides; OUT (SPLIT_H*SPLIT_Q, B, Nk) fp32
+    H, NQ, NK, D,
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_lb, s_lh, s_ln,
+    scale_log2, inv_heads,
+    SPLIT_H: tl.constexpr, SPLIT_Q: tl.constexpr, ACC_2D: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kb = tl.program_id(1)
+    split = tl.program_id(2)  # = split_h * SPLIT_Q + split_q: which heads / query tiles to sum
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_k = offs_k < NK
+    mask_d = offs_d < D
+    h_lo, h_hi = _split_range(split // SPLIT_Q, SPLIT_H, H)
+    t_lo, t_hi = _split_range(split % SPLIT_Q, SPLIT_Q, tl.cdiv(NQ, BLOCK_Q))
+    q_base = Q + b.to(tl.int64) * s_qb
+    k_base = K + b.to(tl.int64) * s_kb
+    l_base = LSE + b.to(tl.int64) * s_lb
+    if ACC_2D:  # elementwise adds in the loop, one column reduction at the end
+        acc = tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for h in range(h_lo, h_hi):
+        # this program's K^T tile (BLOCK_D, BLOCK_K) of head h, loaded once per head
+        kt = tl.load(k_base + h * s_kh + offs_k[None, :] * s_kn + offs_d[:, None] * s_kd,
+                     mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+        for t in range(t_lo, t_hi):
+            offs_q = t * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            mask_q = offs_q < NQ
+            q = tl.load(q_base + h * s_qh + offs_q[:, None] * s_qn + offs_d[None, :] * s_qd,
+                        mask=mask_q[:, None] & mask_d[None, :], other=0.0)
+            # padded query rows get lse = +inf so exp2(s - inf) = 0; padded keys are never stored
+            lse = tl.load(l_base + h * s_lh + offs_q * s_ln, mask=mask_q, other=float("inf"))
+            if DOT_F32:
+                s = tl.dot(q.to(tl.float32), kt, input_precision=PRECISION)
+            else:
+                s = tl.dot(q, kt)
+            p = tl.exp2(s * scale_log2 - (lse.to(tl.float32) * 1.4426950408889634)[:, None])
+            if ACC_2D:
+                acc += p
+            else:
+                acc += tl.sum(p, axis=0)  # column sums over this query tile
+    if ACC_2D:
+        col = tl.sum(acc, axis=0)
+    else:
+        col = acc
+    out = OUT + (split * tl.num_programs(0) + b).to(tl.int64) * NK
+    tl.store(out + offs_k, col * inv_heads, mask=mask_k)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _tile_config(q, k, block_d: int, block_q: int, block_k: int, warps: int, stages: int = 3, min_k: int = 32):
+    """(BLOCK_Q, BLOCK_K, num_warps, num_stages) for the q.k^T tile loops.
+
+    Small tiles under the interpreter (each op costs time there). On GPU, the given tensor-core
+    tiles, shrunk (stages first, then BLOCK_K, then BLOCK_Q) until the pipelined q and k tiles of
+    a wide head (D=160 pads to 256) fit ~160 KiB of shared memory; BLOCK_K stays >= min_k.
+    """
+    if _interpreting(q):
+        return 32, 32, 4, 1
+    # shared-memory bytes per tile element: fp32 "tf32x3" tiles are kept as hi + lo halves
+    elem = 8 if _dot_in_f32(q, k) else 2
+    budget = 160 * 1024
+    while (block_q + block_k) * block_d * elem * stages > budget:
+        if stages > 2:
+            stages -= 1
+        elif block_k > min_k:
+            block_k //= 2
+        elif block_q > 32:
+            block_q //= 2
+        else:
+            stages = 1
+            break
+    return block_q, block_k, warps, stages
+
+
+def _launch_attention_mass(probs4d: torch.Tensor, heads: int, split=None, config=None) -> torch.Tensor:
+    b, h, nq, nk = probs4d.shape
+    if config is None:  # (BLOCK_Q, BLOCK_K, num_warps, ACC_2D)
+        config = (32, 32, 4, False) if _interpreting(probs4d) else (32, 128, 4, True)
+    block_q, block_k, warps, acc_2d = config
+    k_tiles = triton.cdiv(nk, block_k)
+    split_h, split_q = split or _split_for(b * k_tiles, h, triton.cdiv(nq, block_q), probs4d.device)
+    out = torch.empty((split_h * split_q, b, nk), dtype=torch.float32, device=probs4d.device)
+    _attention_mass_probs_kernel[(b, k_tiles, split_h * split_q)](
+        probs4d, out, h, nq, nk, *probs4d.stride(), 1.0 / heads,
+        SPLIT_H=split_h, SPLIT_Q=split_q, ACC_2D=acc_2d, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps,
+    )
+    return out[0] if split_h * split_q == 1 else out.sum(0)
+
+
+def attention_mass(probs4d: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Nk) float32: mean over heads of the sum over queries of probs4d (B, heads, Nq, Nk)."""
+    if probs4d.numel() == 0:
+        return reference.attention_mass(probs4d, heads)
+    return _launch_attention_mass(probs4d.detach(), heads)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, H, Nq) float32 natural-log row log-sum-exp of scale * q @ k^T, online over key tiles."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    if q.numel() == 0 or k.numel() == 0:
+        return reference.attention_lse(q, k, scale)
+    q, k = q.detach(), k.detach()
+    if _dot_in_f32(q, k):  # fp32 "tf32x3": software pipelining made it 5x slower (2.8 vs 0.54 ms)
+        block_q, block_k, warps, stages = _tile_config(q, k, _block_d(d), 64, 64, 4, 1)
+    else:  # H100, B=2 H=8 N=4096 D=40 fp16: 0.18 ms (64x64 tiles: 0.22 ms)
+        block_q, block_k, warps, stages = _tile_config(q, k, _block_d(d), 128, 64, 4)
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    _attention_lse_kernel[(b * h, triton.cdiv(nq, block_q))](
+        q, k, lse, h, nq, nk, d, *q.stride(), *k.stride(), float(scale) * LOG2E,
+        DOT_F32=_dot_in_f32(q, k), PRECISION=_precision(q), BLOCK_Q=block_q, BLOCK_K=block_k,
+        BLOCK_D=_block_d(d), num_warps=warps, num_stages=stages,
+    )
+    return lse
+
+
+def _launch_mass_from_qk(q, k, lse, scale, split=None, config=None) -> torch.Tensor:
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    block_d = _block_d(d)
+    if config is None:  # (BLOCK_Q, BLOCK_K, num_warps, num_stages, ACC_2D, fp32 dot precision)
+        # measured on an H100 at B=2 H=8 N=4096 D=40 (the 64x64 layer), lse given:
+        # fp16/bf16 128x128 tiles with per-tile column sums 0.21 ms (the naive one-head-per-
+        # program column reduction: 0.21 ms); fp32 64x128 tiles accumulated elementwise
+        # (ACC_2D), one stage, "tf32x3": 0.42 ms (naive fp32 "ieee": 4.3 ms)
+        if _dot_in_f32(q, k):
+            config = (*_tile_config(q, k, block_d, 64, 128, 4, 1), True, _precision(q))
+        else:
+            config = (*_tile_config(q, k, block_d, 128, 128, 4), False, _precision(q))
+    block_q, block_k, warps, stages, acc_2d, precision = config
+    k_tiles = triton.cdiv(nk, block_k)
+    split_h, split_q = split or _split_for(b * k_tiles, h, triton.cdiv(nq, block_q), q.device)
+    out = torch.empty((split_h * split_q, b, nk), dtype=torch.float32, device=q.device)
+    _attention_mass_qk_kernel[(b, k_tiles, split_h * split_q)](
+        q, k, lse, out, h, nq, nk, d,
+        *q.stride(), *k.stride(), *lse.stride(), float(scale) * LOG2E, 1.0 / h,
+        SPLIT_H=split_h, SPLIT_Q=split_q, ACC_2D=acc_2d, DOT_F32=_dot_in_f32(q, k), PRECISION=precision,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+    )
+    return out[0] if split_h * split_q == 1 else out.sum(0)
+
+
+def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """(B, Nk) float32 mass[b, j] = mean_h sum_i exp(scale q[b,h,i].k[b,h,j] - lse[b,h,i]).
+
+    One launch with lse given, two (attention_lse first) with lse None; plus a (SPLIT, B, Nk)
+    sum when the grid is split on GPU.
+    """
+    if q.numel() == 0 or k.numel() == 0:
+        return reference.attention_mass_from_qk(q, k, lse, scale)
+    q, k = q.detach(), k.detach()
+    if lse is None:
+        lse = attention_lse(q, k, scale)
+    return _launch_mass_from_qk(q, k, lse.detach(), scale)
+
