@@ -1,0 +1,16 @@
+"""sat_train: LoRA fine-tuning of Stable Diffusion v1.5 with SAT guidance (see DESIGN.md).
+
+Run ``python -m sat_train --help``; with no model and no data it trains an embedded tiny demo
+model offline on bundled photos.
+"""
+
+from .config import TrainConfig, UsageError
+
+__all__ = ["TrainConfig", "UsageError", "train"]
+
+
+def train(config: TrainConfig):
+    """Runs one training job (see sat_train.train.train); imported lazily to keep import cheap."""
+    from .train import train as _train
+
+    return _train(config)

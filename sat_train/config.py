@@ -1,0 +1,156 @@
+"""TrainConfig: every setting of a sat_train run and its default, in one place.
+
+Names and defaults follow diffusers' examples/text_to_image/train_text_to_image_lora.py so an
+existing command line keeps working; the ``guide*``, ``sac_capture`` and ``attention_backend``
+settings are SAT's. ``cli.py`` builds its flags from the field metadata here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GUIDES = ("none", "sac")  # "cac" slots in here once guidance.py has it
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "eager")
+SAC_CAPTURES = ("inline", "separate")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad flag, bad data); the CLI prints it as one line, exit 2."""
+
+
+def _opt(default, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+def _threshold(value: str) -> float | str:
+    return value if value == "mean" else float(value)
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    pretrained_model_name_or_path: str | None = _opt(
+        None, "SD v1.5 folder or hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5). "
+        "Left out (with no data flags): the embedded offline demo model.")
+    revision: str | None = _opt(None, "Model revision on the hub.")
+    variant: str | None = _opt(None, "Weight variant, e.g. fp16.")
+    cache_dir: str | None = _opt(None, "Where downloaded models and datasets are cached.")
+    # --- data
+    dataset_name: str | None = _opt(None, "Hugging Face dataset name or path (needs `pip install datasets`).")
+    dataset_config_name: str | None = _opt(None, "Config of --dataset_name.")
+    train_data_dir: str | None = _opt(
+        None, "Image folder with metadata.jsonl lines {\"file_name\": ..., \"text\": ...}.")
+    image_column: str = _opt("image", "Image column (imagefolder: the file_name key of metadata.jsonl).")
+    caption_column: str = _opt("text", "Caption column.")
+    max_train_samples: int | None = _opt(None, "Use only the first N samples (debugging).", type=int)
+    resolution: int = _opt(512, "Training resolution (square).", type=int)
+    center_crop: bool = _opt(False, "Center crop instead of random crop.")
+    random_flip: bool = _opt(False, "Random horizontal flip.")
+    dataloader_num_workers: int = _opt(0, "Data loading worker processes.", type=int)
+    # --- schedule
+    train_batch_size: int = _opt(16, "Batch size per device.", type=int)
+    num_train_epochs: int = _opt(100, "Epochs (ignored when --max_train_steps is given).", type=int)
+    max_train_steps: int | None = _opt(None, "Total optimizer steps; overrides --num_train_epochs.", type=int)
+    gradient_accumulation_steps: int = _opt(1, "Batches per optimizer step.", type=int)
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    learning_rate: float = _opt(1e-4, "Learning rate (after --lr_warmup_steps).", type=float)
+    scale_lr: bool = _opt(False, "Multiply the lr by accumulation steps x batch size x processes.")
+    lr_scheduler: str = _opt("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _opt(500, "Warmup steps.", type=int)
+    snr_gamma: float | None = _opt(
+        None, "Min-SNR weighting gamma (5.0 is the paper's value); off when unset.", type=float)
+    noise_offset: float = _opt(0.0, "Noise offset scale.", type=float)
+    prediction_type: str | None = _opt(None, "Override the scheduler's prediction type.", choices=PREDICTION_TYPES)
+    # --- optimizer
+    use_8bit_adam: bool = _opt(False, "8-bit AdamW from bitsandbytes.")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.", type=float)
+    adam_beta2: float = _opt(0.999, "AdamW beta2.", type=float)
+    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay.", type=float)
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.", type=float)
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.", type=float)
+    allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    # --- LoRA
+    rank: int = _opt(4, "LoRA rank (alpha = rank).", type=int)
+    # --- SAT guidance
+    guide: str = _opt("sac", "Training guidance: none (plain LoRA) or sac (self-attention control).", choices=GUIDES)
+    guide_ratio: float = _opt(0.01, "r in pred + r * (pred - pred_deg); the paper used 0.01, 0.1, 1.", type=float)
+    guide_threshold: float | str = _opt(
+        1.0, "Mask tokens whose attention mass exceeds this (or \"mean\").", type=_threshold)
+    guide_kernel_size: int = _opt(9, "Gaussian blur kernel size (odd).", type=int)
+    guide_sigma: float = _opt(1.0, "Gaussian blur sigma.", type=float)
+    sac_capture: str = _opt("inline", "inline: take the mass inside the first forward (2 forwards/step); "
+                            "separate: the original code's extra no-LoRA capture forward (3/step).",
+                            choices=SAC_CAPTURES)
+    attention_backend: str = _opt(
+        "auto", "auto = xformers on CUDA when installed, else PyTorch SDPA.", choices=ATTENTION_BACKENDS)
+    enable_xformers_memory_efficient_attention: bool = _opt(False, "Same as --attention_backend xformers.")
+    # --- runtime
+    mixed_precision: str | None = _opt(
+        None, "no | fp16 | bf16 (default: accelerate config, else no).", choices=MIXED_PRECISIONS)
+    seed: int | None = _opt(None, "Seed for reproducible runs (needed for exact resume).", type=int)
+    # --- outputs
+    output_dir: str = _opt("sat-lora", "Where LoRA weights, checkpoints, logs and the config go.")
+    logging_dir: str = _opt("logs", "TensorBoard folder, relative to --output_dir.")
+    report_to: str = _opt("tensorboard", "tensorboard | wandb | all | none.")
+    checkpointing_steps: int = _opt(500, "Save an accelerate checkpoint every N steps.", type=int)
+    checkpoints_total_limit: int | None = _opt(None, "Keep at most N checkpoints.", type=int)
+    resume_from_checkpoint: str | None = _opt(None, "A checkpoint folder, or \"latest\" in --output_dir.")
+    validation_prompt: str | None = _opt(None, "Prompt sampled every --validation_epochs into the logs.")
+    num_validation_images: int = _opt(4, "Images per validation.", type=int)
+    validation_epochs: int = _opt(1, "Validate every N epochs.", type=int)
+    debug: bool = _opt(False, "Show full tracebacks instead of one-line errors.")
+
+    @property
+    def is_demo(self) -> bool:
+        """No model and no data given: train the embedded tiny model on the bundled photos."""
+        return self.pretrained_model_name_or_path is None and self.train_data_dir is None and self.dataset_name is None
+
+    def validate(self) -> "TrainConfig":
+        """Checks that need no model or data; raises UsageError naming the flag."""
+        if self.pretrained_model_name_or_path is None and not self.is_demo:
+            raise UsageError("--pretrained_model_name_or_path is required with your own data "
+                             "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5); leave out both for the demo")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "rank",
+                     "checkpointing_steps", "num_train_epochs", "validation_epochs"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise UsageError(f"--max_train_steps must be >= 1, got {self.max_train_steps}")
+        if self.guide_kernel_size < 1 or self.guide_kernel_size % 2 == 0:
+            raise UsageError(f"--guide_kernel_size must be an odd positive int, got {self.guide_kernel_size}")
+        if not self.guide_sigma > 0:
+            raise UsageError(f"--guide_sigma must be > 0, got {self.guide_sigma}")
+        if self.mixed_precision == "fp16" and not _cuda_available():
+            raise UsageError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
+        if self.enable_xformers_memory_efficient_attention and self.attention_backend not in ("auto", "xformers"):
+            raise UsageError("--enable_xformers_memory_efficient_attention conflicts with "
+                             f"--attention_backend {self.attention_backend}")
+        return self
+
+    @property
+    def attention(self) -> str:
+        """The requested attention backend, with the diffusers-style xformers flag folded in."""
+        return "xformers" if self.enable_xformers_memory_efficient_attention else self.attention_backend
+
+    def to_json(self, **extra) -> str:
+        return json.dumps({**dataclasses.asdict(self), **extra}, indent=2, sort_keys=True)
+
+    def write_json(self, path: str | os.PathLike, **extra) -> None:
+        """Written atomically so a crash never leaves half a config next to a checkpoint."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_json(**extra) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,176 @@
+"""Training data: an image folder with metadata.jsonl, or a Hugging Face dataset → batches of
+``pixel_values`` (B, 3, R, R) in [-1, 1] and ``input_ids`` (B, model_max_length).
+
+The image folder reader is our own (the ``datasets`` package is optional): each line of
+``metadata.jsonl`` is ``{"file_name": "a.jpg", "text": "a caption"}``. Every problem the user
+can fix raises UsageError naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .config import TrainConfig, UsageError
+from .seeding import derived_generator
+
+METADATA = "metadata.jsonl"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class ImageTransform:
+    """Resize the short side to ``resolution`` (bilinear), crop a square, maybe flip, scale to [-1, 1].
+
+    The same steps as the diffusers example's torchvision pipeline, without torchvision. Random
+    crops and flips draw from the ``generator`` passed in, never from the global one.
+    """
+
+    def __init__(self, resolution: int, center_crop: bool, random_flip: bool):
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.resolution / min(w, h)
+        size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
+        image = image.resize(size, Image.BILINEAR)
+        w, h = image.size
+        if self.center_crop:
+            top, left = (h - self.resolution) // 2, (w - self.resolution) // 2
+        else:
+            top = int(torch.randint(0, h - self.resolution + 1, (), generator=generator).item())
+            left = int(torch.randint(0, w - self.resolution + 1, (), generator=generator).item())
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and torch.rand((), generator=generator).item() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return pixels.float().div(127.5).sub(1.0)
+
+
+class CaptionedImages(Dataset):
+    """(image, caption) records → {"pixel_values", "input_ids"}; images are opened lazily.
+
+    The random crop/flip of sample ``index`` is a function of (seed, epoch, index) alone, so it
+    does not depend on prefetching, worker processes, or where a resumed run restarts.
+    """
+
+    def __init__(self, records: list[tuple[object, str]], transform: ImageTransform, tokenizer, describe,
+                 seed: int = 0):
+        self.records, self.transform, self.tokenizer, self.describe = records, transform, tokenizer, describe
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
+        self.epoch = epoch
+
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        source, caption = self.records[index]
+        try:
+            image = Image.open(source) if isinstance(source, (str, Path)) else source
+            pixels = self.transform(image, derived_generator(self.seed, self.epoch, index))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
+        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def read_image_folder(root: Path, image_column: str, caption_column: str) -> list[tuple[Path, str]]:
+    """Reads metadata.jsonl and checks every referenced image opens (header only: cheap)."""
+    if not root.is_dir():
+        raise UsageError(f"--train_data_dir {root} is not a folder")
+    meta = root / METADATA
+    if not meta.is_file():
+        images = [p.name for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES][:3]
+        hint = f" (found images such as {', '.join(images)})" if images else " (and no images)"
+        raise UsageError(f"{root} has no {METADATA}{hint}: write one line per image, "
+                         f'e.g. {{"file_name": "photo.jpg", "{caption_column}": "a photo of a face"}}')
+    image_key = image_column if image_column != "image" else "file_name"
+    records = []
+    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{meta}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{where} is not valid JSON ({err.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict) or image_key not in row:
+            raise UsageError(f'{where} has no "{image_key}" key naming the image file')
+        if caption_column not in row:
+            columns = ", ".join(sorted(row)) if isinstance(row, dict) else "none"
+            raise UsageError(f'{where} ({row[image_key]}) has no caption column "{caption_column}" '
+                             f"(columns: {columns}); add it or pass --caption_column")
+        if not isinstance(row[caption_column], str):
+            raise UsageError(f'{where}: caption "{caption_column}" must be a string, got {row[caption_column]!r}')
+        path = root / row[image_key]
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018 - opening parses the header; a non-image fails here
+        except FileNotFoundError:
+            raise UsageError(f"{where}: image {path} does not exist; fix file_name or add the file") from None
+        except (OSError, UnidentifiedImageError) as err:
+            raise UsageError(f"{where}: cannot read image {path} ({err}); fix or remove it") from None
+        records.append((path, row[caption_column]))
+    if not records:
+        raise UsageError(f"{meta} lists no images: add one line per image")
+    return records
+
+
+def read_hf_dataset(config: TrainConfig) -> tuple[list[tuple[object, str]], list[str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("--dataset_name needs the datasets package: pip install datasets") from None
+    dataset = datasets.load_dataset(config.dataset_name, config.dataset_config_name,
+                                    cache_dir=config.cache_dir, data_dir=config.train_data_dir)["train"]
+    for flag, column in (("--image_column", config.image_column), ("--caption_column", config.caption_column)):
+        if column not in dataset.column_names:
+            raise UsageError(f"dataset {config.dataset_name} has no column {column!r} "
+                             f"(columns: {', '.join(dataset.column_names)}); pass {flag}")
+    records = []
+    for row in dataset:
+        caption = row[config.caption_column]
+        if isinstance(caption, (list, tuple, np.ndarray)):  # several captions: pick one, as diffusers does
+            caption = random.choice(list(caption))
+        records.append((row[config.image_column], str(caption)))
+    if not records:
+        raise UsageError(f"dataset {config.dataset_name} has no rows")
+    return records, [f"row {i}" for i in range(len(records))]
+
+
+def read_records(config: TrainConfig, data_dir: Path | None = None) -> tuple[list[tuple[object, str]], list[str]]:
+    """(image, caption) records and a name per record for messages; runs before any model loads,
+    so data problems show in seconds. ``data_dir`` overrides --train_data_dir (the demo's photos)."""
+    if config.dataset_name is not None and data_dir is None:
+        records, names = read_hf_dataset(config)
+    else:
+        records = read_image_folder(Path(data_dir or config.train_data_dir), config.image_column, config.caption_column)
+        names = [str(path) for path, _ in records]
+    if config.max_train_samples is not None:
+        records, names = records[: config.max_train_samples], names[: config.max_train_samples]
+    return records, names
+
+
+def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0) -> CaptionedImages:
+    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
+    return CaptionedImages(records, transform, tokenizer, describe=lambda i: names[i], seed=seed)
+
+
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+    }

@@ -1,0 +1,117 @@
+"""The embedded default: a tiny SD-v1.5-shaped model and bundled photos, so that
+``python -m sat_train`` trains offline on a CPU in well under two minutes.
+
+The model has SD v1.5's block types (CrossAttnDownBlock2D ... UNetMidBlock2DCrossAttn ...
+CrossAttnUpBlock2D), cross-attention on CLIP text embeddings, an AutoencoderKL with SD's 8x
+downsampling and a CLIP tokenizer, all at toy widths with seeded random weights. It learns
+nothing useful; it exercises exactly the code path an SD v1.5 run takes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .models import Components
+
+DEMO_DATA_DIR = Path(__file__).with_name("assets") / "demo_data"
+DEMO_SEED = 0
+MODEL_MAX_LENGTH = 77
+# Caption words that become single tokens (whole-word BPE merges), e.g. for picking "face" later.
+WORDS = ("a photo portrait of woman man face eyes hair smiling brown short dark half-body head and shoulders "
+         "astronaut camera close-up black white with in the").split()
+
+BANNER = """\
+=== sat_train DEMO: a tiny random SD-v1.5-shaped model on {n} bundled photos (offline, CPU) ===
+It shows the training loop and the SAT guidance working; its images are noise.
+To train Stable Diffusion v1.5 instead:
+  python -m sat_train --guide sac \\
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --train_data_dir YOUR_IMAGES --resolution 512 --train_batch_size 4 --mixed_precision fp16
+(YOUR_IMAGES holds the images and a metadata.jsonl with lines {{"file_name": "a.jpg", "text": "a caption"}})"""
+
+
+def demo_defaults() -> dict:
+    """Settings the demo uses for every flag the user did not give."""
+    return {
+        "resolution": 128,
+        "train_batch_size": 2,
+        "max_train_steps": 30,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 0,
+        "center_crop": False,
+        "random_flip": True,
+        "seed": DEMO_SEED,
+        "checkpointing_steps": 15,
+        "checkpoints_total_limit": 2,
+        "rank": 4,
+        "validation_prompt": "a portrait photo of a woman astronaut, face, eyes, short brown hair",
+        "num_validation_images": 2,
+        "validation_epochs": 10,  # 3 steps per epoch: once, at the end
+        "output_dir": "sat-demo-output",
+    }
+
+
+def build_tokenizer():
+    """A byte-level CLIP BPE tokenizer: the 256 byte symbols (+ end-of-word forms) and whole-word merges."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    merges = []
+    for word in dict.fromkeys(w for w in WORDS if re.fullmatch(r"[a-z]+", w)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append((merged, piece))
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
+
+
+def build_components(seed: int = DEMO_SEED) -> Components:
+    """Tiny SD-v1.5-shaped components with weights from ``seed`` (independent of the global RNG)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer()
+    devices = []  # fork_rng restores the caller's generator: the demo model never shifts a run's randomness
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16), layers_per_block=1, sample_size=128, scaling_factor=0.18215)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(16, 32, 32),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            cross_attention_dim=32, attention_head_dim=2)  # SD v1.5 semantics: 2 heads per layer
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False,
+                              steps_offset=1, prediction_type="epsilon")
+    return Components(tokenizer, text_encoder, vae, unet, scheduler)
+
+
+def save_components(components: Components, folder: str | Path) -> Path:
+    """Writes the SD v1.5 folder layout, loadable with --pretrained_model_name_or_path folder."""
+    folder = Path(folder)
+    components.tokenizer.save_pretrained(folder / "tokenizer")
+    components.text_encoder.save_pretrained(folder / "text_encoder")
+    components.vae.save_pretrained(folder / "vae")
+    components.unet.save_pretrained(folder / "unet")
+    components.noise_scheduler.save_pretrained(folder / "scheduler")
+    return folder

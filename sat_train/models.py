@@ -1,0 +1,57 @@
+"""SD v1.5 components: load them (from_pretrained) and add the LoRA adapter (peft)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrainConfig, UsageError
+
+# The attention projections LoRA trains, as in diffusers' train_text_to_image_lora.py.
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+@dataclass
+class Components:
+    """Everything a Stable Diffusion v1.5 training run needs."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+
+def load_components(config: TrainConfig) -> Components:
+    """The SD v1.5 folder layout: tokenizer/, text_encoder/, vae/, unet/, scheduler/."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = config.pretrained_model_name_or_path
+    common = {"revision": config.revision, "cache_dir": config.cache_dir}
+    try:
+        return Components(
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=config.variant,
+                                                       **common),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", variant=config.variant, **common),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=config.variant, **common),
+            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load Stable Diffusion from {source!r}: {first_line} (expected a hub id or "
+                         "a folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/)") from err
+
+
+def add_lora(unet: torch.nn.Module, rank: int) -> None:
+    """Adds a trainable LoRA (alpha = rank, B = 0 so the model starts unchanged) to the attention projections."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGET_MODULES))
+
+
+def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]

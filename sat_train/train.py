@@ -1,0 +1,299 @@
+"""The training loop (accelerate): data → noise → guide step → optimizer, with logging,
+checkpoints, resume, validation and the final LoRA export.
+
+Follows diffusers' examples/text_to_image/train_text_to_image_lora.py; the loss comes from a
+``guidance.Guide``. Resuming restores model, optimizer, scheduler and RNG state (accelerate's
+save_state/load_state), reseeds the shuffle per epoch (seedable sampler) and skips the batches
+already seen, so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import demo
+from .capture import resolve_backend, stock_processor
+from .config import TrainConfig, UsageError
+from .data import build_dataset, collate, read_records
+from .export import LORA_WEIGHTS_NAME, load_lora, save_lora
+from .guidance import StepInputs, build_guide
+from .models import add_lora, load_components, lora_parameters
+from .seeding import derived_generator
+
+CONFIG_NAME = "train_config.json"
+METRICS = ("loss", "pred_loss", "guide_delta", "mask_coverage")
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    output_dir = Path(config.output_dir)
+    report_to = None if config.report_to == "none" else config.report_to
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / config.logging_dir)),
+        # the shuffle order then depends only on (seed, epoch): resume can replay it exactly
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def find_resume_checkpoint(config: TrainConfig) -> Path | None:
+    output_dir = Path(config.output_dir)
+    if config.resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(config.resume_from_checkpoint)
+    for candidate in (path, output_dir / path.name):
+        if candidate.is_dir():
+            return candidate
+    raise UsageError(f"--resume_from_checkpoint {path} does not exist (nor {output_dir / path.name}); "
+                     "pass a checkpoint-N folder or \"latest\"")
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    """Removes the oldest checkpoints so that, with the one about to be saved, at most ``limit`` remain."""
+    if limit is None:
+        return
+    found = list_checkpoints(output_dir)
+    for old in found[: max(0, len(found) - limit + 1)]:
+        shutil.rmtree(old)
+
+
+def make_optimizer(config: TrainConfig, params):
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                           weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
+def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, generator=None) -> StepInputs:
+    """Encode images and captions, draw noise and timesteps, noise the latents, pick the target."""
+    from diffusers.training_utils import compute_snr
+
+    scheduler = components.noise_scheduler
+    with torch.no_grad():
+        latents = components.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
+        latents = latents * components.vae.config.scaling_factor
+        cond = components.text_encoder(batch["input_ids"], return_dict=False)[0]
+    batch_size, channels, device = latents.shape[0], latents.shape[1], latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    if config.noise_offset:
+        noise += config.noise_offset * torch.randn((batch_size, channels, 1, 1), generator=generator, device=device,
+                                                   dtype=latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator,
+                              device=device).long()
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise UsageError(f"unsupported prediction type {scheduler.config.prediction_type!r}")
+    weights = None
+    if config.snr_gamma is not None:  # min-SNR weighting (Hang et al. 2023), as in diffusers' example
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.clamp(snr, max=config.snr_gamma)
+        weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
+    return StepInputs(x0=latents, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=target,
+                      loss_weights=weights)
+
+
+def train(config: TrainConfig) -> Path:
+    """Runs the job ``config`` describes; returns the path of the LoRA weights it wrote."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    config.validate()
+    output_dir = Path(config.output_dir)
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if config.seed is not None:
+        set_seed(config.seed)
+    records, names = read_records(config, demo.DEMO_DATA_DIR if config.is_demo else None)
+
+    components = demo.build_components() if config.is_demo else load_components(config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+    if config.prediction_type is not None:
+        components.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    add_lora(unet, config.rank)
+    for model in (unet, vae, text_encoder):
+        model.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)
+    if weight_dtype != torch.float32:
+        cast_training_params(unet, dtype=torch.float32)  # frozen weights in half precision, LoRA in fp32
+
+    backend = resolve_backend(config.attention, accelerator.device)
+    unet.set_attn_processor(stock_processor(backend))
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    guide = build_guide(config, unet, components.noise_scheduler, backend)  # after set_attn_processor
+
+    def save_model_hook(models, weights, checkpoint_dir):
+        for model in models:
+            if accelerator.is_main_process:
+                save_lora(accelerator.unwrap_model(model), checkpoint_dir)
+            weights.pop()  # only the LoRA is saved, not the whole UNet
+
+    def load_model_hook(models, checkpoint_dir):
+        while models:
+            load_lora(accelerator.unwrap_model(models.pop()), checkpoint_dir)
+        if weight_dtype != torch.float32:
+            cast_training_params(unet, dtype=torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    params = lora_parameters(unet)
+    optimizer = make_optimizer(config, params)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+
+    seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
+    dataset = build_dataset(config, records, names, components.tokenizer, seed=seed)
+    dataloader = torch.utils.data.DataLoader(dataset, shuffle=True, collate_fn=collate,
+                                             batch_size=config.train_batch_size,
+                                             num_workers=config.dataloader_num_workers)
+    batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
+    max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+
+    if accelerator.is_main_process:
+        config.write_json(output_dir / CONFIG_NAME, resolved={
+            "demo": config.is_demo, "attention_backend": backend, "learning_rate": learning_rate,
+            "max_train_steps": max_train_steps, "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "unet_forwards_per_step": guide.forwards_per_step})
+        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
+        accelerator.init_trackers("sat_train", config=tracker_config)
+    if config.is_demo:
+        accelerator.print(demo.BANNER.format(n=len(dataset)))
+    accelerator.print(f"sat_train: guide={config.guide} ({guide.forwards_per_step} UNet forwards/step), "
+                      f"attention={backend}, {len(dataset)} samples, {max_train_steps} steps, "
+                      f"batch {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation "
+                      f"x {accelerator.num_processes} processes, output in {output_dir}")
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if config.resume_from_checkpoint:
+        checkpoint = find_resume_checkpoint(config)
+        if checkpoint is None:
+            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
+        else:
+            accelerator.print(f"resuming from {checkpoint}")
+            accelerator.load_state(str(checkpoint))
+            global_step = int(checkpoint.name.split("-", 1)[1])
+            first_epoch = global_step // steps_per_epoch
+            skip_batches = (global_step % steps_per_epoch) * config.gradient_accumulation_steps
+
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    running = dict.fromkeys(METRICS, 0.0)
+    micro_batch = 0
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        unet.train()
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(dataloader, skip_batches)
+        for batch in batches:
+            with accelerator.accumulate(unet):
+                # the noise of a micro-batch is a function of where it is in the run (see seeding.py)
+                generator = derived_generator(seed, accelerator.process_index, global_step, micro_batch,
+                                              device=accelerator.device)
+                inputs = make_step_inputs(batch, components, config, weight_dtype, generator)
+                result = guide(unet, inputs)
+                accelerator.backward(result.loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            # one all-gather per micro-batch for every metric (NaN marks "not produced by this guide")
+            nan = torch.tensor(float("nan"), device=accelerator.device)
+            values = [result.loss.detach()] + [getattr(result, name) for name in METRICS[1:]]
+            local = torch.stack([nan if v is None else v.float().reshape(()) for v in values])
+            for name, value in zip(METRICS, accelerator.gather(local[None]).mean(dim=0).tolist(), strict=True):
+                running[name] += value / config.gradient_accumulation_steps
+            micro_batch += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step, micro_batch = global_step + 1, 0
+            progress.update(1)
+            logs = {f"train/{name}": value for name, value in running.items() if not math.isnan(value)}
+            logs["train/lr"] = lr_scheduler.get_last_lr()[0]
+            accelerator.log(logs, step=global_step)
+            progress.set_postfix(loss=f"{running['loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
+            running = dict.fromkeys(METRICS, 0.0)
+            if global_step % config.checkpointing_steps == 0:
+                if accelerator.is_main_process:
+                    prune_checkpoints(output_dir, config.checkpoints_total_limit)
+                accelerator.wait_for_everyone()
+                accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+            if global_step >= max_train_steps:
+                break
+        if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
+            run_validation(accelerator, components, unet, config, epoch + 1, weight_dtype)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    lora_path = output_dir / LORA_WEIGHTS_NAME
+    if accelerator.is_main_process:
+        lora_path = save_lora(accelerator.unwrap_model(unet), output_dir)
+        accelerator.print(f"LoRA weights: {lora_path}")
+    accelerator.end_training()
+    return lora_path
+
+
+def run_validation(accelerator, components, unet, config: TrainConfig, epoch: int, weight_dtype) -> None:
+    from .validation import generate_images
+
+    if not accelerator.is_main_process:
+        return
+    images = generate_images(components, accelerator.unwrap_model(unet), config, accelerator.device, weight_dtype)
+    folder = Path(config.output_dir) / "validation"
+    folder.mkdir(exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"epoch{epoch:04d}-{i}.png")
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), epoch,
+                                      dataformats="NHWC")

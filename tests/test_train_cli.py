@@ -1,0 +1,133 @@
+"""The command line end to end, the LoRA file in a diffusers pipeline, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from sat_train.cli import main, parse_config
+from sat_train.demo import build_components
+from train_helpers import LORA_FILE, run_cli
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-run")
+    proc = run_cli("--guide", "sac", "--max_train_steps", "3", "--learning_rate", "1e-2",
+                   "--checkpointing_steps", "2", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_demo_run_writes_outputs(demo_run):
+    out, proc = demo_run
+    assert "sat_train DEMO" in proc.stdout and "stable-diffusion-v1-5/stable-diffusion-v1-5" in proc.stdout
+    assert (out / LORA_FILE).is_file() and (out / "checkpoint-2").is_dir()
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["guide"] == "sac" and config["max_train_steps"] == 3 and config["resolved"]["demo"] is True
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, "tensorboard logs missing"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in events:
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/guide_delta", "train/mask_coverage", "train/lr"} <= tags
+
+
+def test_lora_file_loads_into_pipeline_and_changes_outputs(demo_run):
+    out, _ = demo_run
+    saved = load_file(out / LORA_FILE)
+    lora_b = {k: v for k, v in saved.items() if "lora.up" in k or "lora_B" in k}
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b.values()), "training must move LoRA B off zero"
+
+    c = build_components()
+    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                   scheduler=c.noise_scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 16, 16, generator=gen)
+    cond = torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        before = pipe.unet(latents, 500, cond).sample
+        pipe.load_lora_weights(str(out))
+        after = pipe.unet(latents, 500, cond).sample
+    assert (after - before).abs().max() > 1e-4
+    # the loaded B matrices are the file's (independent read via safetensors)
+    loaded = {n.replace(".lora_B.default_0.weight", ""): p.detach()
+              for n, p in pipe.unet.named_parameters() if "lora_B" in n}
+    assert len(loaded) == len(lora_b)
+    for key, value in lora_b.items():
+        module = key.removeprefix("unet.").replace(".lora.up.weight", "").replace(".lora_B.weight", "")
+        torch.testing.assert_close(loaded[module], value, rtol=0, atol=0, msg=key)
+
+
+def test_demo_defaults_fill_only_missing_flags():
+    config = parse_config(["--max_train_steps", "7"])
+    assert config.is_demo and config.max_train_steps == 7 and config.resolution == 128
+    real = parse_config(["--pretrained_model_name_or_path", "x", "--train_data_dir", "d"])
+    assert not real.is_demo and real.resolution == 512 and real.max_train_steps is None and real.guide == "sac"
+
+
+def write_folder(folder, lines, images=()):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in images:
+        (folder / name).write_bytes(data)
+    if lines is not None:
+        (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return folder
+
+
+def jpeg_bytes():
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty", ["no metadata.jsonl", "and no images"]),
+    ("no_caption", ["a.jpg", 'no caption column "text"', "--caption_column"]),
+    ("unreadable", ["b.jpg", "cannot read image"]),
+    ("missing_file", ["c.jpg", "does not exist"]),
+])
+def test_bad_data_gives_one_line_error(tmp_path, capsys, case, expected):
+    folder = tmp_path / "data"
+    if case == "empty":
+        folder.mkdir()
+    elif case == "no_caption":
+        write_folder(folder, [{"file_name": "a.jpg", "caption": "x"}], [("a.jpg", jpeg_bytes())])
+    elif case == "unreadable":
+        write_folder(folder, [{"file_name": "a.jpg", "text": "x"}, {"file_name": "b.jpg", "text": "y"}],
+                     [("a.jpg", jpeg_bytes()), ("b.jpg", b"not an image")])
+    else:
+        write_folder(folder, [{"file_name": "c.jpg", "text": "x"}])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--pretrained_model_name_or_path", str(tmp_path / "unused"), "--train_data_dir", str(folder),
+              "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sat-train: error:")
+    for fragment in expected:
+        assert fragment in err
+
+
+def test_errors_from_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--mixed_precision", "fp16", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dataset_name", "someone/faces", "--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "pip install datasets" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--train_data_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--pretrained_model_name_or_path is required" in capsys.readouterr().err

@@ -1,0 +1,176 @@
+"""The SAC step against the plain reference, forward counts, capture modes, checkpointing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor
+
+from sat_kernels import reference
+from sat_train.capture import MidBlockCapture, mid_block_self_attention, stock_processor
+from sat_train.guidance import Guide, SACGuide
+from train_helpers import ProbsStoringProcessor, count_forwards, lora_grads, lora_unet, step_inputs
+
+
+def sac_guide(components, backend="sdpa", ratio=0.5, separate=False, threshold=1.0, kernels="torch"):
+    components.unet.set_attn_processor(stock_processor(backend))
+    capture = MidBlockCapture(components.unet, backend, mass_backend=kernels)
+    return SACGuide(capture, components.noise_scheduler.alphas_cumprod, ratio, threshold,
+                    separate_capture=separate, kernel_backend=kernels)
+
+
+def reference_sac_loss(components, s, ratio, threshold=1.0):
+    """DESIGN.md's step written out with a materialized attention map and sat_kernels.reference."""
+    unet = components.unet
+    unet.set_attn_processor(AttnProcessor())
+    store = ProbsStoringProcessor()
+    mid_block_self_attention(unet).set_processor(store)
+    pred = unet(s.noisy, s.timesteps, s.cond).sample
+    probs = store.probs[0]  # (B*heads, N, N), diffusers' head_to_batch_dim layout
+    heads = mid_block_self_attention(unet).heads
+    mass = reference.attention_mass(probs, heads)
+    side = math.isqrt(probs.shape[-1])
+    x_deg = reference.degrade_latents(s.x0, pred, mass, (side, side), components.noise_scheduler.alphas_cumprod,
+                                      s.timesteps, threshold, 9, 1.0)
+    pred_deg = unet(x_deg, s.timesteps, s.cond).sample
+    assert len(store.probs) == 2
+    loss = F.mse_loss(pred + ratio * (pred - pred_deg), s.target)
+    return loss, mass
+
+
+@pytest.mark.parametrize("ratio, kernels", [(0.01, "torch"), (0.5, "torch"), (0.5, "triton")])
+def test_sac_loss_and_grads_match_materialized_reference(ratio, kernels):
+    """kernels="triton" runs sat_kernels' Triton kernels (interpreted on CPU) inside the step."""
+    components = lora_unet()
+    s = step_inputs(components)
+    unet = components.unet
+
+    ref_loss, ref_mass = reference_sac_loss(components, s, ratio)
+    ref_loss.backward()
+    ref_grads = lora_grads(unet)
+    unet.zero_grad(set_to_none=True)
+    mask = ref_mass > 1.0
+    assert mask.any() and not mask.all(), "test needs a partial mask to be meaningful"
+
+    guide = sac_guide(components, ratio=ratio, kernels=kernels)
+    result = guide(unet, s)
+    result.loss.backward()
+    assert torch.allclose(result.loss, ref_loss, rtol=0, atol=1e-5), (result.loss.item(), ref_loss.item())
+    assert result.mask_coverage.item() == pytest.approx(mask.float().mean().item() * 100)
+    for name, grad in lora_grads(unet).items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_guide_changes_the_loss():
+    """The SAC loss is not the plain loss (guards against a guide that silently does nothing)."""
+    components = lora_unet()
+    s = step_inputs(components)
+    result = sac_guide(components, ratio=0.5)(components.unet, s)
+    plain = Guide()(components.unet, s)
+    assert torch.allclose(result.pred_loss, plain.loss, atol=1e-6)
+    assert abs(result.loss.item() - plain.loss.item()) > 1e-4
+
+
+@pytest.mark.parametrize("guide_name, separate, expected", [("none", False, 1), ("sac", False, 2), ("sac", True, 3)])
+def test_unet_forwards_per_step(guide_name, separate, expected):
+    components = lora_unet()
+    guide = Guide() if guide_name == "none" else sac_guide(components, separate=separate)
+    calls = count_forwards(components.unet)
+    guide(components.unet, step_inputs(components)).loss.backward()
+    assert calls[0] == expected == guide.forwards_per_step
+
+
+def test_inline_and_separate_capture_agree_with_zero_lora_b():
+    components = lora_unet(randomize_b=False)  # fresh LoRA: B = 0, so dropping it changes nothing
+    s = step_inputs(components)
+    inline = sac_guide(components, ratio=0.5)
+    inline.capture.arm()
+    components.unet(s.noisy, s.timesteps, s.cond)
+    mass_inline, _ = inline.capture.take()
+    loss_inline = inline(components.unet, s).loss
+
+    separate = sac_guide(components, ratio=0.5, separate=True)
+    mass_separate, _ = separate.saliency(components.unet, s)
+    loss_separate = separate(components.unet, s).loss
+    torch.testing.assert_close(mass_separate, mass_inline, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss_separate, loss_inline, rtol=0, atol=1e-6)
+
+
+def test_separate_capture_drops_lora_in_the_captured_layer_only():
+    """With non-zero LoRA the separate capture sees the layer without LoRA: its mass equals a
+    forward where that layer's LoRA scaling is 0, and differs from the inline (LoRA) mass."""
+    components = lora_unet()
+    s = step_inputs(components)
+    guide = sac_guide(components, separate=True)
+    mass_separate, _ = guide.saliency(components.unet, s)
+
+    inline = sac_guide(components)
+    attn = mid_block_self_attention(components.unet)
+    inline.capture.arm()
+    components.unet(s.noisy, s.timesteps, s.cond)
+    mass_lora, _ = inline.capture.take()
+    for layer in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+        layer.scaling["default"] = 0.0
+    inline.capture.arm()
+    components.unet(s.noisy, s.timesteps, s.cond)
+    mass_no_lora, _ = inline.capture.take()
+    torch.testing.assert_close(mass_separate, mass_no_lora, rtol=0, atol=1e-6)
+    assert (mass_separate - mass_lora).abs().max() > 1e-4
+    # and the bypass ended with the capture: the next forward uses LoRA in that layer again
+    for layer in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+        layer.scaling["default"] = 1.0
+    assert not guide.capture.processor.bypass_lora
+
+
+def test_gradient_checkpointing_gives_same_loss_and_grads():
+    results = {}
+    for checkpointing in (False, True):
+        components = lora_unet()
+        if checkpointing:
+            components.unet.enable_gradient_checkpointing()
+        components.unet.train()
+        guide = sac_guide(components, ratio=0.5)
+        calls = count_processor_calls(guide.capture.processor)
+        result = guide(components.unet, step_inputs(components))
+        result.loss.backward()
+        results[checkpointing] = (result.loss.detach(), lora_grads(components.unet), calls[0])
+    (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = results[False], results[True]
+    # two forwards, and with checkpointing both are recomputed in backward (arming is one-shot)
+    assert (calls_a, calls_b) == (2, 4), "checkpointing must re-run the captured layer in backward"
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def count_processor_calls(processor) -> list[int]:
+    calls, original = [0], type(processor).__call__
+
+    class Counting(type(processor)):
+        def __call__(self, *args, **kwargs):
+            calls[0] += 1
+            return original(self, *args, **kwargs)
+
+    processor.__class__ = Counting
+    return calls
+
+
+def test_capture_missing_is_an_error():
+    components = lora_unet()
+    guide = sac_guide(components)
+    components.unet.set_attn_processor(AttnProcessor())  # replaces the capture processor
+    with pytest.raises(RuntimeError, match="did not run its SAC capture"):
+        guide(components.unet, step_inputs(components))
+
+
+def test_bf16_autocast_step_close_to_fp32():
+    """Under bf16 autocast the capture reads bf16 q/k; the loss stays near the fp32 loss."""
+    components = lora_unet()
+    s = step_inputs(components)
+    guide = sac_guide(components, ratio=0.5)
+    fp32 = guide(components.unet, s).loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = guide(components.unet, s).loss.item()
+    assert bf16 == pytest.approx(fp32, rel=0.05)
