@@ -7,8 +7,10 @@ SAC (DESIGN.md, "The method"):
     pred_deg = unet(x_deg, t, c)
     loss     = mse(pred + r * (pred - pred_deg), target)
 
-Gradients flow through both forwards and through ``pred`` inside ``x_deg``. A CAC guide slots in
-as another ``Guide`` subclass picked by ``build_guide``.
+Gradients flow through both forwards and through ``pred`` inside ``x_deg``. ``pred`` there is the
+noise estimate: a v-prediction model's v is converted to eps first (as diffusers' SAG pipeline
+does), since re-noising with v would not match the noise level. A CAC guide slots in as another
+``Guide`` subclass picked by ``build_guide``.
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ class SACGuide(Guide):
 
     def __init__(self, capture: MidBlockCapture, alphas_cumprod: torch.Tensor, ratio: float,
                  threshold: float | str = 1.0, kernel_size: int = 9, sigma: float = 1.0,
-                 separate_capture: bool = False, kernel_backend: str = "auto"):
+                 separate_capture: bool = False, kernel_backend: str = "auto",
+                 prediction_type: str = "epsilon"):
         self.capture, self.alphas_cumprod, self.ratio = capture, alphas_cumprod, ratio
+        self.prediction_type = prediction_type
         self.threshold, self.kernel_size, self.sigma = threshold, kernel_size, sigma
         self.separate_capture, self.kernel_backend = separate_capture, kernel_backend
         self.forwards_per_step = 3 if separate_capture else 2
@@ -82,6 +86,13 @@ class SACGuide(Guide):
         with torch.no_grad():
             predict(unet, s.noisy, s)
         return self.capture.take()
+
+    def noise_estimate(self, pred: torch.Tensor, s: StepInputs, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        """eps from the model output: itself, or sqrt(ab) v + sqrt(1 - ab) x_t for v-prediction."""
+        if self.prediction_type != "v_prediction":
+            return pred.float()
+        ab = alphas_cumprod[s.timesteps].float().view(-1, 1, 1, 1)
+        return ab.sqrt() * pred.float() + (1 - ab).sqrt() * s.noisy.float()
 
     def __call__(self, unet, s: StepInputs) -> StepResult:
         from sat_kernels import degrade_latents, saliency_mask
@@ -94,7 +105,7 @@ class SACGuide(Guide):
             pred = predict(unet, s.noisy, s)
             mass, map_size = self.capture.take()
         alphas_cumprod = self.alphas_cumprod.to(s.x0.device)
-        x_deg = degrade_latents(s.x0.float(), pred.float(), mass, map_size, alphas_cumprod, s.timesteps,
+        x_deg = degrade_latents(s.x0.float(), self.noise_estimate(pred, s, alphas_cumprod), mass, map_size, alphas_cumprod, s.timesteps,
                                 self.threshold, self.kernel_size, self.sigma, backend=self.kernel_backend)
         pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
         pred_f = pred.float()
@@ -118,5 +129,6 @@ def build_guide(config, unet, noise_scheduler, attention_backend: str) -> Guide:
         capture = MidBlockCapture(unet, attention_backend)
         return SACGuide(capture, noise_scheduler.alphas_cumprod, config.guide_ratio, config.guide_threshold,
                         config.guide_kernel_size, config.guide_sigma,
-                        separate_capture=config.sac_capture == "separate")
+                        separate_capture=config.sac_capture == "separate",
+                        prediction_type=noise_scheduler.config.prediction_type)
     raise ValueError(f"unknown guide {config.guide!r}")

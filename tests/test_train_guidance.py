@@ -15,14 +15,15 @@ from sat_train.guidance import Guide, SACGuide
 from train_helpers import ProbsStoringProcessor, count_forwards, lora_grads, lora_unet, step_inputs
 
 
-def sac_guide(components, backend="sdpa", ratio=0.5, separate=False, threshold=1.0, kernels="torch"):
+def sac_guide(components, backend="sdpa", ratio=0.5, separate=False, threshold=1.0, kernels="torch",
+              prediction_type="epsilon"):
     components.unet.set_attn_processor(stock_processor(backend))
     capture = MidBlockCapture(components.unet, backend, mass_backend=kernels)
     return SACGuide(capture, components.noise_scheduler.alphas_cumprod, ratio, threshold,
-                    separate_capture=separate, kernel_backend=kernels)
+                    separate_capture=separate, kernel_backend=kernels, prediction_type=prediction_type)
 
 
-def reference_sac_loss(components, s, ratio, threshold=1.0):
+def reference_sac_loss(components, s, ratio, threshold=1.0, prediction_type="epsilon"):
     """DESIGN.md's step written out with a materialized attention map and sat_kernels.reference."""
     unet = components.unet
     unet.set_attn_processor(AttnProcessor())
@@ -33,7 +34,11 @@ def reference_sac_loss(components, s, ratio, threshold=1.0):
     heads = mid_block_self_attention(unet).heads
     mass = reference.attention_mass(probs, heads)
     side = math.isqrt(probs.shape[-1])
-    x_deg = reference.degrade_latents(s.x0, pred, mass, (side, side), components.noise_scheduler.alphas_cumprod,
+    noise_pred = pred
+    if prediction_type == "v_prediction":  # x_t = a x0 + b eps, v = a eps - b x0  =>  eps = a v + b x_t
+        ab = components.noise_scheduler.alphas_cumprod[s.timesteps].view(-1, 1, 1, 1)
+        noise_pred = ab.sqrt() * pred + (1 - ab).sqrt() * s.noisy
+    x_deg = reference.degrade_latents(s.x0, noise_pred, mass, (side, side), components.noise_scheduler.alphas_cumprod,
                                       s.timesteps, threshold, 9, 1.0)
     pred_deg = unet(x_deg, s.timesteps, s.cond).sample
     assert len(store.probs) == 2
@@ -62,6 +67,16 @@ def test_sac_loss_and_grads_match_materialized_reference(ratio, kernels):
     assert result.mask_coverage.item() == pytest.approx(mask.float().mean().item() * 100)
     for name, grad in lora_grads(unet).items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_v_prediction_renoises_with_the_noise_estimate():
+    components = lora_unet()
+    s = step_inputs(components)
+    ref_loss, _ = reference_sac_loss(components, s, 0.5, prediction_type="v_prediction")
+    eps_loss, _ = reference_sac_loss(components, s, 0.5)
+    result = sac_guide(components, ratio=0.5, prediction_type="v_prediction")(components.unet, s)
+    assert torch.allclose(result.loss, ref_loss, rtol=0, atol=1e-5), (result.loss.item(), ref_loss.item())
+    assert abs(ref_loss.item() - eps_loss.item()) > 1e-5  # the conversion matters for this input
 
 
 def test_guide_changes_the_loss():
