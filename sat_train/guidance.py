@@ -73,9 +73,9 @@ class SACGuide(Guide):
     def __init__(self, capture: MidBlockCapture, alphas_cumprod: torch.Tensor, ratio: float,
                  threshold: float | str = 1.0, kernel_size: int = 9, sigma: float = 1.0,
                  separate_capture: bool = False, kernel_backend: str = "auto",
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", detach_degraded: bool = False):
         self.capture, self.alphas_cumprod, self.ratio = capture, alphas_cumprod, ratio
-        self.prediction_type = prediction_type
+        self.prediction_type, self.detach_degraded = prediction_type, detach_degraded
         self.threshold, self.kernel_size, self.sigma = threshold, kernel_size, sigma
         self.separate_capture, self.kernel_backend = separate_capture, kernel_backend
         self.forwards_per_step = 3 if separate_capture else 2
@@ -105,9 +105,13 @@ class SACGuide(Guide):
             pred = predict(unet, s.noisy, s)
             mass, map_size = self.capture.take()
         alphas_cumprod = self.alphas_cumprod.to(s.x0.device)
-        x_deg = degrade_latents(s.x0.float(), self.noise_estimate(pred, s, alphas_cumprod), mass, map_size, alphas_cumprod, s.timesteps,
-                                self.threshold, self.kernel_size, self.sigma, backend=self.kernel_backend)
-        pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
+        # --guide_detach_degraded: no graph through the degraded forward (nor its input), so its
+        # backward, about a third of the step, is skipped.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_degraded):
+            x_deg = degrade_latents(s.x0.float(), self.noise_estimate(pred, s, alphas_cumprod), mass, map_size,
+                                    alphas_cumprod, s.timesteps, self.threshold, self.kernel_size, self.sigma,
+                                    backend=self.kernel_backend)
+            pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
         pred_f = pred.float()
         guided = pred_f + self.ratio * (pred_f - pred_deg.float())
         loss = weighted_mse(guided, s.target, s.loss_weights)
@@ -130,5 +134,6 @@ def build_guide(config, unet, noise_scheduler, attention_backend: str) -> Guide:
         return SACGuide(capture, noise_scheduler.alphas_cumprod, config.guide_ratio, config.guide_threshold,
                         config.guide_kernel_size, config.guide_sigma,
                         separate_capture=config.sac_capture == "separate",
-                        prediction_type=noise_scheduler.config.prediction_type)
+                        prediction_type=noise_scheduler.config.prediction_type,
+                        detach_degraded=config.guide_detach_degraded)
     raise ValueError(f"unknown guide {config.guide!r}")

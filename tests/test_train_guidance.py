@@ -189,3 +189,40 @@ def test_bf16_autocast_step_close_to_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = guide(components.unet, s).loss.item()
     assert bf16 == pytest.approx(fp32, rel=0.05)
+
+
+def test_detach_degraded_keeps_the_loss_and_drops_the_degraded_gradient():
+    """--guide_detach_degraded: same loss value; gradients equal those of the reference loss with
+    the degraded prediction held constant, and differ from the full step's."""
+    ratio = 0.5
+    components = lora_unet()
+    s = step_inputs(components)
+    unet = components.unet
+
+    full = sac_guide(components, ratio=ratio)(unet, s)
+    full.loss.backward()
+    full_grads = lora_grads(unet)
+    unet.zero_grad(set_to_none=True)
+
+    guide = sac_guide(components, ratio=ratio)
+    guide.detach_degraded = True
+    detached = guide(unet, s)
+    detached.loss.backward()
+    detached_grads = lora_grads(unet)
+    unet.zero_grad(set_to_none=True)
+
+    # reference: the step written out, with pred_deg computed under no_grad
+    guide.capture.arm()
+    pred = unet(s.noisy, s.timesteps, s.cond).sample
+    mass, map_size = guide.capture.take()
+    with torch.no_grad():
+        x_deg = reference.degrade_latents(s.x0, pred, mass, map_size, components.noise_scheduler.alphas_cumprod,
+                                          s.timesteps)
+        pred_deg = unet(x_deg, s.timesteps, s.cond).sample
+    F.mse_loss(pred + ratio * (pred - pred_deg), s.target).backward()
+    ref_grads = lora_grads(unet)
+
+    torch.testing.assert_close(detached.loss, full.loss, rtol=0, atol=1e-6)
+    for name, grad in detached_grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert max((detached_grads[n] - full_grads[n]).abs().max() for n in full_grads) > 1e-6
