@@ -98,6 +98,24 @@ def peak_mib(fn, device: torch.device) -> float:
     return mem.mib
 
 
+def saved_activation_mib(fn) -> float:
+    """MiB of distinct tensor storages autograd saves for backward while fn runs.
+
+    Device-independent and deterministic; on CPU it stands in for peak memory, which RSS cannot
+    resolve for small models (activations dominate a LoRA step's memory).
+    """
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values()) / 2**20
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-RATIO_KEYS = ("speedup", "time_ratio", "fraction_of_copy", "step_ratio", "peak_ratio")
+RATIO_KEYS = ("speedup", "time_ratio", "fraction_of_copy", "step_ratio", "saved_ratio", "peak_ratio")
 
 
 def rows(report: dict) -> list[tuple[str, dict]]:

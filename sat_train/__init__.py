@@ -6,7 +6,17 @@ model offline on bundled photos.
 
 from .config import TrainConfig, UsageError
 
-__all__ = ["TrainConfig", "UsageError", "train"]
+__all__ = ["TrainConfig", "UsageError", "caption_token_positions", "guided_prediction", "install_sat_capture",
+           "train"]
+_DROPIN = ("caption_token_positions", "guided_prediction", "install_sat_capture")
+
+
+def __getattr__(name):  # the drop-in helpers (sat_train.dropin), imported on first use
+    if name in _DROPIN:
+        from . import dropin
+
+        return getattr(dropin, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def train(config: TrainConfig):

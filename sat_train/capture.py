@@ -174,3 +174,95 @@ class MidBlockCapture:
 
     def remove(self) -> None:
         self._hook.remove()
+
+
+# ----------------------------------------------------------------------------- CAC
+
+
+class TokenProbsCaptureProcessor(MassCaptureProcessor):
+    """Cross-attention processor that can also hand out, for chosen caption tokens, the head-mean
+    attention probability of every query, from q and k by ``sat_kernels.token_attention_probs``
+    (no Nq x 77 map is stored). One-shot like MassCaptureProcessor: armed, the next call captures."""
+
+    def __init__(self, backend: str, kernel_backend: str = "auto"):
+        super().__init__(backend, kernel_backend)
+        self.tokens: torch.Tensor | None = None  # (B, S) long positions in the caption, -1 = padding
+
+    def _capture(self, query, key, scale, attention_mask) -> None:
+        from sat_kernels import token_attention_probs
+
+        if attention_mask is not None:
+            raise RuntimeError("CAC capture expects cross-attention without an attention mask")
+        if self.map_size is None or self.map_size[0] * self.map_size[1] != query.shape[2]:
+            raise RuntimeError(f"cross-attention query count {query.shape[2]} does not match its map size {self.map_size}")
+        with torch.no_grad():
+            probs = token_attention_probs(query.detach(), key.detach(), self.tokens.to(query.device), None, scale,
+                                          backend=self.mass_backend)
+        self.captured = (probs, self.map_size)
+        self.armed = False
+
+
+def highest_resolution_cross_attentions(unet) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(Transformer2DModel, attn2) pairs of the down/up blocks at the largest latent resolution.
+
+    down_blocks[i] runs at level i (it downsamples at its end), up_blocks[j] at level n-1-j (it
+    upsamples at its end); the lowest level that has cross-attention wins (level 0 for SD v1.5:
+    down_blocks[0] and up_blocks[3], five attn2 layers at 64x64 tokens for 512 px).
+    """
+    levels: dict[int, list] = {}
+    blocks = [(i, b) for i, b in enumerate(unet.down_blocks)]
+    blocks += [(len(unet.up_blocks) - 1 - j, b) for j, b in enumerate(unet.up_blocks)]
+    for level, block in blocks:
+        for transformer in getattr(block, "attentions", None) or []:
+            for tb in getattr(transformer, "transformer_blocks", []):
+                attn2 = getattr(tb, "attn2", None)
+                if attn2 is not None and attn2.is_cross_attention:
+                    levels.setdefault(level, []).append((transformer, attn2))
+    if not levels:
+        raise UsageError("--guide cac needs a UNet with cross-attention in its down/up blocks (SD-v1.5-style)")
+    return levels[min(levels)]
+
+
+class CrossAttentionCapture:
+    """Installs TokenProbsCaptureProcessors on the highest-resolution attn2 layers of ``unet``; one
+    armed forward gives the CAC map: token probs averaged over those layers, max over the tokens."""
+
+    def __init__(self, unet, backend: str, kernel_backend: str = "auto"):
+        self.processors = []
+        self._hooks = []
+        for transformer, attn2 in highest_resolution_cross_attentions(unet):
+            processor = TokenProbsCaptureProcessor(backend, kernel_backend)
+            attn2.set_processor(processor)
+            self.processors.append(processor)
+            self._hooks.append(transformer.register_forward_pre_hook(self._map_size_hook(processor), with_kwargs=True))
+
+    @staticmethod
+    def _map_size_hook(processor):
+        def record(module, args, kwargs):
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            processor.map_size = tuple(hidden_states.shape[-2:])
+        return record
+
+    def arm(self, tokens: torch.Tensor) -> None:
+        """Capture the next forward's probabilities of ``tokens`` (B, S) long, -1 = padding."""
+        for processor in self.processors:
+            processor.captured, processor.tokens, processor.armed = None, tokens, True
+
+    def take(self) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(map (B, h*w) float32, (h, w)): mean over layers of the head-mean token probabilities,
+        max over the tokens; every layer must have captured exactly once since ``arm``."""
+        captured = [p.captured for p in self.processors]
+        for p in self.processors:
+            p.captured, p.armed, p.tokens = None, False, None
+        if any(c is None for c in captured):
+            raise RuntimeError("a highest-resolution cross-attention layer did not run its CAC capture processor; "
+                               "was unet.set_attn_processor called after the guide was installed?")
+        sizes = {size for _, size in captured}
+        if len(sizes) != 1:
+            raise RuntimeError(f"the captured cross-attention layers disagree on their map size: {sorted(sizes)}")
+        probs = torch.stack([c for c, _ in captured]).mean(dim=0)  # (B, N, S)
+        return probs.amax(dim=-1), sizes.pop()
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()

@@ -15,8 +15,15 @@ import typing
 from .config import TrainConfig, UsageError
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (not the 40-line usage) and exits with code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="sat-train",
         description="LoRA fine-tuning of Stable Diffusion v1.5 with SAT (self-attention control) guidance. "
         "With no --pretrained_model_name_or_path and no data flags it trains a tiny embedded demo model "
@@ -62,6 +69,18 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("sat-train: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:  # anything else: one line and exit 1; --debug shows the traceback
+        if debug:
+            raise
+        from .train import NonFiniteLossError
+
+        if isinstance(err, NonFiniteLossError):
+            print(f"sat-train: error: {err}", file=sys.stderr)
+        else:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            print(f"sat-train: error: {type(err).__name__}: {first} (run with --debug for the traceback)",
+                  file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GUIDES = ("none", "sac")  # "cac" slots in here once guidance.py has it
+GUIDES = ("none", "sac", "cac")
+EXPORT_FORMATS = ("diffusers", "kohya", "both")
+DEFAULT_CAC_WORDS = "face,eyes,eye,hair,hand,hands,mouth,nose"
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "eager")
 SAC_CAPTURES = ("inline", "separate")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -54,6 +56,9 @@ class TrainConfig:
     center_crop: bool = _opt(False, "Center crop instead of random crop.")
     random_flip: bool = _opt(False, "Random horizontal flip.")
     dataloader_num_workers: int = _opt(0, "Data loading worker processes.", type=int)
+    strict_data: bool = _opt(False, "Stop (exit 2) on any bad sample the data check finds, instead of "
+                             "skipping it and counting it in the summary.")
+    skip_small_images: bool = _opt(False, "Skip images smaller than --resolution instead of upscaling them.")
     # --- schedule
     train_batch_size: int = _opt(16, "Batch size per device.", type=int)
     num_train_epochs: int = _opt(100, "Epochs (ignored when --max_train_steps is given).", type=int)
@@ -79,7 +84,11 @@ class TrainConfig:
     # --- LoRA
     rank: int = _opt(4, "LoRA rank (alpha = rank).", type=int)
     # --- SAT guidance
-    guide: str = _opt("sac", "Training guidance: none (plain LoRA) or sac (self-attention control).", choices=GUIDES)
+    guide: str = _opt("sac", "Training guidance: none (plain LoRA), sac (self-attention control) or cac "
+                      "(cross-attention control on the --cac_words of each caption).", choices=GUIDES)
+    cac_words: str = _opt(
+        DEFAULT_CAC_WORDS, "--guide cac: comma-separated caption words whose cross-attention marks the region "
+        "to blur; samples whose caption has none of them use the SAC mask.")
     guide_ratio: float = _opt(0.01, "r in pred + r * (pred - pred_deg); the paper used 0.01, 0.1, 1.", type=float)
     guide_threshold: float | str = _opt(
         1.0, "Mask tokens whose attention mass exceeds this (or \"mean\").", type=_threshold)
@@ -105,9 +114,20 @@ class TrainConfig:
     checkpointing_steps: int = _opt(500, "Save an accelerate checkpoint every N steps.", type=int)
     checkpoints_total_limit: int | None = _opt(None, "Keep at most N checkpoints.", type=int)
     resume_from_checkpoint: str | None = _opt(None, "A checkpoint folder, or \"latest\" in --output_dir.")
-    validation_prompt: str | None = _opt(None, "Prompt sampled every --validation_epochs into the logs.")
+    validation_prompt: str | None = _opt(
+        None, "Prompt sampled every --validation_epochs (and --validation_steps) into output_dir/validation/ "
+        "and the logs.")
     num_validation_images: int = _opt(4, "Images per validation.", type=int)
     validation_epochs: int = _opt(1, "Validate every N epochs.", type=int)
+    validation_steps: int | None = _opt(
+        None, "Also validate every N optimizer steps (PNGs in output_dir/validation/).", type=int)
+    mask_preview_steps: int | None = _opt(
+        None, "Every N steps (and at the end) write a PNG grid to output_dir/masks/: image, its SAC/CAC mask, "
+        "the blurred-degraded image (needs --guide sac or cac).", type=int)
+    export_format: str = _opt(
+        "diffusers", "LoRA file format: diffusers (pytorch_lora_weights.safetensors), kohya "
+        "(pytorch_lora_weights_kohya.safetensors: lora_unet_* keys for A1111/ComfyUI), or both.",
+        choices=EXPORT_FORMATS)
     debug: bool = _opt(False, "Show full tracebacks instead of one-line errors.")
 
     @property
@@ -124,6 +144,13 @@ class TrainConfig:
                      "checkpointing_steps", "num_train_epochs", "validation_epochs"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("validation_steps", "mask_preview_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.mask_preview_steps is not None and self.guide == "none":
+            raise UsageError("--mask_preview_steps shows the SAC/CAC blur mask: use it with --guide sac or cac")
+        if self.guide == "cac" and not self.cac_word_list:
+            raise UsageError("--cac_words is empty: give comma-separated words, e.g. face,eyes,hair")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise UsageError(f"--max_train_steps must be >= 1, got {self.max_train_steps}")
         if self.guide_kernel_size < 1 or self.guide_kernel_size % 2 == 0:
@@ -136,6 +163,10 @@ class TrainConfig:
             raise UsageError("--enable_xformers_memory_efficient_attention conflicts with "
                              f"--attention_backend {self.attention_backend}")
         return self
+
+    @property
+    def cac_word_list(self) -> list[str]:
+        return [w.strip() for w in self.cac_words.split(",") if w.strip()]
 
     @property
     def attention(self) -> str:

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .config import TrainConfig, UsageError
+from .datacheck import scan_image_folder, to_rgb
 from .seeding import derived_generator
 
 METADATA = "metadata.jsonl"
@@ -35,7 +36,7 @@ class ImageTransform:
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)  # grayscale, 16-bit, RGBA, CMYK, palette → 8-bit RGB
         w, h = image.size
         scale = self.resolution / min(w, h)
         size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
@@ -64,6 +65,7 @@ class CaptionedImages(Dataset):
                  seed: int = 0):
         self.records, self.transform, self.tokenizer, self.describe = records, transform, tokenizer, describe
         self.seed, self.epoch = seed, 0
+        self.cac_word_ids: list[tuple[int, ...]] | None = None  # set by build_dataset for --guide cac
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
         self.epoch = epoch
@@ -79,7 +81,11 @@ class CaptionedImages(Dataset):
             pixels = self.transform(image, derived_generator(self.seed, self.epoch, index))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
-        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+        item = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+        if self.cac_word_ids is not None:  # --guide cac: where the chosen words sit in the caption
+            item["cac_tokens"] = torch.tensor(
+                word_token_positions(self.tokenizer, item["input_ids"], self.cac_word_ids), dtype=torch.long)
+        return item
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -157,8 +163,11 @@ def read_records(config: TrainConfig, data_dir: Path | None = None) -> tuple[lis
     if config.dataset_name is not None and data_dir is None:
         records, names = read_hf_dataset(config)
     else:
-        records = read_image_folder(Path(data_dir or config.train_data_dir), config.image_column, config.caption_column)
-        names = [str(path) for path, _ in records]
+        # the data check (datacheck.py): every problem listed in one pass, fatal ones exit 2 here
+        report = scan_image_folder(Path(data_dir or config.train_data_dir), config.image_column,
+                                   config.caption_column, resolution=config.resolution,
+                                   skip_small_images=config.skip_small_images, strict=config.strict_data)
+        records, names = report.records, report.names
     if config.max_train_samples is not None:
         records, names = records[: config.max_train_samples], names[: config.max_train_samples]
     return records, names
@@ -166,11 +175,60 @@ def read_records(config: TrainConfig, data_dir: Path | None = None) -> tuple[lis
 
 def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0) -> CaptionedImages:
     transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
-    return CaptionedImages(records, transform, tokenizer, describe=lambda i: names[i], seed=seed)
+    dataset = CaptionedImages(records, transform, tokenizer, describe=lambda i: names[i], seed=seed)
+    if config.guide == "cac":
+        dataset.cac_word_ids = word_token_ids(tokenizer, config.cac_word_list)
+    return dataset
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        **({"cac_tokens": pad_token_positions([e["cac_tokens"] for e in examples])}
+           if "cac_tokens" in examples[0] else {}),
     }
+
+
+# ----------------------------------------------------------------------------- CAC token picks
+
+
+def word_token_ids(tokenizer, words: list[str]) -> list[tuple[int, ...]]:
+    """Each word's token ids as the model's tokenizer writes it inside a caption (one or more BPE tokens)."""
+    found = []
+    for word in words:
+        ids = tuple(tokenizer(word, add_special_tokens=False).input_ids)
+        if ids and ids not in found:
+            found.append(ids)
+    return found
+
+
+def word_token_positions(tokenizer, input_ids, word_ids: list[tuple[int, ...]]) -> list[int]:
+    """Sorted positions in ``input_ids`` of every token of every whole-word occurrence of ``word_ids``.
+
+    A match must start a word: CLIP's BPE marks word ends with ``</w>``, so the token before the
+    match must end a word (or be a special token); "hand" then does not match inside "thand".
+    """
+    ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    positions: set[int] = set()
+    for word in word_ids:
+        n = len(word)
+        marks_word_ends = tokenizer.convert_ids_to_tokens([word[-1]])[0].endswith("</w>")
+        for p in range(len(ids) - n + 1):
+            if tuple(ids[p:p + n]) != word:
+                continue
+            if marks_word_ends and p > 0 and ids[p - 1] not in special and not tokens[p - 1].endswith("</w>"):
+                continue  # the match continues an earlier word
+            positions.update(range(p, p + n))
+    return sorted(positions)
+
+
+def pad_token_positions(rows: list[torch.Tensor]) -> torch.Tensor:
+    """(B, S) long, each row's positions then -1 padding (S >= 1, so a batch without words is all -1)."""
+    width = max([1] + [len(r) for r in rows])
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out

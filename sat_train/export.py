@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .faults import crash_hook
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -28,6 +30,8 @@ def save_lora(unet, output_dir: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
         StableDiffusionPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=unet_lora_state_dict(unet),
                                                   safe_serialization=True)
+        if not output_dir.name.startswith(".checkpoint-"):  # the final file, not a checkpoint's copy
+            crash_hook("lora:mid")  # test-only (sat_train/faults.py)
         os.replace(Path(tmp) / LORA_WEIGHTS_NAME, final)
     return final
 
@@ -38,9 +42,57 @@ def load_lora(unet, folder: str | os.PathLike) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
+    # use_safetensors=True: never falls back to unpickling a .bin (diffusers does when it is left unset)
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHTS_NAME,
+                                                            use_safetensors=True)
     unet_state = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"checkpoint {folder} has LoRA keys this model lacks: {unexpected[:3]}...")
+
+
+# ----------------------------------------------------------------------------- kohya
+
+KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
+
+
+def kohya_state_dict(unet) -> dict:
+    """The UNet LoRA in kohya / A1111 / ComfyUI keys: ``lora_unet_<module>.lora_down.weight`` (A),
+    ``.lora_up.weight`` (B) and ``.alpha``, via diffusers' ``convert_state_dict_to_kohya`` (which
+    wants peft keys prefixed ``unet.``); alpha is the adapter's lora_alpha, as a float32 scalar."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    peft_state = {f"unet.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    state = convert_state_dict_to_kohya(peft_state)
+    alpha = float(unet.peft_config["default"].lora_alpha)
+    return {k: (torch.tensor(alpha, dtype=torch.float32) if k.endswith(".alpha") else v.contiguous())
+            for k, v in state.items()}
+
+
+def save_lora_kohya(unet, output_dir: str | os.PathLike) -> Path:
+    """Writes ``output_dir/pytorch_lora_weights_kohya.safetensors`` atomically."""
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / KOHYA_WEIGHTS_NAME
+    tmp = output_dir / f".{KOHYA_WEIGHTS_NAME}.tmp"
+    save_file(kohya_state_dict(unet), str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    os.replace(tmp, final)
+    return final
+
+
+def export_lora(unet, output_dir: str | os.PathLike, export_format: str = "diffusers") -> Path:
+    """The end-of-run export: ``diffusers``, ``kohya`` or ``both``; returns the diffusers file when
+    written, else the kohya one."""
+    paths = []
+    if export_format in ("diffusers", "both"):
+        paths.append(save_lora(unet, output_dir))
+    if export_format in ("kohya", "both"):
+        paths.append(save_lora_kohya(unet, output_dir))
+    if not paths:
+        raise ValueError(f"unknown export format {export_format!r}")
+    return paths[0]

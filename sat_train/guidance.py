@@ -9,8 +9,9 @@ SAC (DESIGN.md, "The method"):
 
 Gradients flow through both forwards and through ``pred`` inside ``x_deg``. ``pred`` there is the
 noise estimate: a v-prediction model's v is converted to eps first (as diffusers' SAG pipeline
-does), since re-noising with v would not match the noise level. A CAC guide slots in as another
-``Guide`` subclass picked by ``build_guide``.
+does), since re-noising with v would not match the noise level. CAC (``CACGuide``) is the same
+step with the saliency taken from the highest-resolution cross-attention probabilities of chosen
+caption words (thresholded at the per-sample mean), falling back to SAC per sample without them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .capture import MidBlockCapture
+from .capture import CrossAttentionCapture, MidBlockCapture
 
 
 @dataclass
@@ -34,6 +35,7 @@ class StepInputs:
     cond: torch.Tensor  # text embeddings (B, S, D)
     target: torch.Tensor  # eps, or v for v-prediction
     loss_weights: torch.Tensor | None = None  # (B,) min-SNR weights, or None for a plain mean
+    tokens: torch.Tensor | None = None  # --guide cac: (B, S) caption positions of the chosen words, -1 = padding
 
 
 @dataclass
@@ -42,6 +44,8 @@ class StepResult:
     pred_loss: torch.Tensor  # detached mse(pred, target): the unguided loss, for logging
     guide_delta: torch.Tensor | None = None  # detached mean (pred - pred_deg)^2: the guide term's size
     mask_coverage: torch.Tensor | None = None  # detached % of mid-block tokens masked (the blurred area)
+    mask: torch.Tensor | None = None  # detached bool (B, h, w) blur mask, for the mask pictures
+    cac_fallback: torch.Tensor | None = None  # detached fraction of samples that fell back to the SAC mask
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -122,7 +126,81 @@ class SACGuide(Guide):
                 pred_loss=weighted_mse(pred_f, s.target, s.loss_weights).detach(),
                 guide_delta=(pred_f - pred_deg.float()).pow(2).mean().detach(),
                 mask_coverage=mask.float().mean() * 100,
+                mask=mask,
             )
+
+
+class CACGuide(SACGuide):
+    """Cross-attention control: blur where the highest-resolution cross-attention looks at the
+    caption's chosen words (DESIGN.md, CAC). Captured inside the first forward like SAC (two UNet
+    forwards per step); a sample whose caption has none of the words uses its SAC (mid-block mass)
+    mask instead, and is counted in ``fallbacks``. ``threshold`` is the SAC fallback's threshold;
+    the CAC map is always thresholded at its per-sample mean."""
+
+    cac_threshold = "mean"
+
+    def __init__(self, capture: MidBlockCapture, cross_capture: CrossAttentionCapture | None,
+                 alphas_cumprod: torch.Tensor, ratio: float, threshold: float | str = 1.0, kernel_size: int = 9,
+                 sigma: float = 1.0, kernel_backend: str = "auto", prediction_type: str = "epsilon",
+                 detach_degraded: bool = False):
+        super().__init__(capture, alphas_cumprod, ratio, threshold, kernel_size, sigma, separate_capture=False,
+                         kernel_backend=kernel_backend, prediction_type=prediction_type,
+                         detach_degraded=detach_degraded)
+        self.cross_capture = cross_capture
+        self.fallbacks = self.samples = 0  # totals over the guide's life, for the end-of-run report
+
+    def guided_forwards(self, unet, s: StepInputs):
+        """(pred, pred_deg, mask (B, H, W) bool, has_words (B,) bool): the two forwards of a step."""
+        from sat_kernels import degrade_latents, saliency_mask
+
+        batch = s.x0.shape[0]
+        if s.tokens is None or self.cross_capture is None:
+            has_words = torch.zeros(batch, dtype=torch.bool, device=s.x0.device)
+        else:
+            has_words = (s.tokens >= 0).any(dim=1).to(s.x0.device)
+        use_cac = bool(has_words.any())
+        self.capture.arm()
+        if use_cac:
+            self.cross_capture.arm(s.tokens)
+        pred = predict(unet, s.noisy, s)
+        mass, mid_size = self.capture.take()
+        cac_map, cac_size = self.cross_capture.take() if use_cac else (None, None)
+        alphas_cumprod = self.alphas_cumprod.to(s.x0.device)
+        size = tuple(s.x0.shape[-2:])
+        x0 = s.x0.float()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_degraded):
+            eps = self.noise_estimate(pred, s, alphas_cumprod)
+            common = dict(alphas_cumprod=alphas_cumprod, timesteps=s.timesteps, kernel_size=self.kernel_size,
+                          sigma=self.sigma, backend=self.kernel_backend)
+            x_deg = None
+            if use_cac:
+                x_deg = degrade_latents(x0, eps, cac_map, cac_size, threshold=self.cac_threshold, **common)
+            if not has_words.all():  # fallback samples: the SAC mask (computed for all; picked per sample)
+                x_sac = degrade_latents(x0, eps, mass, mid_size, threshold=self.threshold, **common)
+                x_deg = x_sac if x_deg is None else torch.where(has_words.view(-1, 1, 1, 1), x_deg, x_sac)
+            pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
+        with torch.no_grad():
+            mask = saliency_mask(mass, mid_size, self.threshold, size=size, backend=self.kernel_backend)
+            if use_cac:
+                cac_mask = saliency_mask(cac_map, cac_size, self.cac_threshold, size=size, backend=self.kernel_backend)
+                mask = torch.where(has_words.view(-1, 1, 1), cac_mask, mask)
+        return pred, pred_deg, mask, has_words
+
+    def __call__(self, unet, s: StepInputs) -> StepResult:
+        pred, pred_deg, mask, has_words = self.guided_forwards(unet, s)
+        fallbacks = int((~has_words).sum())
+        self.fallbacks += fallbacks
+        self.samples += has_words.numel()
+        pred_f = pred.float()
+        guided = pred_f + self.ratio * (pred_f - pred_deg.float())
+        return StepResult(
+            loss=weighted_mse(guided, s.target, s.loss_weights),
+            pred_loss=weighted_mse(pred_f, s.target, s.loss_weights).detach(),
+            guide_delta=(pred_f - pred_deg.float()).pow(2).mean().detach(),
+            mask_coverage=mask.float().mean() * 100,
+            mask=mask,
+            cac_fallback=torch.tensor(fallbacks / has_words.numel(), device=pred.device),
+        )
 
 
 def build_guide(config, unet, noise_scheduler, attention_backend: str) -> Guide:
@@ -134,6 +212,12 @@ def build_guide(config, unet, noise_scheduler, attention_backend: str) -> Guide:
         return SACGuide(capture, noise_scheduler.alphas_cumprod, config.guide_ratio, config.guide_threshold,
                         config.guide_kernel_size, config.guide_sigma,
                         separate_capture=config.sac_capture == "separate",
+                        prediction_type=noise_scheduler.config.prediction_type,
+                        detach_degraded=config.guide_detach_degraded)
+    if config.guide == "cac":
+        return CACGuide(MidBlockCapture(unet, attention_backend), CrossAttentionCapture(unet, attention_backend),
+                        noise_scheduler.alphas_cumprod, config.guide_ratio, config.guide_threshold,
+                        config.guide_kernel_size, config.guide_sigma,
                         prediction_type=noise_scheduler.config.prediction_type,
                         detach_degraded=config.guide_detach_degraded)
     raise ValueError(f"unknown guide {config.guide!r}")

@@ -29,6 +29,7 @@ def load_components(config: TrainConfig) -> Components:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = config.pretrained_model_name_or_path
+    check_model_source(source)
     common = {"revision": config.revision, "cache_dir": config.cache_dir}
     try:
         return Components(
@@ -41,8 +42,34 @@ def load_components(config: TrainConfig) -> Components:
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        import os
+
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") and "connect" in first_line:
+            first_line += " [HF_HUB_OFFLINE is set: download the model first or pass a local folder]"
         raise UsageError(f"cannot load Stable Diffusion from {source!r}: {first_line} (expected a hub id or "
                          "a folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/)") from err
+
+
+MODEL_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_model_source(source: str) -> None:
+    """A local folder must have SD v1.5's subfolders (checked before any loading, one clear message);
+    a path-like source that does not exist is not sent to the hub as an id."""
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        missing = [name for name in MODEL_SUBFOLDERS if not (path / name).is_dir()]
+        if missing:
+            raise UsageError(f"--pretrained_model_name_or_path {source} is not a Stable Diffusion v1.5 folder: "
+                             f"missing {', '.join(m + '/' for m in missing)} (expected "
+                             f"{', '.join(m + '/' for m in MODEL_SUBFOLDERS)})")
+    elif path.exists():
+        raise UsageError(f"--pretrained_model_name_or_path {source} is a file; pass a folder or a hub id")
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
+        raise UsageError(f"--pretrained_model_name_or_path {source}: no such folder (and not a hub id like "
+                         "stable-diffusion-v1-5/stable-diffusion-v1-5)")
 
 
 def add_lora(unet: torch.nn.Module, rank: int) -> None:

@@ -10,6 +10,7 @@ already seen, so a resumed run reproduces an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -19,13 +20,15 @@ from . import demo
 from .capture import resolve_backend, stock_processor
 from .config import TrainConfig, UsageError
 from .data import build_dataset, collate, read_records
-from .export import LORA_WEIGHTS_NAME, load_lora, save_lora
+from .export import LORA_WEIGHTS_NAME, export_lora, load_lora, save_lora
+from .faults import crash_hook, fsync_dir
 from .guidance import StepInputs, build_guide
 from .models import add_lora, load_components, lora_parameters
 from .seeding import derived_generator
 
 CONFIG_NAME = "train_config.json"
-METRICS = ("loss", "pred_loss", "guide_delta", "mask_coverage")
+METRICS = ("loss", "pred_loss", "guide_delta", "mask_coverage", "cac_fallback")
+CHECKPOINT_MARKER = "COMPLETE"
 
 
 def make_accelerator(config: TrainConfig):
@@ -46,7 +49,10 @@ def make_accelerator(config: TrainConfig):
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    """Complete checkpoints, oldest first: ``checkpoint-N`` folders holding the COMPLETE marker
+    (written last, before the folder is renamed into place; see save_checkpoint)."""
+    found = [p for p in output_dir.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-", 1)[1].isdigit() and checkpoint_is_complete(p)]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
@@ -58,18 +64,86 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
     path = Path(config.resume_from_checkpoint)
     for candidate in (path, output_dir / path.name):
         if candidate.is_dir():
+            if not checkpoint_is_complete(candidate):
+                raise UsageError(f"--resume_from_checkpoint {candidate} is incomplete (no {CHECKPOINT_MARKER}: "
+                                 "its save was interrupted); pass another checkpoint or \"latest\"")
             return candidate
     raise UsageError(f"--resume_from_checkpoint {path} does not exist (nor {output_dir / path.name}); "
                      "pass a checkpoint-N folder or \"latest\"")
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
-    """Removes the oldest checkpoints so that, with the one about to be saved, at most ``limit`` remain."""
+    """Removes the oldest complete checkpoints so that at most ``limit`` remain. Called after a new
+    checkpoint is in place, so a crash while saving never leaves a run with no checkpoint."""
     if limit is None:
         return
     found = list_checkpoints(output_dir)
-    for old in found[: max(0, len(found) - limit + 1)]:
+    for old in found[: max(0, len(found) - limit)]:
         shutil.rmtree(old)
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    return (folder / CHECKPOINT_MARKER).is_file()
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int) -> Path:
+    """``accelerator.save_state`` into ``.checkpoint-N.tmp-PID``, then the COMPLETE marker, then one
+    ``os.replace`` to ``checkpoint-N``: a crash at any point leaves either no ``checkpoint-N`` or a
+    complete one (``--resume_from_checkpoint latest`` only considers folders with the marker)."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        crash_hook(f"checkpoint-{step}:mid")
+        marker = tmp / CHECKPOINT_MARKER
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # e.g. the same step saved again after a resume: the new state replaces it
+            stale = output_dir / f".checkpoint-{step}.old-{os.getpid()}"
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(output_dir)
+        crash_hook(f"checkpoint-{step}:after")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Leftovers of saves a crash interrupted (never picked up by resume; removed at the next start)."""
+    for pattern in (".checkpoint-*.tmp-*", ".checkpoint-*.old-*", ".lora-*"):
+        for stale in output_dir.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+    for stale in output_dir.glob(".*.tmp"):  # single files written as .NAME.tmp then renamed
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stopped without saving (the CLI prints it as one line, exit 1)."""
+
+
+def _latest_name(output_dir: Path) -> str:
+    found = list_checkpoints(output_dir)
+    return str(found[-1]) if found else "none (no checkpoint was written yet)"
+
+
+def check_output_paths(config: TrainConfig) -> None:
+    """Everything a run writes lies inside --output_dir: refuse a --logging_dir that leaves it."""
+    root = Path(config.output_dir).resolve()
+    logs = (root / config.logging_dir).resolve()
+    if logs != root and root not in logs.parents:
+        raise UsageError(f"--logging_dir {config.logging_dir} resolves to {logs}, outside --output_dir {root}; "
+                         "give a folder relative to --output_dir (e.g. logs)")
 
 
 def make_optimizer(config: TrainConfig, params):
@@ -114,7 +188,7 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
         weights = torch.clamp(snr, max=config.snr_gamma)
         weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
     return StepInputs(x0=latents, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=target,
-                      loss_weights=weights)
+                      loss_weights=weights, tokens=batch.get("cac_tokens"))
 
 
 def train(config: TrainConfig) -> Path:
@@ -125,10 +199,12 @@ def train(config: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     config.validate()
+    check_output_paths(config)
     output_dir = Path(config.output_dir)
     accelerator = make_accelerator(config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir)
     if config.seed is not None:
         set_seed(config.seed)
     records, names = read_records(config, demo.DEMO_DATA_DIR if config.is_demo else None)
@@ -215,7 +291,8 @@ def train(config: TrainConfig) -> Path:
             accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
         else:
             accelerator.print(f"resuming from {checkpoint}")
-            accelerator.load_state(str(checkpoint))
+            # weights_only: torch's restricted unpickler for the optimizer/scheduler/RNG state (no code runs)
+            accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
             global_step = int(checkpoint.name.split("-", 1)[1])
             first_epoch = global_step // steps_per_epoch
             skip_batches = (global_step % steps_per_epoch) * config.gradient_accumulation_steps
@@ -224,6 +301,10 @@ def train(config: TrainConfig) -> Path:
                     disable=not accelerator.is_local_main_process)
     running = dict.fromkeys(METRICS, 0.0)
     micro_batch = 0
+    from .pictures import RunPictures
+
+    pictures = RunPictures(accelerator, config, vae, validate=lambda step: run_validation(
+        accelerator, components, unet, config, None, weight_dtype, step=step))
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
@@ -249,9 +330,18 @@ def train(config: TrainConfig) -> Path:
             nan = torch.tensor(float("nan"), device=accelerator.device)
             values = [result.loss.detach()] + [getattr(result, name) for name in METRICS[1:]]
             local = torch.stack([nan if v is None else v.float().reshape(()) for v in values])
-            for name, value in zip(METRICS, accelerator.gather(local[None]).mean(dim=0).tolist(), strict=True):
+            gathered = accelerator.gather(local[None]).mean(dim=0).tolist()
+            if not math.isfinite(gathered[0]):  # the same value on every process: all stop together
+                progress.close()
+                accelerator.end_training()
+                raise NonFiniteLossError(
+                    f"loss is {gathered[0]} at step {global_step + 1} (epoch {epoch}): stopping before anything "
+                    f"is saved; the last good checkpoint is {_latest_name(output_dir)}. Try a lower "
+                    "--learning_rate, --mixed_precision no, or check the data")
+            for name, value in zip(METRICS, gathered, strict=True):
                 running[name] += value / config.gradient_accumulation_steps
             micro_batch += 1
+            pictures.observe(batch, inputs, result)
             if not accelerator.sync_gradients:
                 continue
             global_step, micro_batch = global_step + 1, 0
@@ -261,27 +351,34 @@ def train(config: TrainConfig) -> Path:
             accelerator.log(logs, step=global_step)
             progress.set_postfix(loss=f"{running['loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
             running = dict.fromkeys(METRICS, 0.0)
+            pictures.after_step(global_step, logs["train/loss"])
             if global_step % config.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, global_step)  # atomic, see save_checkpoint
                 if accelerator.is_main_process:
                     prune_checkpoints(output_dir, config.checkpoints_total_limit)
-                accelerator.wait_for_everyone()
-                accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
             if global_step >= max_train_steps:
                 break
         if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
             run_validation(accelerator, components, unet, config, epoch + 1, weight_dtype)
     progress.close()
+    pictures.finish(global_step)
+    if getattr(guide, "samples", 0):
+        accelerator.print(f"CAC: {guide.fallbacks} of {guide.samples} samples had none of --cac_words "
+                          f"({config.cac_words}) in their caption and used the SAC mask")
 
     accelerator.wait_for_everyone()
     lora_path = output_dir / LORA_WEIGHTS_NAME
     if accelerator.is_main_process:
-        lora_path = save_lora(accelerator.unwrap_model(unet), output_dir)
+        lora_path = export_lora(accelerator.unwrap_model(unet), output_dir, config.export_format)
         accelerator.print(f"LoRA weights: {lora_path}")
     accelerator.end_training()
     return lora_path
 
 
-def run_validation(accelerator, components, unet, config: TrainConfig, epoch: int, weight_dtype) -> None:
+def run_validation(accelerator, components, unet, config: TrainConfig, epoch: int | None, weight_dtype,
+                   step: int | None = None) -> None:
+    """Images for --validation_prompt: output_dir/validation/epochNNNN-i.png (or stepNNNNNN-i.png)."""
+    from .pictures import save_png
     from .validation import generate_images
 
     if not accelerator.is_main_process:
@@ -290,10 +387,11 @@ def run_validation(accelerator, components, unet, config: TrainConfig, epoch: in
     folder = Path(config.output_dir) / "validation"
     folder.mkdir(exist_ok=True)
     for i, image in enumerate(images):
-        image.save(folder / f"epoch{epoch:04d}-{i}.png")
+        save_png(image, folder / (f"epoch{epoch:04d}-{i}.png" if step is None else f"step{step:06d}-{i}.png"))
     import numpy as np
 
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), epoch,
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]),
+                                      epoch if step is None else step,
                                       dataformats="NHWC")

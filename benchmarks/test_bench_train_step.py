@@ -1,0 +1,110 @@
+"""One training step per guide, against a plain LoRA step (issue: benchmarks, items 3-5).
+
+CPU: the embedded tiny SD-shaped UNet, B=4, 32x32 latents. CUDA: a full-size SD v1.5 UNet built
+from its config (random weights, no download), 512 px (64x64 latents), fp16, B=4, with xformers
+when it loads, else SDPA. A step is forward(s) + backward of the LoRA loss. ``step_ratio`` is the
+step time over the ``none`` step's; ``saved_ratio`` the memory autograd keeps for backward over
+``none``'s (any device) and, on CUDA, ``peak_ratio`` the allocator's peak over ``none``'s.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import device_name, median_seconds, peak_mib, record, run_ours, saved_activation_mib
+
+from sat_train.capture import MidBlockCapture, resolve_backend, stock_processor
+from sat_train.guidance import Guide, SACGuide, StepInputs
+from sat_train.models import add_lora
+
+# name -> SACGuide options (None: no guidance)
+GUIDES = {
+    "none": None,
+    "sac": dict(),
+    "sac-separate (original, 3 forwards)": dict(separate_capture=True),
+    "sac --guide_detach_degraded": dict(detach_degraded=True),
+}
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(device_type: str):
+    """(unet with LoRA, step inputs, alphas_cumprod, attention backend) for this device."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    device = torch.device(device_type)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        unet = UNet2DConditionModel(**SD15_UNET).to(device, torch.float16)
+        batch, side, context, dtype = 4, 64, 768, torch.float16
+    else:
+        from sat_train.demo import build_components
+
+        unet = build_components().unet
+        batch, side, context, dtype = 4, 32, unet.config.cross_attention_dim, torch.float32
+    unet.requires_grad_(False)
+    add_lora(unet, rank=4)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # LoRA trains in fp32 next to fp16 frozen weights
+    unet.train()
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(batch, 4, side, side, generator=gen).to(device, dtype)
+    noise = torch.randn(batch, 4, side, side, generator=gen).to(device, dtype)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    cond = torch.randn(batch, 77, context, generator=gen).to(device, dtype)
+    s = StepInputs(x0=x0, noise=noise, noisy=scheduler.add_noise(x0, noise, t), timesteps=t, cond=cond, target=noise)
+    backend = resolve_backend("auto", device)
+    return unet, s, scheduler.alphas_cumprod.to(device), backend
+
+
+def _step_fn(device: torch.device, guide_name: str):
+    unet, s, alphas, backend = _setup(device.type)
+    unet.set_attn_processor(stock_processor(backend))
+    options = GUIDES[guide_name]
+    guide = Guide() if options is None else SACGuide(MidBlockCapture(unet, backend), alphas, 0.01, **options)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            loss = guide(unet, s).loss
+        loss.backward()
+        unet.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _memory(step, device: torch.device) -> dict:
+    info = {"saved_mib": saved_activation_mib(step)}
+    if device.type == "cuda":
+        info["peak_mib"] = peak_mib(step, device)
+    return info
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_step(device_type: str) -> tuple[float, dict]:
+    device = torch.device(device_type)
+    step = _step_fn(device, "none")
+    return median_seconds(step, min_run_time=2.0), _memory(step, device)
+
+
+@pytest.mark.parametrize("guide_name", [g for g in GUIDES if g != "none"])
+def test_train_step_vs_plain(benchmark, device, guide_name):
+    t_plain, mem_plain = _plain_step(device.type)  # first: building a step resets the processors
+    step = _step_fn(device, guide_name)
+    t_guide, mem_guide = median_seconds(step, min_run_time=2.0), _memory(step, device)
+    run_ours(benchmark, step, device)
+    ratios = {f"{key[:-4]}_ratio": mem_guide[key] / mem_plain[key] for key in mem_plain}
+    record(
+        benchmark, f"step {guide_name} [{device_name(device)}]",
+        plain_ms=t_plain * 1e3, guided_ms=t_guide * 1e3, step_ratio=t_guide / t_plain, **ratios,
+    )

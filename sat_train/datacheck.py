@@ -1,0 +1,245 @@
+"""The data check: one pass over an image folder before any model loads.
+
+``scan_image_folder`` reads ``metadata.jsonl`` and fully decodes every image it names (so a
+truncated file fails here, not hours into a run), with a tqdm progress bar on terminals. Every
+problem is collected with its ``metadata.jsonl:LINE`` and file, all in one pass, then printed
+together; the run then either stops (exit code 2, one line on stderr) or goes on without the bad
+samples:
+
+fatal (UsageError, exit 2)
+    a ``metadata.jsonl`` line that is not a JSON object, or has no file-name key; a ``file_name``
+    that is absolute or leaves the data folder (``../``, or a symlink pointing out); no usable
+    sample left; no sample at all with the caption column (wrong ``--caption_column``); with
+    ``--strict_data``, any skipped sample.
+skipped (counted in the summary)
+    a missing, zero-byte, unreadable, corrupt or truncated image; a caption that is missing or not
+    a string; with ``--skip_small_images``, an image smaller than ``--resolution``.
+kept, with a note
+    an empty caption (trained unconditionally); a grayscale / palette / RGBA / CMYK / 16-bit image
+    (converted to RGB by ``to_rgb``); an image smaller than ``--resolution`` (upscaled).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .config import UsageError
+
+METADATA = "metadata.jsonl"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SHOWN_PER_KIND = 20  # at most this many lines per kind of problem are printed; the summary counts all
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image → 8-bit RGB: 16/32-bit integer and float grayscale are scaled (not clipped),
+    transparency is composited over white, CMYK/palette/L go through PIL's conversion."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        elif image.mode == "F":  # floats: [0, 1], or [0, peak] when larger
+            top = max(float(np.nanmax(values)) if values.size else 1.0, 1.0)
+        else:  # 32-bit "I": PIL opens 16-bit PNGs this way too
+            top = 65535.0 if values.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.nan_to_num(values / top * 255.0), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass
+class Problem:
+    where: str  # "path/metadata.jsonl:LINE" (or the image path)
+    kind: str  # short key: "not-json", "escapes-folder", "unreadable", "converted", ...
+    message: str
+    fatal: bool = False
+    skipped: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class DataReport:
+    """What the scan found: usable records, their names, and every problem (in file order)."""
+
+    root: Path
+    records: list[tuple[Path, str]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    lines: int = 0
+
+    @property
+    def skipped(self) -> list[Problem]:
+        return [p for p in self.problems if p.skipped]
+
+    @property
+    def fatal(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+    def summary(self) -> str:
+        counts = Counter(p.kind for p in self.problems)
+        details = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+        return (f"data check {self.root}: {len(self.records)} usable samples of {self.lines} lines, "
+                f"{len(self.skipped)} skipped" + (f" ({details})" if details else ""))
+
+    def print(self, stream=None) -> None:
+        """Every problem with its file and line (at most SHOWN_PER_KIND per kind), then the summary."""
+        stream = stream or sys.stdout
+        shown: Counter = Counter()
+        for problem in self.problems:
+            shown[problem.kind] += 1
+            if shown[problem.kind] <= SHOWN_PER_KIND:
+                label = "error" if problem.fatal else "skipped" if problem.skipped else "warning"
+                print(f"  {label}: {problem}", file=stream)
+        for kind, n in shown.items():
+            if n > SHOWN_PER_KIND:
+                print(f"  ... and {n - SHOWN_PER_KIND} more {kind}", file=stream)
+        print(self.summary(), file=stream)
+
+
+def _resolve_inside(root: Path, name: str) -> Path | str:
+    """The image path for a ``file_name``, or why it is rejected (absolute / leaves the folder)."""
+    if not name.strip():
+        return "file_name is empty"
+    if Path(name).is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return f"file_name {name!r} is absolute; give it relative to the data folder"
+    path = root / name
+    real_root = root.resolve()
+    real = path.resolve()
+    if real != real_root and real_root not in real.parents:
+        return f"file_name {name!r} leaves the data folder ({real}); images must lie inside {root}"
+    return path
+
+
+def _check_image(path: Path, resolution: int, skip_small: bool) -> list[tuple[str, str, bool]]:
+    """(kind, message, skip) findings for one image; decodes it fully (catches truncation)."""
+    if not path.exists():
+        return [("missing", f"image {path} does not exist; fix file_name or add the file", True)]
+    if path.is_dir():
+        return [("unreadable", f"{path} is a folder, not an image", True)]
+    if path.stat().st_size == 0:
+        return [("zero-byte", f"image {path} is empty (0 bytes)", True)]
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every pixel: truncated or corrupt data fails here
+            mode, (width, height) = image.mode, image.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        return [("unreadable", f"cannot read image {path} ({err}); fix or remove it", True)]
+    except Image.DecompressionBombError as err:
+        return [("unreadable", f"cannot read image {path} ({err})", True)]
+    findings = []
+    if mode != "RGB":
+        findings.append(("converted", f"image {path} is {mode}, converted to RGB", False))
+    if min(width, height) < resolution:
+        if skip_small:
+            findings.append(("too-small", f"image {path} is {width}x{height}, smaller than --resolution "
+                                          f"{resolution}: skipped (--skip_small_images)", True))
+        else:
+            findings.append(("upscaled", f"image {path} is {width}x{height}, smaller than --resolution "
+                                         f"{resolution}: upscaled (pass --skip_small_images to skip it)", False))
+    return findings
+
+
+def scan_image_folder(root: Path, image_column: str = "image", caption_column: str = "text", resolution: int = 512,
+                      skip_small_images: bool = False, strict: bool = False, progress: bool | None = None,
+                      stream=None) -> DataReport:
+    """Checks ``root/metadata.jsonl`` and every image it names in one pass; prints the problems and a
+    summary; raises UsageError (one line) when the data cannot be trained on (see the module doc).
+    ``progress=None``: a progress bar only on a terminal."""
+    from tqdm.auto import tqdm
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"--train_data_dir {root} is not a folder")
+    meta = root / METADATA
+    if not meta.is_file():
+        images = [p.name for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES][:3]
+        hint = f" (found images such as {', '.join(images)})" if images else " (and no images)"
+        raise UsageError(f"{root} has no {METADATA}{hint}: write one line per image, "
+                         f'e.g. {{"file_name": "photo.jpg", "{caption_column}": "a photo of a face"}}')
+    image_key = image_column if image_column != "image" else "file_name"
+    report = DataReport(root)
+    try:
+        text = meta.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read {meta} ({err}); it must be UTF-8 text, one JSON object per line") from None
+    lines = text.splitlines()
+    with_caption_column = 0
+    bar = tqdm(lines, desc="checking data", unit="line", disable=(None if progress is None else not progress),
+               leave=False)
+    for number, line in enumerate(bar, start=1):
+        if not line.strip():
+            continue
+        report.lines += 1
+        where = f"{meta}:{number}"
+
+        def problem(kind, message, fatal=False, skipped=False, where=where):
+            if skipped and strict:
+                fatal, message = True, message + " (--strict_data)"
+            report.problems.append(Problem(where, kind, message, fatal, skipped))
+
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            problem("not-json", f"not valid JSON ({err.msg}); each line must be one JSON object", fatal=True)
+            continue
+        if not isinstance(row, dict):
+            problem("not-json", f"a JSON {type(row).__name__}, not an object; each line must be one JSON object",
+                    fatal=True)
+            continue
+        if image_key not in row or not isinstance(row[image_key], str):
+            problem("no-file-name", f'no "{image_key}" string naming the image file', fatal=True)
+            continue
+        path = _resolve_inside(root, row[image_key])
+        if isinstance(path, str):
+            problem("escapes-folder", path, fatal=True)
+            continue
+        caption = row.get(caption_column)
+        if caption_column in row:
+            with_caption_column += 1
+        if caption is None:
+            problem("no-caption", f'{row[image_key]}: no caption column "{caption_column}" (columns: '
+                                  f'{", ".join(sorted(row))}); add it or pass --caption_column', skipped=True)
+        elif not isinstance(caption, str):
+            problem("bad-caption", f'{row[image_key]}: caption "{caption_column}" must be a string, got '
+                                   f"{caption!r}", skipped=True)
+        elif not caption.strip():
+            problem("empty-caption", f"{row[image_key]}: empty caption, trained unconditionally")
+        findings = _check_image(path, resolution, skip_small_images)
+        for kind, message, skip in findings:
+            problem(kind, message, skipped=skip)
+        if caption is None or not isinstance(caption, str) or any(skip for _, _, skip in findings):
+            continue
+        report.records.append((path, caption))
+        report.names.append(f"{path} ({where})")
+    bar.close()
+
+    report.print(stream)
+    fatal = report.fatal
+    if fatal:
+        first = fatal[0]
+        more = f" (and {len(fatal) - 1} more problems listed above)" if len(fatal) > 1 else ""
+        raise UsageError(f"{first}{more}")
+    if report.lines and not with_caption_column:
+        raise UsageError(f'{meta}: no line has the caption column "{caption_column}"; add it or pass '
+                         f"--caption_column (first line: {next(str(p) for p in report.problems)})")
+    if not report.records:
+        if not report.lines:
+            raise UsageError(f"{meta} lists no images: add one line per image")
+        raise UsageError(f"no usable samples in {root}: all {report.lines} skipped, first: {report.problems[0]}")
+    return report

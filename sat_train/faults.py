@@ -1,0 +1,39 @@
+"""Crash-safety helpers shared by train.py and export.py: the test-only kill hook and fsync.
+
+``SAT_TEST_KILL_AT`` is a TEST-ONLY hook: when set to one of the names below the process SIGKILLs
+itself at that point, so tests (tests/test_train_crash.py) can crash a run exactly there and check
+that resuming with ``--resume_from_checkpoint latest`` still gives the uninterrupted result.
+Never set it in real runs.
+
+    checkpoint-N:mid    accelerate state written to .checkpoint-N.tmp-PID, not yet marked or renamed
+    checkpoint-N:after  checkpoint-N complete and renamed into place, older ones not yet pruned
+    lora:mid            final LoRA file written to its temporary folder, not yet renamed into place
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+KILL_ENV = "SAT_TEST_KILL_AT"
+
+
+def crash_hook(name: str) -> None:
+    """SIGKILL this process if ``SAT_TEST_KILL_AT == name`` (test-only; a no-op otherwise)."""
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Makes a rename inside ``folder`` durable (best effort: not every OS can open directories)."""
+    try:
+        fd = os.open(Path(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,139 @@
+"""PNG pictures of a run: mask previews (image | mask overlay | blurred-degraded image decoded by
+the VAE) and the loss curve (drawn with PIL; matplotlib is not a dependency). Every PNG is written
+atomically (temp file + os.replace), so a reader never sees half an image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+MASK_COLOR = (255, 40, 40)
+MAX_PREVIEW_ROWS = 4
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
+    pixels = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def blurred_latents(x0: torch.Tensor, mask: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
+    """m * blur(x0) + (1 - m) * x0 with the mask nearest-upsampled to the latent size: the degraded
+    latents before re-noising (what the guide blurs)."""
+    from sat_kernels import gaussian_blur
+
+    m = F.interpolate(mask[:, None].float(), size=x0.shape[-2:], mode="nearest").to(x0.device)
+    x0 = x0.float()
+    return m * gaussian_blur(x0, kernel_size, sigma) + (1 - m) * x0
+
+
+@torch.no_grad()
+def mask_preview(pixel_values: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, vae,
+                 kernel_size: int = 9, sigma: float = 1.0, max_rows: int = MAX_PREVIEW_ROWS) -> Image.Image:
+    """A grid, one row per sample (at most ``max_rows``): training image | mask overlaid in red |
+    the blurred-degraded latents decoded by the VAE. ``mask`` is (B, h, w) bool at any resolution."""
+    rows = min(max_rows, pixel_values.shape[0])
+    pixel_values, x0, mask = pixel_values[:rows], x0[:rows], mask[:rows]
+    size = tuple(pixel_values.shape[-2:])
+    images = to_uint8(pixel_values)
+    big_mask = F.interpolate(mask[:, None].float().cpu(), size=size, mode="nearest")[:, 0].numpy()[..., None]
+    overlay = (images * (1 - 0.55 * big_mask) + np.array(MASK_COLOR) * 0.55 * big_mask).round().astype(np.uint8)
+    latents = blurred_latents(x0, mask, kernel_size, sigma) / vae.config.scaling_factor
+    decoded = vae.decode(latents.to(next(vae.parameters()).dtype), return_dict=False)[0]
+    decoded = to_uint8(F.interpolate(decoded.float(), size=size, mode="bilinear") if decoded.shape[-2:] != size
+                       else decoded)
+    grid = np.concatenate([np.concatenate([images[i], overlay[i], decoded[i]], axis=1) for i in range(rows)], axis=0)
+    return Image.fromarray(grid)
+
+
+def loss_curve(steps: list[int], losses: list[float], width: int = 640, height: int = 360,
+               title: str = "train/loss") -> Image.Image:
+    """Loss against step as a line on white, with the axis ranges written at the corners."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 20, 30, height - 40
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    draw.text((left, 8), title, fill=(0, 0, 0))
+    points = [(s, v) for s, v in zip(steps, losses, strict=True) if np.isfinite(v)]
+    if not points:
+        draw.text((left + 10, top + 10), "no finite loss values", fill=(200, 0, 0))
+        return image
+    xs, ys = zip(*points)
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-8)
+
+    def place(x, y):
+        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+
+    coords = [place(x, y) for x, y in points]
+    if len(coords) > 1:
+        draw.line(coords, fill=(31, 119, 180), width=2)
+    for cx, cy in coords if len(coords) <= 50 else []:
+        draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=(31, 119, 180))
+    draw.text((4, top), f"{y1:.4g}", fill=(0, 0, 0))
+    draw.text((4, bottom - 10), f"{y0:.4g}", fill=(0, 0, 0))
+    draw.text((left, bottom + 8), f"step {x0}", fill=(0, 0, 0))
+    draw.text((right - 70, bottom + 8), f"step {max(xs)}", fill=(0, 0, 0))
+    return image
+
+
+class RunPictures:
+    """What the training loop draws: mask previews every ``--mask_preview_steps`` and at the end,
+    step-based validation (``validate(step)``) every ``--validation_steps``, and ``loss.png`` at
+    the end. Only the main process writes; every call is cheap when its flag is off."""
+
+    def __init__(self, accelerator, config, vae, validate=None):
+        self.accelerator, self.config, self.vae, self.validate = accelerator, config, vae, validate
+        self.folder = Path(config.output_dir)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.last = None  # (pixel_values, x0, mask) of the latest micro-batch that had a mask
+        self.last_written = None
+
+    def observe(self, batch, inputs, result) -> None:
+        """Keeps the latest micro-batch's pictures' inputs (references only, no copies)."""
+        if self.config.mask_preview_steps and getattr(result, "mask", None) is not None:
+            self.last = (batch["pixel_values"], inputs.x0.detach(), result.mask)
+
+    def after_step(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        every = self.config.mask_preview_steps
+        if every and step % every == 0:
+            self.write_mask_preview(step)
+        every = self.config.validation_steps
+        if every and self.config.validation_prompt and step % every == 0 and self.validate is not None:
+            self.validate(step)
+
+    def write_mask_preview(self, step: int) -> Path | None:
+        if self.last is None or not self.accelerator.is_main_process or self.last_written == step:
+            return None
+        pixel_values, x0, mask = self.last
+        image = mask_preview(pixel_values, x0, mask, self.vae, self.config.guide_kernel_size, self.config.guide_sigma)
+        self.last_written = step
+        path = save_png(image, self.folder / "masks" / f"step{step:06d}.png")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("masks", np.asarray(image), step, dataformats="HWC")
+        return path
+
+    def finish(self, step: int) -> None:
+        if self.config.mask_preview_steps:
+            self.write_mask_preview(step)
+        if self.accelerator.is_main_process and self.steps:
+            save_png(loss_curve(self.steps, self.losses), self.folder / "loss.png")

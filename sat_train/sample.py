@@ -1,0 +1,123 @@
+"""Generate images with a trained LoRA: ``python -m sat_train.sample --lora OUTPUT_DIR --prompt "..."``.
+
+The base model is --pretrained_model_name_or_path, else the one recorded in OUTPUT_DIR's
+train_config.json, else (a demo run) the embedded demo model. ``--sag_scale > 0`` adds
+self-attention guidance (sat_train.sag: mask from q/k inside memory-efficient attention, fused
+degrade). Seeded and deterministic; writes PNGs to --output_dir (default OUTPUT_DIR/samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import UsageError
+from .export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sat_train.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lora", required=True, help="A training output_dir (or a LoRA .safetensors file).")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="Base SD v1.5 model (default: the one the LoRA was trained on; the demo model for a demo run).")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--sag_scale", type=float, default=0.75, help="Self-attention guidance scale; 0 = off.")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    p.add_argument("--lora_scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_images", type=int, default=1)
+    p.add_argument("--num_inference_steps", type=int, default=30)
+    p.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
+    p.add_argument("--attention_backend", default="auto", choices=("auto", "xformers", "sdpa", "eager"))
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available).")
+    p.add_argument("--output_dir", default=None, help="Where PNGs go (default: LORA/samples).")
+    return p
+
+
+def find_lora_file(lora: Path) -> Path:
+    if lora.is_file():
+        return lora
+    for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
+        if (lora / name).is_file():
+            return lora / name
+    raise UsageError(f"--lora {lora}: no {LORA_WEIGHTS_NAME} or {KOHYA_WEIGHTS_NAME} there; pass a training "
+                     "output_dir or a LoRA .safetensors file")
+
+
+def base_model(args, lora: Path) -> str | None:
+    if args.pretrained_model_name_or_path:
+        return args.pretrained_model_name_or_path
+    config_file = (lora if lora.is_dir() else lora.parent) / "train_config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text(encoding="utf-8")).get("pretrained_model_name_or_path")
+    return None
+
+
+def load_pipeline_components(args, device):
+    """Base components with the LoRA loaded (diffusers' load_lora_weights: diffusers or kohya keys)."""
+    from diffusers import StableDiffusionPipeline
+
+    from . import demo
+    from .config import TrainConfig
+    from .models import load_components
+
+    lora = Path(args.lora)
+    lora_file = find_lora_file(lora)
+    source = base_model(args, lora)
+    if source is None:
+        components = demo.build_components()
+    else:
+        components = load_components(TrainConfig(pretrained_model_name_or_path=source, revision=args.revision,
+                                                 variant=args.variant, cache_dir=args.cache_dir))
+    pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
+                                   tokenizer=components.tokenizer, unet=components.unet,
+                                   scheduler=components.noise_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected
+    try:
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="sat")
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    pipe.set_adapters(["sat"], adapter_weights=[args.lora_scale])
+    for model in (components.unet, components.vae, components.text_encoder):
+        model.to(device).eval()
+    return components, source
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    from .pictures import save_png
+    from .sag import sag_sample
+
+    try:
+        if args.num_images < 1 or args.num_inference_steps < 1:
+            raise UsageError("--num_images and --num_inference_steps must be >= 1")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        components, source = load_pipeline_components(args, device)
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        images = sag_sample(components, args.prompt, args.negative_prompt, args.num_images, args.resolution,
+                            args.resolution, args.num_inference_steps, args.guidance_scale, args.sag_scale,
+                            generator, args.attention_backend)
+    except UsageError as err:
+        print(f"sat_train.sample: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    lora = Path(args.lora)
+    out = Path(args.output_dir) if args.output_dir else (lora if lora.is_dir() else lora.parent) / "samples"
+    paths = [save_png(image, out / f"seed{args.seed}-sag{args.sag_scale:g}-{i}.png") for i, image in enumerate(images)]
+    print(f"base model: {source or 'embedded demo model'}; wrote {len(paths)} image(s) to {out}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

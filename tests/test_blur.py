@@ -1,0 +1,115 @@
+"""sat_kernels.gaussian_blur: the Triton kernel (interpreter on CPU) against reference.py, against
+diffusers' SAG ``gaussian_blur_2d`` (external oracle), and its backward (the reflect-border
+adjoint) against gradcheck / autograd of the reference.
+"""
+
+import pytest
+import torch
+
+import sat_kernels
+from sat_kernels import reference
+from sat_kernels.ops import blur as blur_op
+
+# fp16/bf16 inputs are computed in fp32 by both paths, so the result tolerance stays fp32-tight
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-5, atol=1e-5),
+       torch.bfloat16: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+# gradients come back in the input dtype: one rounding step of that dtype
+GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-3, atol=1e-4),
+            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3)}
+
+
+def make(shape, dtype=torch.float32, layout="contiguous", seed=0):
+    """A (B, C, H, W) tensor in the given memory layout (values drawn in fp32, then cast)."""
+    g = torch.Generator().manual_seed(seed)
+    b, c, h, w = shape
+    if layout == "contiguous":
+        return torch.randn(shape, generator=g).to(dtype)
+    if layout == "channels_last":
+        return torch.randn(shape, generator=g).to(dtype).to(memory_format=torch.channels_last)
+    if layout == "sliced":  # every other column of a wider tensor, offset by one row
+        return torch.randn(b, c, h + 2, 2 * w, generator=g).to(dtype)[:, :, 1 : h + 1, ::2]
+    if layout == "transposed":  # H and W swapped in memory
+        return torch.randn(b, c, w, h, generator=g).to(dtype).transpose(-1, -2)
+    raise ValueError(layout)
+
+
+CASES = [  # shape, kernel_size, sigma, dtype, layout
+    ((2, 4, 63, 65), 9, 1.0, torch.float32, "contiguous"),
+    ((2, 4, 63, 65), 9, 1.0, torch.float16, "channels_last"),
+    ((2, 4, 63, 65), 9, 1.0, torch.bfloat16, "sliced"),
+    ((1, 1, 16, 16), 3, 0.5, torch.float32, "transposed"),
+    ((1, 2, 20, 33), 15, 2.0, torch.float32, "sliced"),
+    ((2, 3, 9, 12), 9, 2.0, torch.float16, "contiguous"),
+    ((1, 1, 8, 5), 9, 1.0, torch.float32, "contiguous"),  # radius 4 = W - 1: deepest reflection
+]
+
+
+@pytest.mark.parametrize("shape,kernel_size,sigma,dtype,layout", CASES)
+def test_blur_matches_reference(shape, kernel_size, sigma, dtype, layout):
+    x = make(shape, dtype, layout)
+    out = sat_kernels.gaussian_blur(x, kernel_size, sigma, backend="triton")
+    ref = reference.gaussian_blur(x, kernel_size, sigma)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("rows,block_w", [(16, 16), (16, 32)])
+def test_blur_across_tile_borders(rows, block_w):
+    """Several row and column tiles: halos straddle tile borders and both image borders."""
+    x = make((1, 2, 40, 50), layout="sliced", seed=1)
+    out = blur_op.gaussian_blur(x, 9, 1.0, rows=rows, block_w=block_w)
+    torch.testing.assert_close(out, reference.gaussian_blur(x, 9, 1.0), **TOL[torch.float32])
+
+
+def test_blur_float64_stays_float64():
+    x = make((1, 2, 11, 13), torch.float64)
+    out = sat_kernels.gaussian_blur(x, 5, 1.5, backend="triton")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference.gaussian_blur(x, 5, 1.5), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape,kernel_size,sigma", [((2, 4, 32, 32), 9, 1.0), ((1, 3, 17, 23), 5, 2.0)])
+def test_blur_matches_diffusers_sag(backend, shape, kernel_size, sigma):
+    """External oracle: SAG's own 81-tap grouped conv2d blur."""
+    sag = pytest.importorskip("diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag")
+    x = make(shape, seed=2)
+    expected = sag.gaussian_blur_2d(x, kernel_size, sigma)
+    out = sat_kernels.gaussian_blur(x, kernel_size, sigma, backend=backend)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("shape,kernel_size,fast", [
+    ((1, 2, 6, 7), 5, True),  # reflect borders on every side, several taps folded twice
+    ((1, 1, 5, 4), 7, False),  # radius 3 = W - 1: reflected taps reach the opposite border
+])
+def test_blur_gradcheck(shape, kernel_size, fast):
+    x = make(shape, torch.float64, seed=3).requires_grad_()
+    fn = lambda t: sat_kernels.gaussian_blur(t, kernel_size, 1.3, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=fast)
+
+
+def test_blur_adjoint_across_tiles_matches_autograd():
+    """Backward with several row/column tiles equals autograd of the reference (fp64)."""
+    x = make((1, 2, 37, 41), torch.float64, "channels_last", seed=4)
+    grad = make((1, 2, 37, 41), torch.float64, "transposed", seed=5)
+    xr = x.clone().requires_grad_()
+    reference.gaussian_blur(xr, 9, 1.0).backward(grad)
+    xt = x.clone().requires_grad_()
+    blur_op.gaussian_blur(xt, 9, 1.0, rows=16, block_w=16).backward(grad)
+    torch.testing.assert_close(xt.grad, xr.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_blur_grad_in_input_dtype(dtype):
+    x = make((1, 2, 19, 21), dtype, seed=6)
+    grad = make((1, 2, 19, 21), torch.float32, seed=7)
+    xr = x.clone().requires_grad_()
+    reference.gaussian_blur(xr, 9, 1.0).backward(grad)
+    xt = x.clone().requires_grad_()
+    sat_kernels.gaussian_blur(xt, 9, 1.0, backend="triton").backward(grad)
+    assert xt.grad.dtype == dtype
+    torch.testing.assert_close(xt.grad, xr.grad, **GRAD_TOL[dtype])

@@ -1,0 +1,95 @@
+"""The compiled Triton kernels on a CUDA device against the torch reference on the same device.
+
+Skipped without CUDA, and under TRITON_INTERPRET=1 (the interpreter is covered by the other
+tests). Run on a GPU machine: ``TRITON_INTERPRET=0 python -m pytest tests/test_gpu.py``.
+bf16 is checked here only: the interpreter's bf16 tl.dot is known wrong.
+"""
+
+import os
+
+import pytest
+import torch
+
+import sat_kernels
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs CUDA and compiled (not interpreted) Triton",
+)
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
+DTYPES = list(TOL)
+
+
+def both(fn, *args, **kwargs):
+    return fn(*args, **kwargs, backend="triton"), fn(*args, **kwargs, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (8, 4, 64, 64), (3, 4, 63, 65), (64, 4, 128, 128)])
+def test_degrade_latents_cuda(shape, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b = shape[0]
+    x0 = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    eps = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    probs = torch.softmax(3 * torch.randn(b * 8, 64, 64, device="cuda", generator=gen), -1).to(dtype)
+    alphas = torch.linspace(0.9999, 0.005, 1000, device="cuda")
+    t = torch.randint(0, 1000, (b,), device="cuda", generator=gen)
+    for saliency, heads, threshold in [(probs, 8, 1.0), (sat_kernels.attention_mass(probs, 8), None, "mean")]:
+        ours, ref = both(sat_kernels.degrade_latents, x0, eps, saliency, (8, 8), alphas, t, threshold, heads=heads)
+        rtol, atol = TOL[dtype]
+        # a mass within rounding of the threshold may flip one mask cell: compare where masks agree
+        m_ours = sat_kernels.saliency_mask(saliency, (8, 8), threshold, size=shape[-2:], heads=heads, backend="triton")
+        m_ref = sat_kernels.saliency_mask(saliency, (8, 8), threshold, size=shape[-2:], heads=heads, backend="torch")
+        assert (m_ours != m_ref).float().mean() < 0.01
+        same = (m_ours == m_ref)[:, None].expand_as(ours)
+        torch.testing.assert_close(ours[same], ref[same], rtol=rtol, atol=atol)
+
+
+def test_degrade_latents_backward_cuda():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x0 = torch.randn(4, 4, 64, 64, device="cuda", generator=gen, requires_grad=True)
+    eps = torch.randn(4, 4, 64, 64, device="cuda", generator=gen, requires_grad=True)
+    mass = 2 * torch.rand(4, 64, device="cuda", generator=gen)
+    alphas = torch.linspace(0.9999, 0.005, 1000, device="cuda")
+    t = torch.tensor([1, 10, 500, 999], device="cuda")
+    grad = torch.randn(4, 4, 64, 64, device="cuda", generator=gen)
+    grads = []
+    for backend in ("triton", "torch"):
+        out = sat_kernels.degrade_latents(x0, eps, mass, (8, 8), alphas, t, backend=backend)
+        grads.append(torch.autograd.grad(out, (x0, eps), grad))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,head_dim", [(4096, 40), (64, 160), (1024, 80), (77, 40)])
+def test_attention_mass_from_qk_cuda(tokens, head_dim, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(2, 8, tokens, head_dim, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[1][..., :tokens]
+    rtol, atol = TOL[dtype]
+    for given in (lse, None):
+        ours, ref = both(sat_kernels.attention_mass_from_qk, q, k, given)
+        torch.testing.assert_close(ours, ref, rtol=max(rtol, 1e-4), atol=max(atol, 1e-3) * tokens**0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_attention_probs_cuda(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(2, 8, 4096, 40, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(2, 8, 77, 40, device="cuda", generator=gen).to(dtype)
+    tokens = torch.tensor([[5, 6, 9, -1], [1, -1, -1, -1]], device="cuda")
+    ours, ref = both(sat_kernels.token_attention_probs, q, k, tokens)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(ours, ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gaussian_blur_and_mass_from_probs_cuda(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(8, 4, 64, 64, device="cuda", generator=gen).to(dtype)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(*both(sat_kernels.gaussian_blur, x), rtol=rtol, atol=atol)
+    probs = torch.softmax(torch.randn(16, 64, 64, device="cuda", generator=gen), -1).to(dtype)
+    torch.testing.assert_close(*both(sat_kernels.attention_mass, probs, 8), rtol=rtol, atol=atol * 64)

@@ -1,0 +1,162 @@
+"""The data check (sat_train/datacheck.py): hostile image folders are reported in one pass, with
+file and line; fatal problems exit 2 before any model loads; bad images are skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sat_train.train as train_module
+from sat_train.cli import main
+from sat_train.config import UsageError
+from sat_train.data import build_dataset
+from sat_train.datacheck import scan_image_folder, to_rgb
+from sat_train.demo import build_tokenizer
+from train_helpers import tiny_config
+
+
+def image_bytes(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def rgb(size=(80, 80), color=(200, 100, 50)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def write_folder(folder, rows, files):
+    """rows: dicts (JSON lines) or raw strings; files: {name: bytes}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def hostile_files():
+    jpeg = image_bytes(rgb(), "JPEG")
+    rgba = Image.new("RGBA", (80, 80), (10, 20, 30, 0))  # fully transparent: composited over white
+    deep = Image.fromarray(np.full((80, 80), 65535, dtype=np.uint16))  # 16-bit white
+    return {
+        "good.jpg": jpeg,
+        "gray.png": image_bytes(Image.new("L", (80, 80), 90), "PNG"),
+        "rgba.png": image_bytes(rgba, "PNG"),
+        "cmyk.jpg": image_bytes(Image.new("CMYK", (80, 80), (0, 255, 255, 0)), "JPEG"),
+        "deep.png": image_bytes(deep, "PNG"),
+        "small.jpg": image_bytes(rgb((32, 48)), "JPEG"),
+        "zero.jpg": b"",
+        "truncated.jpg": image_bytes(Image.fromarray(
+            np.random.default_rng(0).integers(0, 256, (80, 80, 3), dtype=np.uint8)), "JPEG")[:700],
+        "garbage.png": b"this is not a picture at all",
+        "nocaption.jpg": jpeg,
+        "empty.jpg": jpeg,
+    }
+
+
+ROWS = [  # line numbers: 1-based, blank lines count
+    {"file_name": "good.jpg", "text": "a face"},  # 1
+    {"file_name": "gray.png", "text": "gray"},  # 2
+    {"file_name": "rgba.png", "text": "rgba"},  # 3
+    {"file_name": "cmyk.jpg", "text": "cmyk"},  # 4
+    {"file_name": "deep.png", "text": "deep"},  # 5
+    {"file_name": "small.jpg", "text": "small"},  # 6
+    {"file_name": "zero.jpg", "text": "zero"},  # 7
+    {"file_name": "truncated.jpg", "text": "truncated"},  # 8
+    {"file_name": "garbage.png", "text": "garbage"},  # 9
+    {"file_name": "missing.jpg", "text": "missing"},  # 10
+    {"file_name": "nocaption.jpg", "caption": "wrong column"},  # 11
+    "",  # 12: blank lines are ignored
+    {"file_name": "empty.jpg", "text": "  "},  # 13
+]
+FATAL_ROWS = [
+    '{"file_name": "good.jpg", "text": "unterminated',  # 14
+    {"file_name": "../outside.jpg", "text": "escape"},  # 15
+    {"file_name": "/etc/hostname", "text": "absolute"},  # 16
+    "[1, 2]",  # 17
+]
+
+
+def kinds_by_line(report) -> dict[int, set[str]]:
+    found: dict[int, set[str]] = {}
+    for problem in report.problems:
+        line = int(problem.where.rsplit(":", 1)[1])
+        found.setdefault(line, set()).add(problem.kind)
+    return found
+
+
+def test_every_problem_reported_with_its_line_and_bad_samples_skipped(tmp_path, capsys):
+    folder = write_folder(tmp_path / "data", ROWS, hostile_files())
+    report = scan_image_folder(folder, resolution=64, progress=False)
+    assert kinds_by_line(report) == {
+        2: {"converted"}, 3: {"converted"}, 4: {"converted"}, 5: {"converted"}, 6: {"upscaled"}, 7: {"zero-byte"},
+        8: {"unreadable"}, 9: {"unreadable"}, 10: {"missing"}, 11: {"no-caption"}, 13: {"empty-caption"}}
+    kept = sorted(path.name for path, _ in report.records)
+    assert kept == ["cmyk.jpg", "deep.png", "empty.jpg", "good.jpg", "gray.png", "rgba.png", "small.jpg"]
+    assert {p.where.rsplit(":", 1)[1] for p in report.skipped} == {"7", "8", "9", "10", "11"}
+    out = capsys.readouterr().out
+    for line, name in ((7, "zero.jpg"), (8, "truncated.jpg"), (9, "garbage.png"), (10, "missing.jpg"),
+                       (11, "nocaption.jpg"), (6, "small.jpg")):
+        assert any(f"metadata.jsonl:{line}:" in row and name in row for row in out.splitlines()), (line, out)
+    assert "7 usable samples of 12 lines, 5 skipped" in out
+
+    # every kept sample goes through the transform as 3-channel pixels in [-1, 1]
+    config = tiny_config(tmp_path / "out", train_data_dir=str(folder), resolution=64)
+    dataset = build_dataset(config, report.records, report.names, build_tokenizer())
+    pixels = {path.name: dataset[i]["pixel_values"] for i, (path, _) in enumerate(report.records)}
+    assert all(p.shape == (3, 64, 64) and p.min() >= -1 and p.max() <= 1 for p in pixels.values())
+    assert torch.allclose(pixels["rgba.png"], torch.ones(3, 64, 64))  # transparent → white, not black
+    assert torch.allclose(pixels["deep.png"], torch.ones(3, 64, 64))  # 16-bit white stays white
+
+
+def test_skip_small_and_strict(tmp_path, capsys):
+    folder = write_folder(tmp_path / "data", ROWS, hostile_files())
+    report = scan_image_folder(folder, resolution=64, skip_small_images=True, progress=False)
+    assert "small.jpg" not in {path.name for path, _ in report.records}
+    assert "too-small" in {p.kind for p in report.skipped}
+    with pytest.raises(UsageError, match=r"metadata.jsonl:6: .*small.jpg.*--strict_data.*and 5 more problems"):
+        scan_image_folder(folder, resolution=64, skip_small_images=True, strict=True, progress=False)
+
+
+def test_to_rgb_conversions():
+    deep = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
+    assert np.asarray(to_rgb(deep))[0, :, 0].tolist() == [0, 128, 255]
+    assert np.asarray(to_rgb(Image.new("LA", (1, 1), (50, 0))))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(to_rgb(Image.new("L", (1, 1), 7)))[0, 0].tolist() == [7, 7, 7]
+    assert to_rgb(Image.new("CMYK", (2, 2))).mode == "RGB"
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("fatal_lines", "metadata.jsonl:14: not valid JSON"),
+    ("all_bad", "no usable samples"),
+    ("no_lines", "lists no images"),
+])
+def test_fatal_data_exits_2_before_any_model_loads(tmp_path, capsys, monkeypatch, case, fragment):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded despite fatal data problems")
+
+    monkeypatch.setattr(train_module, "load_components", no_model)
+    monkeypatch.setattr(train_module.demo, "build_components", no_model)
+    rows = {"fatal_lines": ROWS + FATAL_ROWS, "all_bad": ROWS[6:11], "no_lines": ["", ""]}[case]
+    folder = write_folder(tmp_path / "data", rows, hostile_files())
+    (tmp_path / "outside.jpg").write_bytes(image_bytes(rgb(), "JPEG"))  # exists, but outside the folder
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--pretrained_model_name_or_path", str(tmp_path / "unused"), "--train_data_dir", str(folder),
+              "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--resolution", "64"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sat-train: error:") and fragment in err, err
+    if case == "fatal_lines":  # all problems of the pass are listed, fatal and not
+        assert "and 8 more problems" not in err  # only fatal ones counted in the one line
+        assert "and 3 more problems listed above" in err
+        out = captured.out
+        for line, text in ((14, "not valid JSON"), (15, "leaves the data folder"), (16, "is absolute"),
+                           (17, "not an object"), (8, "truncated.jpg"), (10, "missing.jpg")):
+            assert any(f"metadata.jsonl:{line}:" in row and text in row for row in out.splitlines()), (line, out)
