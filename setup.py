@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 TRAIN = [
     "diffusers>=0.32",
-    "transformers>=4.46",
+    "transformers>=5.0",
     "peft>=0.13",
     "accelerate>=1.0",
     "safetensors>=0.4",
@@ -26,6 +26,11 @@ setup(
     # torch: install the build for your machine first (CPU: pip install torch==2.13.0);
     # a bare requirement would pull a multi-GB CUDA build on CPU-only machines.
     install_requires=["torch>=2.1", "triton>=3.0; platform_system == 'Linux'", "numpy>=1.24"],
-    extras_require={"train": TRAIN, "test": TEST, "xformers": ["xformers>=0.0.28"]},
+    extras_require={
+        "train": TRAIN,
+        "test": TEST,
+        "bench": TEST + ["psutil>=5.9", "matplotlib>=3.7"],
+        "xformers": ["xformers>=0.0.28"],
+    },
     entry_points={"console_scripts": ["sat-train=sat_train.cli:main"]},
 )

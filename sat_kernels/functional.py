@@ -276,7 +276,10 @@ def _timesteps_for_batch(timesteps, alphas_cumprod: torch.Tensor, batch: int, de
         raise TypeError(f"timesteps must be an integer tensor (indices into alphas_cumprod), got {timesteps.dtype}")
     if timesteps.dim() == 1 and timesteps.shape[0] not in (1, batch):
         raise ValueError(f"timesteps must have shape (B,) = ({batch},) or be a scalar, got {tuple(timesteps.shape)}")
-    if timesteps.numel() and (timesteps.min() < 0 or timesteps.max() >= alphas_cumprod.shape[0]):
+    # bounds are checked for CPU timesteps only: on CUDA the check would sync every training step
+    if timesteps.device.type == "cpu" and timesteps.numel() and (
+        timesteps.min() < 0 or timesteps.max() >= alphas_cumprod.shape[0]
+    ):
         raise ValueError(f"timesteps must lie in [0, {alphas_cumprod.shape[0] - 1}] (len(alphas_cumprod))")
     return timesteps.to(device, torch.int64).reshape(-1).expand(batch).contiguous()
 

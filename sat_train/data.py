@@ -8,7 +8,6 @@ can fix raises UsageError naming the file and what to do.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -91,48 +90,6 @@ class CaptionedImages(Dataset):
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
                      truncation=True, return_tensors="pt").input_ids
-
-
-def read_image_folder(root: Path, image_column: str, caption_column: str) -> list[tuple[Path, str]]:
-    """Reads metadata.jsonl and checks every referenced image opens (header only: cheap)."""
-    if not root.is_dir():
-        raise UsageError(f"--train_data_dir {root} is not a folder")
-    meta = root / METADATA
-    if not meta.is_file():
-        images = [p.name for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES][:3]
-        hint = f" (found images such as {', '.join(images)})" if images else " (and no images)"
-        raise UsageError(f"{root} has no {METADATA}{hint}: write one line per image, "
-                         f'e.g. {{"file_name": "photo.jpg", "{caption_column}": "a photo of a face"}}')
-    image_key = image_column if image_column != "image" else "file_name"
-    records = []
-    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{meta}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{where} is not valid JSON ({err.msg}); each line must be one JSON object") from None
-        if not isinstance(row, dict) or image_key not in row:
-            raise UsageError(f'{where} has no "{image_key}" key naming the image file')
-        if caption_column not in row:
-            columns = ", ".join(sorted(row)) if isinstance(row, dict) else "none"
-            raise UsageError(f'{where} ({row[image_key]}) has no caption column "{caption_column}" '
-                             f"(columns: {columns}); add it or pass --caption_column")
-        if not isinstance(row[caption_column], str):
-            raise UsageError(f'{where}: caption "{caption_column}" must be a string, got {row[caption_column]!r}')
-        path = root / row[image_key]
-        try:
-            with Image.open(path) as image:
-                image.size  # noqa: B018 - opening parses the header; a non-image fails here
-        except FileNotFoundError:
-            raise UsageError(f"{where}: image {path} does not exist; fix file_name or add the file") from None
-        except (OSError, UnidentifiedImageError) as err:
-            raise UsageError(f"{where}: cannot read image {path} ({err}); fix or remove it") from None
-        records.append((path, row[caption_column]))
-    if not records:
-        raise UsageError(f"{meta} lists no images: add one line per image")
-    return records
 
 
 def read_hf_dataset(config: TrainConfig) -> tuple[list[tuple[object, str]], list[str]]:

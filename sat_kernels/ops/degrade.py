@@ -274,7 +274,7 @@ class DegradeLatentsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0, eps, saliency, heads, map_size, alphas_cumprod, timesteps, threshold,
                 kernel_size, sigma, rows=None, block_w=None):
-        need_x0, need_eps = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x0 = ctx.needs_input_grad[0]
         out, mask = degrade_forward(x0, eps, saliency, heads, map_size, alphas_cumprod, timesteps,
                                     threshold, kernel_size, sigma, need_x0, rows, block_w)
         ctx.save_for_backward(mask if need_x0 else None, alphas_cumprod, timesteps)
