@@ -93,16 +93,22 @@ def attention_mass_from_qk(
     """attention_mass(softmax(scale q k^T)) without the Nq x Nk map:
 
     mass[b, j] = mean_h sum_i exp(scale * q[b,h,i] . k[b,h,j] - lse[b,h,i])
+
+    Without ``lse`` it is still one pass: a query chunk holds whole score rows, so their softmax
+    is exact inside the chunk (a separate lse pass would double the time).
     """
     scale = default_scale(q, scale)
-    if lse is None:
-        lse = attention_lse(q, k, scale)
-    q_scaled, k_t, lse = scale * q.float(), k.float().transpose(-1, -2), lse.float()
+    q_scaled, k_t = scale * q.float(), k.float().transpose(-1, -2)
     mass = torch.zeros(k.shape[:-1], dtype=torch.float32, device=q.device)  # (B, H, Nk)
     for rows in _query_chunks(q, k.shape[-2]):
-        # probabilities of these query rows, built in place: one buffer, three passes
-        probs = torch.matmul(q_scaled[..., rows, :], k_t).sub_(lse[..., rows, None]).exp_()
-        mass += probs.sum(dim=-2)
+        # probabilities of these query rows, built in place in one buffer
+        scores = torch.matmul(q_scaled[..., rows, :], k_t)
+        if lse is not None:
+            mass += scores.sub_(lse[..., rows, None].float()).exp_().sum(dim=-2)
+        else:
+            exp = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+            # sum_i exp[i, j] / rowsum[i] as one (1 x chunk) @ (chunk x Nk) product
+            mass += torch.matmul(exp.sum(dim=-1).reciprocal_()[..., None, :], exp)[..., 0, :]
     return mass.mean(dim=1)
 
 

@@ -88,6 +88,21 @@ def test_mass_from_qk_equals_materialized_softmax(shape, dtype, layout):
     assert_rel(sat_kernels.attention_mass_from_qk(q, k, lse, backend="torch"), expected, FLASH_RTOL[dtype])
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_mass_from_qk_without_lse_is_one_exact_pass(dtype, monkeypatch):
+    """The CPU path without lse normalizes each query chunk's whole rows itself. Small chunks
+    (5 query rows, odd so the last is short) and scores in the hundreds (exp overflows fp32
+    without the max shift) must still give the materialized softmax's mass."""
+    monkeypatch.setattr(reference, "_MAX_BLOCK_ELEMENTS", 5 * 2 * 2 * 56)
+    shape = (2, 2, 63, 56, 40)
+    q, k = make_qk(shape, dtype, "transposed", seed=3, gain=40.0)
+    scale = shape[-1] ** -0.5
+    assert (scale * q.float() @ k.float().transpose(-1, -2)).abs().max() > 100
+    expected = mass_oracle(softmax64(q, k, scale))
+    assert_rel(sat_kernels.attention_mass_from_qk(q, k, backend="torch"), expected, RTOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mass_from_qk_explicit_scale(dtype):
     shape = (2, 2, 40, 56, 40)
