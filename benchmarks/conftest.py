@@ -9,8 +9,6 @@ benchmark's ``extra_info``; they assert nothing about speed, so noise never fail
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 # Benchmarks time compiled kernels: never Triton's interpreter (set before sat_kernels imports).
 os.environ.pop("TRITON_INTERPRET", None)
@@ -46,74 +44,6 @@ def run_ours(benchmark, fn, device: torch.device) -> None:
 
     synced()
     benchmark.pedantic(synced, rounds=20 if device.type == "cuda" else 5, iterations=1, warmup_rounds=1)
-
-
-class PeakMemory:
-    """Peak memory above the starting level while the block runs, in MiB.
-
-    CUDA: the caching allocator's peak. CPU: resident set size sampled every 0.5 ms in a thread
-    (large blocks come straight from mmap and go back on free, so RSS follows them).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.mib = 0.0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
-        else:
-            import psutil
-
-            self._proc = psutil.Process()
-            self._start = self._proc.memory_info().rss
-            self._peak = self._start
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self._peak = max(self._peak, self._proc.memory_info().rss)
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, self._proc.memory_info().rss)
-        self.mib = (peak - self._start) / 2**20
-        return False
-
-
-def peak_mib(fn, device: torch.device) -> float:
-    with PeakMemory(device) as mem:
-        fn()
-    return mem.mib
-
-
-def saved_activation_mib(fn) -> float:
-    """MiB of distinct tensor storages autograd saves for backward while fn runs.
-
-    Device-independent and deterministic; on CPU it stands in for peak memory, which RSS cannot
-    resolve for small models (activations dominate a LoRA step's memory).
-    """
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sum(storages.values()) / 2**20
 
 
 def device_name(device: torch.device) -> str:

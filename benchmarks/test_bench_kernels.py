@@ -8,7 +8,8 @@ import types
 
 import pytest
 import torch
-from conftest import device_name, median_seconds, peak_mib, record, run_ours
+from conftest import device_name, median_seconds, record, run_ours
+from memory import peak_mib
 
 import sat_kernels
 from sat_kernels import reference

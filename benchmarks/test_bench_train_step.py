@@ -3,8 +3,9 @@
 CPU: the embedded tiny SD-shaped UNet, B=4, 32x32 latents. CUDA: a full-size SD v1.5 UNet built
 from its config (random weights, no download), 512 px (64x64 latents), fp16, B=4, with xformers
 when it loads, else SDPA. A step is forward(s) + backward of the LoRA loss. ``step_ratio`` is the
-step time over the ``none`` step's; ``saved_ratio`` the memory autograd keeps for backward over
-``none``'s (any device) and, on CUDA, ``peak_ratio`` the allocator's peak over ``none``'s.
+step time over the ``none`` step's; ``peak_ratio`` the step's peak memory over ``none``'s (CUDA:
+the allocator's peak; CPU: peak bytes of live tensors, counted op by op, since RSS cannot resolve
+a tiny model's activations); ``saved_ratio`` the memory autograd saves for backward.
 """
 
 from __future__ import annotations
@@ -13,18 +14,23 @@ import functools
 
 import pytest
 import torch
-from conftest import device_name, median_seconds, peak_mib, record, run_ours, saved_activation_mib
+from conftest import device_name, median_seconds, record, run_ours
+from memory import peak_mib, peak_tensor_mib, saved_activation_mib
 
-from sat_train.capture import MidBlockCapture, resolve_backend, stock_processor
-from sat_train.guidance import Guide, SACGuide, StepInputs
+from sat_train.capture import CrossAttentionCapture, MidBlockCapture, resolve_backend, stock_processor
+from sat_train.guidance import CACGuide, Guide, SACGuide, StepInputs
 from sat_train.models import add_lora
 
-# name -> SACGuide options (None: no guidance)
+# name -> (guide, its options); "none" is the plain LoRA step every ratio divides by
 GUIDES = {
-    "none": None,
-    "sac": dict(),
-    "sac-separate (original, 3 forwards)": dict(separate_capture=True),
-    "sac --guide_detach_degraded": dict(detach_degraded=True),
+    "none": ("none", {}),
+    "sac": ("sac", {}),
+    "sac-separate (original, 3 forwards)": ("sac", dict(separate_capture=True)),
+    "sac --guide_detach_degraded": ("sac", dict(detach_degraded=True)),
+    "sac --guide_recompute": ("sac", dict(recompute=True)),
+    "cac": ("cac", {}),
+    "cac --guide_detach_degraded": ("cac", dict(detach_degraded=True)),
+    "cac --guide_recompute": ("cac", dict(recompute=True)),
 }
 
 SD15_UNET = dict(
@@ -62,7 +68,10 @@ def _setup(device_type: str):
     noise = torch.randn(batch, 4, side, side, generator=gen).to(device, dtype)
     t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     cond = torch.randn(batch, 77, context, generator=gen).to(device, dtype)
-    s = StepInputs(x0=x0, noise=noise, noisy=scheduler.add_noise(x0, noise, t), timesteps=t, cond=cond, target=noise)
+    # CAC: two caption positions per sample stand for the chosen words (the map is random either way)
+    tokens = torch.tensor([[3, 5]] * batch, device=device)
+    s = StepInputs(x0=x0, noise=noise, noisy=scheduler.add_noise(x0, noise, t), timesteps=t, cond=cond, target=noise,
+                   tokens=tokens)
     backend = resolve_backend("auto", device)
     return unet, s, scheduler.alphas_cumprod.to(device), backend
 
@@ -70,8 +79,13 @@ def _setup(device_type: str):
 def _step_fn(device: torch.device, guide_name: str):
     unet, s, alphas, backend = _setup(device.type)
     unet.set_attn_processor(stock_processor(backend))
-    options = GUIDES[guide_name]
-    guide = Guide() if options is None else SACGuide(MidBlockCapture(unet, backend), alphas, 0.01, **options)
+    kind, options = GUIDES[guide_name]
+    if kind == "none":
+        guide = Guide()
+    elif kind == "sac":
+        guide = SACGuide(MidBlockCapture(unet, backend), alphas, 0.01, **options)
+    else:
+        guide = CACGuide(MidBlockCapture(unet, backend), CrossAttentionCapture(unet, backend), alphas, 0.01, **options)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
@@ -84,10 +98,8 @@ def _step_fn(device: torch.device, guide_name: str):
 
 
 def _memory(step, device: torch.device) -> dict:
-    info = {"saved_mib": saved_activation_mib(step)}
-    if device.type == "cuda":
-        info["peak_mib"] = peak_mib(step, device)
-    return info
+    peak = peak_mib(step, device) if device.type == "cuda" else peak_tensor_mib(step)
+    return {"peak_mib": peak, "saved_mib": saved_activation_mib(step)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -100,6 +100,10 @@ class TrainConfig:
     guide_detach_degraded: bool = _opt(
         False, "Approximation: run the degraded forward without gradients (the step costs ~1.35x a plain "
         "step instead of ~2x); the guide term r * pred_deg then only shifts the target of pred.")
+    guide_recompute: bool = _opt(
+        False, "Memory saver, exact: keep no activations of the first UNet forward; backward recomputes it once "
+        "the degraded forward's are freed. Peak memory about a plain step's (instead of ~2x) for one more "
+        "forward per step.")
     attention_backend: str = _opt(
         "auto", "auto = xformers on CUDA when installed, else PyTorch SDPA.", choices=ATTENTION_BACKENDS)
     enable_xformers_memory_efficient_attention: bool = _opt(False, "Same as --attention_backend xformers.")
@@ -149,6 +153,12 @@ class TrainConfig:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.mask_preview_steps is not None and self.guide == "none":
             raise UsageError("--mask_preview_steps shows the SAC/CAC blur mask: use it with --guide sac or cac")
+        if self.guide_recompute and self.guide == "none":
+            raise UsageError("--guide_recompute recomputes the first of the guide's two forwards: use it with "
+                             "--guide sac or cac")
+        if self.guide_recompute and self.guide_detach_degraded:
+            raise UsageError("--guide_recompute and --guide_detach_degraded both cut a step's memory to about a "
+                             "plain step's; pick one (recompute keeps exact gradients, detach is faster)")
         if self.guide == "cac" and not self.cac_word_list:
             raise UsageError("--cac_words is empty: give comma-separated words, e.g. face,eyes,hair")
         if self.max_train_steps is not None and self.max_train_steps < 1:

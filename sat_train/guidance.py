@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from torch.utils.checkpoint import checkpoint
+
 from .capture import CrossAttentionCapture, MidBlockCapture
 
 
@@ -60,6 +62,15 @@ def predict(unet, latents: torch.Tensor, s: StepInputs) -> torch.Tensor:
     return unet(latents, s.timesteps, s.cond, return_dict=False)[0]
 
 
+def predict_recomputed(unet, latents: torch.Tensor, s: StepInputs) -> torch.Tensor:
+    """``predict`` keeping none of its activations: backward reruns the forward (the captures are
+    one-shot, so the rerun captures nothing). Non-reentrant checkpointing restores the RNG state
+    for the rerun (LoRA dropout) and nests with the UNet's own gradient checkpointing."""
+    if not torch.is_grad_enabled():
+        return predict(unet, latents, s)
+    return checkpoint(predict, unet, latents, s, use_reentrant=False)
+
+
 class Guide:
     """No guidance: the plain LoRA loss, one UNet forward."""
 
@@ -77,12 +88,20 @@ class SACGuide(Guide):
     def __init__(self, capture: MidBlockCapture, alphas_cumprod: torch.Tensor, ratio: float,
                  threshold: float | str = 1.0, kernel_size: int = 9, sigma: float = 1.0,
                  separate_capture: bool = False, kernel_backend: str = "auto",
-                 prediction_type: str = "epsilon", detach_degraded: bool = False):
+                 prediction_type: str = "epsilon", detach_degraded: bool = False, recompute: bool = False):
         self.capture, self.alphas_cumprod, self.ratio = capture, alphas_cumprod, ratio
         self.prediction_type, self.detach_degraded = prediction_type, detach_degraded
         self.threshold, self.kernel_size, self.sigma = threshold, kernel_size, sigma
         self.separate_capture, self.kernel_backend = separate_capture, kernel_backend
-        self.forwards_per_step = 3 if separate_capture else 2
+        # --guide_recompute: the first forward's activations are not kept while the degraded
+        # forward runs; backward recomputes them after the degraded forward's are freed. Peak
+        # memory is then one forward's, for one more forward of time; gradients are unchanged.
+        self.recompute = recompute
+        self.forwards_per_step = (3 if separate_capture else 2) + int(recompute)
+
+    def first_forward(self, unet, s: StepInputs) -> torch.Tensor:
+        """pred = unet(x_t): the forward that captures the saliency (unless separate_capture)."""
+        return (predict_recomputed if self.recompute else predict)(unet, s.noisy, s)
 
     def saliency(self, unet, s: StepInputs) -> tuple[torch.Tensor, tuple[int, int]]:
         """The original code's extra forward: no gradients, LoRA off in the captured layer."""
@@ -103,10 +122,10 @@ class SACGuide(Guide):
 
         if self.separate_capture:
             mass, map_size = self.saliency(unet, s)
-            pred = predict(unet, s.noisy, s)
+            pred = self.first_forward(unet, s)
         else:
             self.capture.arm()
-            pred = predict(unet, s.noisy, s)
+            pred = self.first_forward(unet, s)
             mass, map_size = self.capture.take()
         alphas_cumprod = self.alphas_cumprod.to(s.x0.device)
         # --guide_detach_degraded: no graph through the degraded forward (nor its input), so its
@@ -142,10 +161,10 @@ class CACGuide(SACGuide):
     def __init__(self, capture: MidBlockCapture, cross_capture: CrossAttentionCapture | None,
                  alphas_cumprod: torch.Tensor, ratio: float, threshold: float | str = 1.0, kernel_size: int = 9,
                  sigma: float = 1.0, kernel_backend: str = "auto", prediction_type: str = "epsilon",
-                 detach_degraded: bool = False):
+                 detach_degraded: bool = False, recompute: bool = False):
         super().__init__(capture, alphas_cumprod, ratio, threshold, kernel_size, sigma, separate_capture=False,
                          kernel_backend=kernel_backend, prediction_type=prediction_type,
-                         detach_degraded=detach_degraded)
+                         detach_degraded=detach_degraded, recompute=recompute)
         self.cross_capture = cross_capture
         self.fallbacks = self.samples = 0  # totals over the guide's life, for the end-of-run report
 
@@ -162,7 +181,7 @@ class CACGuide(SACGuide):
         self.capture.arm()
         if use_cac:
             self.cross_capture.arm(s.tokens)
-        pred = predict(unet, s.noisy, s)
+        pred = self.first_forward(unet, s)
         mass, mid_size = self.capture.take()
         cac_map, cac_size = self.cross_capture.take() if use_cac else (None, None)
         alphas_cumprod = self.alphas_cumprod.to(s.x0.device)
@@ -213,11 +232,11 @@ def build_guide(config, unet, noise_scheduler, attention_backend: str) -> Guide:
                         config.guide_kernel_size, config.guide_sigma,
                         separate_capture=config.sac_capture == "separate",
                         prediction_type=noise_scheduler.config.prediction_type,
-                        detach_degraded=config.guide_detach_degraded)
+                        detach_degraded=config.guide_detach_degraded, recompute=config.guide_recompute)
     if config.guide == "cac":
         return CACGuide(MidBlockCapture(unet, attention_backend), CrossAttentionCapture(unet, attention_backend),
                         noise_scheduler.alphas_cumprod, config.guide_ratio, config.guide_threshold,
                         config.guide_kernel_size, config.guide_sigma,
                         prediction_type=noise_scheduler.config.prediction_type,
-                        detach_degraded=config.guide_detach_degraded)
+                        detach_degraded=config.guide_detach_degraded, recompute=config.guide_recompute)
     raise ValueError(f"unknown guide {config.guide!r}")

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.memory import LiveTensorBytes
 from sat_kernels import reference
 from sat_train.capture import CrossAttentionCapture, MidBlockCapture, mid_block_self_attention, stock_processor
 from sat_train.data import build_dataset, collate, read_records, tokenize, word_token_ids, word_token_positions
@@ -164,7 +163,8 @@ def test_cac_step_matches_written_out_reference_with_fallback():
         torch.testing.assert_close(guide(unet, s).loss, sac(unet, s).loss, rtol=0, atol=0)
 
 
-def test_cac_capture_is_one_shot_under_gradient_checkpointing():
+@pytest.mark.parametrize("recompute", [False, True], ids=["", "guide_recompute"])
+def test_cac_capture_is_one_shot_under_gradient_checkpointing(recompute):
     results = {}
     for checkpointing in (False, True):
         components = lora_unet()
@@ -173,6 +173,7 @@ def test_cac_capture_is_one_shot_under_gradient_checkpointing():
         guide = cac_guide(components)
         if checkpointing:
             components.unet.enable_gradient_checkpointing()
+            guide.recompute = recompute  # the first forward rerun in backward, around the UNet's own reruns
         calls = [0]
         for p in guide.cross_capture.processors:
             original = p._capture
@@ -198,31 +199,6 @@ def test_cac_run_end_to_end_counts_fallbacks(tmp_path, capsys):
 # ----------------------------------------------------------------------------- memory
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created (and still alive) while the mode is on: every op's
-    outputs are tracked through weak references; parameters and inputs made before are not counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                if storage.data_ptr() and storage.data_ptr() not in self.live:
-                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        if self.current > self.peak:
-            for key, (ref, size) in list(self.live.items()):
-                if ref.expired():
-                    del self.live[key]
-                    self.current -= size
-            self.peak = max(self.peak, self.current)
-        return out
-
-
 def step_peak(guide, unet, s) -> int:
     meter = LiveTensorBytes()
     with meter:
@@ -244,15 +220,18 @@ def test_cac_step_peak_memory_at_64x64_latents():
     full = cac_guide(components)
     detached = CACGuide(full.capture, full.cross_capture, components.noise_scheduler.alphas_cumprod, 0.5,
                         kernel_backend="torch", detach_degraded=True)
+    recomputed = CACGuide(full.capture, full.cross_capture, components.noise_scheduler.alphas_cumprod, 0.5,
+                          kernel_backend="torch", recompute=True)
     sac = SACGuide(full.capture, components.noise_scheduler.alphas_cumprod, 0.5, kernel_backend="torch")
     none = step_peak(Guide(), unet, s)
     peaks = {"cac": step_peak(full, unet, s), "cac_detached": step_peak(detached, unet, s),
-             "sac": step_peak(sac, unet, s)}
+             "cac_recompute": step_peak(recomputed, unet, s), "sac": step_peak(sac, unet, s)}
     # the capture adds nothing worth counting: no stored attention map (a materialized 64x64-token
     # self-attention map alone would be 2 heads x 4096^2 x 4 B = 128 MiB, ~3x the whole plain step)
     assert peaks["cac"] <= 1.05 * peaks["sac"], (peaks, none)
     # one forward's activations kept for backward: within 1.3x of a plain step ...
     assert peaks["cac_detached"] <= 1.3 * none, (peaks, none)
+    assert peaks["cac_recompute"] <= 1.3 * none, (peaks, none)
     # ... and two (gradients through both forwards, as the method's math has it) about 2x
     assert 1.5 * none < peaks["cac"] < 2.3 * none, (peaks, none)
     assert math.isfinite(none) and none > 10 << 20

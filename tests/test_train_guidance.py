@@ -16,11 +16,12 @@ from train_helpers import ProbsStoringProcessor, count_forwards, lora_grads, lor
 
 
 def sac_guide(components, backend="sdpa", ratio=0.5, separate=False, threshold=1.0, kernels="torch",
-              prediction_type="epsilon"):
+              prediction_type="epsilon", recompute=False):
     components.unet.set_attn_processor(stock_processor(backend))
     capture = MidBlockCapture(components.unet, backend, mass_backend=kernels)
     return SACGuide(capture, components.noise_scheduler.alphas_cumprod, ratio, threshold,
-                    separate_capture=separate, kernel_backend=kernels, prediction_type=prediction_type)
+                    separate_capture=separate, kernel_backend=kernels, prediction_type=prediction_type,
+                    recompute=recompute)
 
 
 def reference_sac_loss(components, s, ratio, threshold=1.0, prediction_type="epsilon"):
@@ -89,10 +90,12 @@ def test_guide_changes_the_loss():
     assert abs(result.loss.item() - plain.loss.item()) > 1e-4
 
 
-@pytest.mark.parametrize("guide_name, separate, expected", [("none", False, 1), ("sac", False, 2), ("sac", True, 3)])
-def test_unet_forwards_per_step(guide_name, separate, expected):
+@pytest.mark.parametrize("guide_name, separate, recompute, expected",
+                         [("none", False, False, 1), ("sac", False, False, 2), ("sac", True, False, 3),
+                          ("sac", False, True, 3), ("sac", True, True, 4)])
+def test_unet_forwards_per_step(guide_name, separate, recompute, expected):
     components = lora_unet()
-    guide = Guide() if guide_name == "none" else sac_guide(components, separate=separate)
+    guide = Guide() if guide_name == "none" else sac_guide(components, separate=separate, recompute=recompute)
     calls = count_forwards(components.unet)
     guide(components.unet, step_inputs(components)).loss.backward()
     assert calls[0] == expected == guide.forwards_per_step
@@ -226,3 +229,27 @@ def test_detach_degraded_keeps_the_loss_and_drops_the_degraded_gradient():
     for name, grad in detached_grads.items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
     assert max((detached_grads[n] - full_grads[n]).abs().max() for n in full_grads) > 1e-6
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["inline", "separate"])
+def test_recompute_keeps_the_step_exact(separate):
+    """--guide_recompute reruns the first forward in backward: same loss, same gradients, and the
+    rerun does not capture again (the mass of the step is the one of the first forward)."""
+    components = lora_unet()
+    s = step_inputs(components)
+    results = {}
+    for recompute in (False, True):
+        guide = sac_guide(components, separate=separate, recompute=recompute)
+        captures = [0]
+        original = guide.capture.processor._capture
+        guide.capture.processor._capture = lambda *a: (captures.__setitem__(0, captures[0] + 1), original(*a))
+        result = guide(components.unet, s)
+        result.loss.backward()
+        results[recompute] = (result.loss.detach(), result.mask, lora_grads(components.unet), captures[0])
+        components.unet.zero_grad(set_to_none=True)
+    (loss, mask, grads, captures), (loss_r, mask_r, grads_r, captures_r) = results[False], results[True]
+    assert captures == captures_r == 1
+    torch.testing.assert_close(loss_r, loss, rtol=0, atol=1e-6)
+    assert torch.equal(mask_r, mask)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_r[name], grad, rtol=1e-4, atol=1e-7, msg=name)
