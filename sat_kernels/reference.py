@@ -5,13 +5,18 @@ against; they take already-validated arguments (``sat_kernels.functional`` check
 return float32 (float64 for float64 inputs, so gradcheck can run). Inputs of any floating dtype
 are read in that compute dtype.
 
-The blur is written as nine shifted multiply-adds per axis over one reflect-padded tensor: on
-CPU that is ~2x faster than SAG's 81-tap grouped conv2d, and two 1-D ``F.conv2d`` calls are a
-trap (6x slower at batch 32, see DESIGN.md "Performance notes").
+The blur is two matrix products, ``blur(x) = B_H @ x @ B_W^T``, with each 1-D blur (reflect
+padding included) written out as an n x n matrix. On CPU a GEMM beats every stencil: at SD's
+64x64 latents it is 3-4x faster than nine shifted multiply-adds per axis and than SAG's 81-tap
+grouped conv2d (two 1-D ``F.conv2d`` calls are a trap: 6x slower at batch 32). Its work grows with
+the side, so past ``_MATMUL_BLUR_MAX_SIDE`` the shifted multiply-adds take over; they also take
+non-finite inputs, which a product would smear over the whole plane (0 * NaN), so a NaN or inf
+only reaches the outputs whose window holds it, as in SAG's convolution.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,6 +26,9 @@ import torch.nn.functional as F
 # 2-core CPU this chunk (64 query rows at SD's 64x64 layer, B=2, 8 heads) ran fastest: bigger
 # blocks fall out of cache (1024 rows: 1.7x slower), and the 1 GiB materialized map is 3.9x slower.
 _MAX_BLOCK_ELEMENTS = 1 << 22
+# Longest side blurred by matrix products: a row costs 2n flops per element instead of 2 * taps;
+# at 512 the product was still 1.3x faster than the shifted adds on a 2-core CPU.
+_MATMUL_BLUR_MAX_SIDE = 512
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -36,6 +44,21 @@ def gaussian_kernel1d(kernel_size: int, sigma: float, device=None) -> torch.Tens
     return (pdf / pdf.sum()).to(device)
 
 
+@functools.lru_cache(maxsize=32)
+def blur_matrix(n: int, kernel_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n, n) matrix of the 1-D blur with reflect padding: blur(v) = M @ v (cached; do not modify).
+
+    Row i holds taps[d + R] at column reflect(i + d), d = -R..R. Reflection (no edge repeat:
+    -1 -> 1, n -> n-2) lands two taps on one column near a border; those add up.
+    """
+    taps = gaussian_kernel1d(kernel_size, sigma).to(dtype)  # normalized in fp32 like SAG's, then cast
+    radius = kernel_size // 2
+    cols = (torch.arange(n)[:, None] + torch.arange(-radius, radius + 1)).abs()
+    cols = torch.where(cols > n - 1, 2 * (n - 1) - cols, cols)
+    matrix = torch.zeros(n, n, dtype=dtype).scatter_add_(1, cols, taps.expand(n, -1))
+    return matrix.to(device)
+
+
 def _blur_last_dim(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     radius = taps.numel() // 2
     n = x.shape[-1]
@@ -48,10 +71,18 @@ def _blur_last_dim(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with reflect padding; equals SAG's gaussian_blur_2d."""
-    planes = x.to(compute_dtype(x)).reshape(-1, *x.shape[-2:])  # reflect pad wants 3-D input
-    taps = gaussian_kernel1d(kernel_size, sigma, x.device).to(planes.dtype)
-    rows = _blur_last_dim(planes, taps)
-    return _blur_last_dim(rows.transpose(-1, -2), taps).transpose(-1, -2).reshape(x.shape)
+    x = x.to(compute_dtype(x))
+    height, width = x.shape[-2:]
+    # a finite sum means finite inputs (a sum that overflows only sends them the slow way)
+    if max(height, width) <= _MATMUL_BLUR_MAX_SIDE and math.isfinite(x.sum()):
+        rows = blur_matrix(height, kernel_size, float(sigma), x.device, x.dtype)
+        cols = blur_matrix(width, kernel_size, float(sigma), x.device, x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # a trainer's bf16 autocast must not round it
+            return rows @ (x @ cols.T)
+    planes = x.reshape(-1, height, width)  # reflect pad wants 3-D input
+    taps = gaussian_kernel1d(kernel_size, sigma, x.device).to(x.dtype)
+    blurred_rows = _blur_last_dim(planes, taps)
+    return _blur_last_dim(blurred_rows.transpose(-1, -2), taps).transpose(-1, -2).reshape(x.shape)
 
 
 def attention_mass(probs: torch.Tensor, heads: int) -> torch.Tensor:
@@ -152,7 +183,17 @@ def saliency_mask(
     mask = (mass > saliency_threshold(mass, threshold)).view(-1, *map_size)
     if size is None:
         return mask
-    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0] > 0.5
+    rows = nearest_source_index(map_size[0], size[0], mask.device)
+    cols = nearest_source_index(map_size[1], size[1], mask.device)
+    return mask.index_select(1, rows).index_select(2, cols)
+
+
+def nearest_source_index(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """Source index of each output of F.interpolate(mode="nearest"), bit for bit:
+    min(floor(dst * float32(n_in / n_out)), n_in - 1), the product taken in float32."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+    dst = torch.arange(n_out, dtype=torch.float32)
+    return (dst * scale).long().clamp_(max=n_in - 1).to(device)
 
 
 def degrade_latents(
@@ -173,6 +214,8 @@ def degrade_latents(
     dtype = compute_dtype(x0)
     x0c = x0.to(dtype)
     m = saliency_mask(mass, map_size, threshold, size=x0.shape[-2:])[:, None].to(dtype)
-    blended = m * gaussian_blur(x0c, kernel_size, sigma) + (1 - m) * x0c
+    # lerp is exactly x0 where m = 0 and blur where m = 1, and like m * blur + (1 - m) * x0 it
+    # lets a non-finite blur through where m = 0 (0 * NaN), as SAG's blend does
+    blended = torch.lerp(x0c, gaussian_blur(x0c, kernel_size, sigma), m)
     ab = alphas_cumprod.to(x0.device, dtype)[timesteps.to(x0.device)].view(-1, 1, 1, 1)
     return ab.sqrt() * blended + (1 - ab).sqrt() * eps.to(dtype)

@@ -69,22 +69,24 @@ def install_sat_capture(unet, guide: str = "sac", attention_backend: str = "auto
 def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor,
                       cond: torch.Tensor, scheduler, handle: SATCaptureHandle, ratio: float = 0.01,
                       tokens: torch.Tensor | None = None, threshold: float | str = 1.0, kernel_size: int = 9,
-                      sigma: float = 1.0, detach_degraded: bool = False, prediction_type: str | None = None):
+                      sigma: float = 1.0, detach_degraded: bool = False, recompute: bool = False,
+                      prediction_type: str | None = None):
     """``pred + ratio * (pred - pred_deg)`` (float32) and an info dict, from two UNet forwards.
 
     ``x0`` are the clean latents that ``noisy_latents`` were made from; ``scheduler`` gives
     ``alphas_cumprod`` and the prediction type (v-prediction outputs are turned into eps before
     re-noising). With ``handle.guide == "cac"``, ``tokens`` (B, S) long are the caption positions of
     the chosen words (-1 = padding; see ``caption_token_positions``); samples without any use the
-    SAC mask with ``threshold``. info: ``pred``, ``pred_degraded``, ``mask`` (B, H, W) bool at
-    latent size, ``used_cac`` (B,) bool.
+    SAC mask with ``threshold``. ``detach_degraded`` / ``recompute`` are ``--guide_detach_degraded``
+    / ``--guide_recompute`` (the latter needs one ``backward`` of a loss on the result, as usual).
+    info: ``pred``, ``pred_degraded``, ``mask`` (B, H, W) bool at latent size, ``used_cac`` (B,) bool.
     """
     if handle.guide == "cac" and tokens is None:
         raise ValueError("a CAC handle needs tokens=(B, S) caption positions; see caption_token_positions")
     guide = CACGuide(handle.mid, handle.cross if handle.guide == "cac" else None, scheduler.alphas_cumprod, ratio,
                      threshold, kernel_size, sigma, kernel_backend=handle.kernel_backend,
                      prediction_type=prediction_type or scheduler.config.prediction_type,
-                     detach_degraded=detach_degraded)
+                     detach_degraded=detach_degraded, recompute=recompute)
     inputs = StepInputs(x0=x0, noise=None, noisy=noisy_latents, timesteps=timesteps, cond=cond, target=None,
                         tokens=tokens if handle.guide == "cac" else None)
     pred, pred_deg, mask, has_words = guide.guided_forwards(unet, inputs)

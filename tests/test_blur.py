@@ -79,6 +79,18 @@ def test_blur_matches_diffusers_sag(backend, shape, kernel_size, sigma):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("path", ["matrix", "shifted"])
+def test_torch_blur_paths_match_diffusers_sag(path, monkeypatch):
+    """The torch path blurs with two matrix products up to _MATMUL_BLUR_MAX_SIDE and with shifted
+    multiply-adds beyond it: both equal SAG's conv2d, in float64 too (with its taps cast)."""
+    sag = pytest.importorskip("diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag")
+    x = make((1, 2, 13, 9), torch.float64, layout="transposed", seed=4)
+    if path == "shifted":
+        monkeypatch.setattr(reference, "_MATMUL_BLUR_MAX_SIDE", 12)
+    torch.testing.assert_close(reference.gaussian_blur(x, 7, 1.5), sag.gaussian_blur_2d(x, 7, 1.5),
+                               rtol=1e-12, atol=1e-14)
+
+
 # ----------------------------------------------------------------------------- backward
 
 
@@ -113,3 +125,12 @@ def test_blur_grad_in_input_dtype(dtype):
     sat_kernels.gaussian_blur(xt, 9, 1.0, backend="triton").backward(grad)
     assert xt.grad.dtype == dtype
     torch.testing.assert_close(xt.grad, xr.grad, **GRAD_TOL[dtype])
+
+
+def test_torch_blur_ignores_a_callers_autocast():
+    """A bf16-autocast training step must not round the torch path's matrix products to bf16."""
+    x = make((2, 4, 16, 24), seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = reference.gaussian_blur(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference.gaussian_blur(x), rtol=0, atol=0)
