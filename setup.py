@@ -29,7 +29,7 @@ setup(
     extras_require={
         "train": TRAIN,
         "test": TEST,
-        "bench": TEST + ["psutil>=5.9", "matplotlib>=3.7"],
+        "bench": TEST + ["matplotlib>=3.7"],
         "xformers": ["xformers>=0.0.28"],
     },
     entry_points={"console_scripts": ["sat-train=sat_train.cli:main"]},

@@ -9,6 +9,8 @@ benchmark's ``extra_info``; they assert nothing about speed, so noise never fail
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 # Benchmarks time compiled kernels: never Triton's interpreter (set before sat_kernels imports).
 os.environ.pop("TRITON_INTERPRET", None)
@@ -16,7 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.utils import benchmark as torch_benchmark  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 _ROWS: list[str] = []
@@ -27,11 +28,35 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
-def median_seconds(fn, min_run_time: float = 0.5) -> float:
-    """Median wall time of fn(); torch's Timer synchronizes CUDA around each block."""
-    fn()  # warm-up: Triton compiles, caches fill
-    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn})
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+def interleaved_medians(fns: dict, device: torch.device, min_run_time: float = 1.0, min_rounds: int = 5) -> dict:
+    """Median seconds per call of each fn, timed in alternating blocks of calls.
+
+    A shared machine's speed drifts (a step took 424 ms in one run and 531 ms in the next here);
+    timing the paths turn about makes the drift hit all of them alike, so their ratios hold.
+    """
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    calls = {}
+    for name, fn in fns.items():  # warm-up (Triton compiles, caches fill), then ~20 ms blocks
+        fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        calls[name] = max(1, int(0.02 / max(time.perf_counter() - start, 1e-7)))
+    samples = {name: [] for name in fns}
+    deadline = time.perf_counter() + min_run_time * len(fns)
+    while time.perf_counter() < deadline or len(samples[name]) < min_rounds:
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def run_ours(benchmark, fn, device: torch.device) -> None:

@@ -14,8 +14,8 @@ import functools
 
 import pytest
 import torch
-from conftest import device_name, median_seconds, record, run_ours
-from memory import peak_mib, peak_tensor_mib, saved_activation_mib
+from conftest import device_name, interleaved_medians, record, run_ours
+from memory import peak_mib, saved_activation_mib
 
 from sat_train.capture import CrossAttentionCapture, MidBlockCapture, resolve_backend, stock_processor
 from sat_train.guidance import CACGuide, Guide, SACGuide, StepInputs
@@ -98,25 +98,18 @@ def _step_fn(device: torch.device, guide_name: str):
 
 
 def _memory(step, device: torch.device) -> dict:
-    peak = peak_mib(step, device) if device.type == "cuda" else peak_tensor_mib(step)
-    return {"peak_mib": peak, "saved_mib": saved_activation_mib(step)}
-
-
-@functools.lru_cache(maxsize=None)
-def _plain_step(device_type: str) -> tuple[float, dict]:
-    device = torch.device(device_type)
-    step = _step_fn(device, "none")
-    return median_seconds(step, min_run_time=2.0), _memory(step, device)
+    return {"peak_mib": peak_mib(step, device), "saved_mib": saved_activation_mib(step)}
 
 
 @pytest.mark.parametrize("guide_name", [g for g in GUIDES if g != "none"])
 def test_train_step_vs_plain(benchmark, device, guide_name):
-    t_plain, mem_plain = _plain_step(device.type)  # first: building a step resets the processors
+    plain = _step_fn(device, "none")  # built first: building a step resets the processors
     step = _step_fn(device, guide_name)
-    t_guide, mem_guide = median_seconds(step, min_run_time=2.0), _memory(step, device)
+    times = interleaved_medians({"plain": plain, "guided": step}, device, min_run_time=4.0)
+    mem_plain, mem_guide = _memory(plain, device), _memory(step, device)
     run_ours(benchmark, step, device)
     ratios = {f"{key[:-4]}_ratio": mem_guide[key] / mem_plain[key] for key in mem_plain}
     record(
-        benchmark, f"step {guide_name} [{device_name(device)}]",
-        plain_ms=t_plain * 1e3, guided_ms=t_guide * 1e3, step_ratio=t_guide / t_plain, **ratios,
+        benchmark, f"step {guide_name} [{device_name(device)}]", plain_ms=times["plain"] * 1e3,
+        guided_ms=times["guided"] * 1e3, step_ratio=times["guided"] / times["plain"], **ratios,
     )
