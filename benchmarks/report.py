@@ -43,9 +43,9 @@ def draw(report: dict, path: str) -> None:
     ax.barh([f"{name} ({key})" for name, key, _ in bars], [value for *_, value in bars])
     ax.axvline(1.0, color="grey", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel("ratio (speedup: original / ours; time_ratio, step_ratio: ours / baseline)")
+    ax.set_xlabel("ratio\nspeedup: original / ours; time, step, peak, saved: ours / baseline")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"wrote {path}")
 
 
