@@ -1,4 +1,4 @@
-"""The SAT training step: the loss of one batch under a guide ("none" | "sac"), nothing else.
+"""The SAT training step: the loss of one batch under a guide ("none" | "sac" | "cac"), nothing else.
 
 SAC (DESIGN.md, "The method"):
 
@@ -12,6 +12,10 @@ noise estimate: a v-prediction model's v is converted to eps first (as diffusers
 does), since re-noising with v would not match the noise level. CAC (``CACGuide``) is the same
 step with the saliency taken from the highest-resolution cross-attention probabilities of chosen
 caption words (thresholded at the per-sample mean), falling back to SAC per sample without them.
+
+Both forwards carry gradients, so by default a step holds two forwards' activations at the start
+of backward (~2x a plain step's memory). ``recompute`` (--guide_recompute) keeps none of the first
+forward's and reruns it inside backward: the same gradients for one more forward.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from torch.utils.checkpoint import checkpoint
 
 from .capture import CrossAttentionCapture, MidBlockCapture
@@ -65,7 +68,7 @@ def predict(unet, latents: torch.Tensor, s: StepInputs) -> torch.Tensor:
 def predict_recomputed(unet, latents: torch.Tensor, s: StepInputs) -> torch.Tensor:
     """``predict`` keeping none of its activations: backward reruns the forward (the captures are
     one-shot, so the rerun captures nothing). Non-reentrant checkpointing restores the RNG state
-    for the rerun (LoRA dropout) and nests with the UNet's own gradient checkpointing."""
+    for the rerun (dropout) and nests with the UNet's own gradient checkpointing."""
     if not torch.is_grad_enabled():
         return predict(unet, latents, s)
     return checkpoint(predict, unet, latents, s, use_reentrant=False)
