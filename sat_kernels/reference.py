@@ -74,11 +74,13 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> 
     x = x.to(compute_dtype(x))
     height, width = x.shape[-2:]
     # a finite sum means finite inputs (a sum that overflows only sends them the slow way)
-    if max(height, width) <= _MATMUL_BLUR_MAX_SIDE and math.isfinite(x.sum()):
+    if max(height, width) <= _MATMUL_BLUR_MAX_SIDE and math.isfinite(x.detach().sum()):
         rows = blur_matrix(height, kernel_size, float(sigma), x.device, x.dtype)
         cols = blur_matrix(width, kernel_size, float(sigma), x.device, x.dtype)
-        with torch.autocast(x.device.type, enabled=False):  # a trainer's bf16 autocast must not round it
-            return rows @ (x @ cols.T)
+        if torch.is_autocast_enabled(x.device.type):  # a trainer's bf16 autocast must not round it
+            with torch.autocast(x.device.type, enabled=False):
+                return rows @ (x @ cols.T)
+        return rows @ (x @ cols.T)
     planes = x.reshape(-1, height, width)  # reflect pad wants 3-D input
     taps = gaussian_kernel1d(kernel_size, sigma, x.device).to(x.dtype)
     blurred_rows = _blur_last_dim(planes, taps)
@@ -188,9 +190,10 @@ def saliency_mask(
     return mask.index_select(1, rows).index_select(2, cols)
 
 
-def nearest_source_index(n_in: int, n_out: int, device=None) -> torch.Tensor:
-    """Source index of each output of F.interpolate(mode="nearest"), bit for bit:
-    min(floor(dst * float32(n_in / n_out)), n_in - 1), the product taken in float32."""
+@functools.lru_cache(maxsize=64)
+def nearest_source_index(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """Source index of each output of F.interpolate(mode="nearest"), bit for bit (cached; do not
+    modify): min(floor(dst * float32(n_in / n_out)), n_in - 1), the product taken in float32."""
     scale = torch.tensor(n_in / n_out, dtype=torch.float32)
     dst = torch.arange(n_out, dtype=torch.float32)
     return (dst * scale).long().clamp_(max=n_in - 1).to(device)
@@ -214,8 +217,10 @@ def degrade_latents(
     dtype = compute_dtype(x0)
     x0c = x0.to(dtype)
     m = saliency_mask(mass, map_size, threshold, size=x0.shape[-2:])[:, None].to(dtype)
-    # lerp is exactly x0 where m = 0 and blur where m = 1, and like m * blur + (1 - m) * x0 it
-    # lets a non-finite blur through where m = 0 (0 * NaN), as SAG's blend does
-    blended = torch.lerp(x0c, gaussian_blur(x0c, kernel_size, sigma), m)
     ab = alphas_cumprod.to(x0.device, dtype)[timesteps.to(x0.device)].view(-1, 1, 1, 1)
-    return ab.sqrt() * blended + (1 - ab).sqrt() * eps.to(dtype)
+    sa, sb = ab.sqrt(), (1 - ab).sqrt()
+    # sa * (m * blur + (1 - m) * x0) + sb * eps, with the (B, 1, H, W) weights sa * m and
+    # sa * (1 - m) formed first: three passes over the latents instead of six. m is 0 or 1, so
+    # every product is the same number, and 0 * NaN = NaN keeps SAG's blend on non-finite input.
+    out = torch.addcmul(sb * eps.to(dtype), sa * (1 - m), x0c)
+    return out.addcmul_(sa * m, gaussian_blur(x0c, kernel_size, sigma))

@@ -6,7 +6,8 @@ loads at affine (shifted, masked) columns, plus one small ``tl.dot`` that adds t
 off the image (the 2R columns reflection reads, times a matrix of folded taps); then blurs
 vertically with one ``tl.dot``: a (ROWS x HALO) band matrix of taps times the (HALO x BW)
 row-blurred tile. Reflect padding is index math only; nothing is padded in memory and no
-intermediate leaves the program.
+intermediate leaves the program. The dots would smear a NaN/inf over whole tile columns (0 * NaN),
+so a forward tile that read one is redone with the reference's shifted adds (``_blur_tile_exact``).
 
 The backward is the exact adjoint. Reflect padding makes the 1-D blur matrix non-symmetric at
 the borders (an output near the edge reads some inputs twice), so the adjoint cannot reuse the
@@ -137,7 +138,38 @@ def _blur_tile(
         band += tl.where(s < H - 1, _taps_at(TAPS, 2 * (H - 1) - s - pk + R, KS), 0.0)
     else:
         band = _taps_at(TAPS, k[None, :] - a[:, None], KS)
-    return tl.dot(band.to(CDT), hb, input_precision="ieee", out_dtype=CDT)
+    out = tl.dot(band.to(CDT), hb, input_precision="ieee", out_dtype=CDT)
+    if not ADJOINT:
+        # both dots multiply every loaded value, zero taps included (0 * inf = NaN): a NaN/inf
+        # read by the tile leaves at least a whole output column non-finite, so all-finite outputs
+        # mean all-finite reads. A tile that read one (rare) is redone exactly.
+        if tl.sum(tl.where(tl.abs(out) < float("inf"), 0, 1)) > 0:
+            out = _blur_tile_exact(SRC, s_h, s_w, TAPS, y0, x0, H, W, KS, ROWS, BW, CDT)
+    return out
+
+
+@triton.jit(noinline=True)
+def _blur_tile_exact(SRC, s_h, s_w, TAPS, y0, x0, H, W, KS: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr,
+                     CDT: tl.constexpr):
+    """Forward tile as the reference's shifted adds (taps in order, along W, then along H), every
+    read at its reflected row and column: a NaN/inf reaches only the outputs whose window holds it,
+    and +-inf stays inf unless the window mixes signs (or meets a zero tap). KS^2 gathers, for rare
+    tiles only: runtime loops keep the code small, and noinline keeps its registers out of the
+    all-finite path's allocation (inlined, the fused degrade kernel spilled more)."""
+    R: tl.constexpr = KS // 2
+    # rows / columns past the image are discarded by the caller: clamped, every read stays in-bounds
+    y = tl.minimum(y0 + tl.arange(0, ROWS).to(tl.int64), H - 1)
+    x = tl.minimum(x0 + tl.arange(0, BW).to(tl.int64), W - 1)
+    out = tl.zeros((ROWS, BW), CDT)
+    for i in range(KS):
+        # out[y] += taps[i] * hrow(reflect(y + i - R)), hrow the row blurred along W
+        row_ptr = SRC + _reflect(y + (i - R), H) * s_h
+        hrow = tl.zeros((ROWS, BW), CDT)
+        for j in range(KS):
+            cols = _reflect(x + (j - R), W) * s_w
+            hrow += tl.load(TAPS + j) * tl.load(row_ptr[:, None] + cols[None, :]).to(CDT)
+        out += tl.load(TAPS + i) * hrow
+    return out
 
 
 @triton.jit

@@ -14,7 +14,8 @@ loops over its C channels, so the per-sample work happens once per program:
      its rows can touch (all N tokens for "mean"), then spreads it to pixels with ``tl.gather``.
   2. sqrt(ab_t), sqrt(1 - ab_t) from alphas_cumprod[timesteps[b]].
   3. per channel: blurred tile (``blur._blur_tile``: KS horizontal gathers over ROWS + 2R halo
-     rows, then a (ROWS x HALO) band-matrix ``tl.dot``), blend with x0, re-noise with eps, store.
+     rows, then a (ROWS x HALO) band-matrix ``tl.dot``; exact shifted adds for a tile that read
+     a NaN/inf), blend with x0, re-noise with eps, store.
 The backward is one launch too: d_eps = sqrt(1 - ab) g and
 d_x0 = sqrt(ab) (blur_adjoint(m g) + (1 - m) g), with m saved by the forward as a (B, H, W)
 uint8 plane (written by the same forward launch, only when x0 needs a gradient).
