@@ -105,7 +105,7 @@ def _memory(step, device: torch.device) -> dict:
 def test_train_step_vs_plain(benchmark, device, guide_name):
     plain = _step_fn(device, "none")  # built first: building a step resets the processors
     step = _step_fn(device, guide_name)
-    times = interleaved_medians({"plain": plain, "guided": step}, device, min_run_time=4.0)
+    times = interleaved_medians({"plain": plain, "guided": step}, device, min_run_time=10.0)
     mem_plain, mem_guide = _memory(plain, device), _memory(step, device)
     run_ours(benchmark, step, device)
     ratios = {f"{key[:-4]}_ratio": mem_guide[key] / mem_plain[key] for key in mem_plain}
