@@ -159,6 +159,9 @@ class TrainConfig:
         if self.guide_recompute and self.guide_detach_degraded:
             raise UsageError("--guide_recompute and --guide_detach_degraded both cut a step's memory to about a "
                              "plain step's; pick one (recompute keeps exact gradients, detach is faster)")
+        if self.sac_capture == "separate" and self.guide != "sac":
+            raise UsageError("--sac_capture separate is the original SAC's extra capture forward: use it with "
+                             "--guide sac (CAC always captures inside the first forward)")
         if self.guide == "cac" and not self.cac_word_list:
             raise UsageError("--cac_words is empty: give comma-separated words, e.g. face,eyes,hair")
         if self.max_train_steps is not None and self.max_train_steps < 1:

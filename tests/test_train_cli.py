@@ -133,7 +133,8 @@ def test_errors_from_flags(tmp_path, capsys):
         main(["--train_data_dir", str(tmp_path)])
     assert exit_info.value.code == 2 and "--pretrained_model_name_or_path is required" in capsys.readouterr().err
     for flags, message in [(["--guide", "none", "--guide_recompute"], "use it with --guide sac or cac"),
-                           (["--guide_recompute", "--guide_detach_degraded"], "pick one")]:
+                           (["--guide_recompute", "--guide_detach_degraded"], "pick one"),
+                           (["--guide", "cac", "--sac_capture", "separate"], "use it with --guide sac")]:
         with pytest.raises(SystemExit) as exit_info:
             main([*flags, "--output_dir", str(tmp_path)])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
