@@ -1,16 +1,20 @@
-"""Registers and spills of the fused degrade kernel per tile shape, compiled for a GPU without one.
+"""Registers, spills and row-loop size of the Triton kernels, compiled for a GPU without one.
 
-    python benchmarks/compile_report.py [--arch 90]
+    python benchmarks/compile_report.py [--arch 90] [--sweep]
 
-Ahead-of-time compiles ``_degrade_fwd_kernel`` (fp32, from a mass, 9 taps) with Triton's bundled
-ptxas for the given compute capability and prints registers per thread and spill stores/loads
-(STL/LDL in the SASS) for each (ROWS, BW, num_warps). No timing: a guide for what to time first
-when a GPU is lent (a kernel at 255 registers fits two 128-thread programs per SM).
+Ahead-of-time compiles every blur / degrade kernel (fp32, 9 taps, SD 1.5 latents at 1024 px:
+4x128x128) at the tile the launchers pick on CUDA, with Triton's bundled ptxas for the given
+compute capability, and prints registers per thread, spill stores/loads (STL/LDL in the SASS)
+and the SASS instructions per output value in the row loop (the largest backward branch).
+``--sweep`` adds the degrade forward at other strip widths and warp counts. No timing: a guide
+for what to time when a GPU is lent, and a compile check the interpreter cannot give
+(``tests/test_compile.py`` runs it).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -23,47 +27,74 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from sat_kernels.ops import degrade  # noqa: E402
+from sat_kernels.ops import blur, degrade  # noqa: E402
 
-SIGNATURE = dict(
-    X0="*fp32", EPS="*fp32", SAL="*fp32", AC="*fp32", TS="*i64", TAPS="*fp32", OUT="*fp32", MASK="*u8",
-    C="i32", H="i32", W="i32", MH="i32", MW="i32", N="i32", NQ="i32", HEADS="i32",
-    sx_b="i32", sx_c="i32", sx_h="i32", sx_w="i32", se_b="i32", se_c="i32", se_h="i32", se_w="i32",
-    ss_b="i32", ss_h="i32", ss_q="i32", ss_k="i32", s_ac="i32", thr="fp32", scale_h="fp32", scale_w="fp32",
-    **dict.fromkeys(["KS", "ROWS", "HALO", "BW", "BORDER", "CPP", "TOKS", "BQ", "IS_PROBS", "MEAN_THR",
-                     "WRITE_MASK", "CDT"], "constexpr"),
-)
+I32, F32 = "i32", "fp32"
+FWD = dict(X0="*fp32", EPS="*fp32", SAL="*fp32", AC="*fp32", TS="*i64", HW="*fp32", VW="*fp32", OUT="*fp32",
+           MASK="*u8", **dict.fromkeys(["C", "H", "W", "MH", "MW", "N", "NQ", "HEADS", "sx_b", "sx_c", "sx_h", "sx_w",
+                                         "se_b", "se_c", "se_h", "se_w", "ss_b", "ss_h", "ss_q", "ss_k", "s_ac"], I32),
+           thr=F32, scale_h=F32, scale_w=F32)
+BWD = dict(G="*fp32", MASK="*u8", AC="*fp32", TS="*i64", HW="*fp32", VW="*fp32", DX0="*fp32", DEPS="*fp32",
+           **dict.fromkeys(["C", "H", "W", "sg_b", "sg_c", "sg_h", "sg_w", "s_ac"], I32))
+BLUR = dict(SRC="*fp32", OUT="*fp32", HW="*fp32", VW="*fp32",
+            **dict.fromkeys(["PLANES", "C", "H", "W", "s_b", "s_c", "s_h", "s_w"], I32))
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def usage(cubin: bytes) -> tuple[str, int, int]:
-    """(registers, STL count, LDL count) from cuobjdump, which ships with Triton's NVIDIA backend."""
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+def sass_usage(cubin: bytes) -> tuple[int, int, int, int]:
+    """(registers, STL count, LDL count, instructions in the largest loop) via cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([f"{tools}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
-        res = subprocess.run([f"{tools}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
-    regs = ",".join(re.findall(r"REG:(\d+)", res))
-    return regs, len(re.findall(r"\bSTL", sass)), len(re.findall(r"\bLDL", sass))
+        sass = subprocess.run([f"{TOOLS}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+        res = subprocess.run([f"{TOOLS}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+    code = [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]+);", sass)]
+    loop = 0
+    for address, ins in code:
+        target = re.search(r"BRA (0x[0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < address:  # a backward branch closes a loop
+            loop = max(loop, sum(int(target.group(1), 16) <= a <= address for a, _ in code))
+    ops = collections.Counter(ins.split()[0] for _, ins in code)
+    return max(map(int, re.findall(r"REG:(\d+)", res))), ops["STL"], ops["LDL"], loop
+
+
+def compile_for(fn, signature: dict, constexprs: dict, warps: int, arch: int) -> bytes:
+    source = ASTSource(fn=fn, signature={**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=1))
+
+
+def kernels(sweep: bool):
+    """(label, kernel, signature, constexprs, num_warps, output values per thread) to compile."""
+    fp32 = triton.language.float32
+    ch, bw, cp, warps = blur.tile_sizes(128, 128, 4, "cuda")
+    tile = dict(KS=9, CH=ch, BW=bw, CP=cp, CDT=fp32)
+    per_thread = cp * bw // (32 * warps)
+    mass = dict(TOKS=64, BQ=1, IS_PROBS=False, MEAN_THR=False, WRITE_MASK=True)
+    probs = dict(TOKS=64, BQ=64, IS_PROBS=True, MEAN_THR=False, WRITE_MASK=True)
+    yield "degrade fwd, from mass", degrade._degrade_fwd_kernel, FWD, {**tile, **mass}, warps, per_thread
+    yield "degrade fwd, from probs", degrade._degrade_fwd_kernel, FWD, {**tile, **probs}, warps, per_thread
+    yield "degrade bwd", degrade._degrade_bwd_kernel, BWD, {**tile, "NEED_X0": True, "NEED_EPS": True}, warps, per_thread
+    yield "blur fwd", blur._gaussian_blur_kernel, BLUR, {**tile, "ADJOINT": False}, warps, per_thread
+    yield "blur adjoint", blur._gaussian_blur_kernel, BLUR, {**tile, "ADJOINT": True}, warps, per_thread
+    if sweep:
+        for block_w in (32, 64, 128):
+            for w in (1, 2, 4, 8):
+                yield (f"degrade fwd, from mass, BW={block_w} warps={w}", degrade._degrade_fwd_kernel, FWD,
+                       {**tile, "BW": block_w, **mass}, w, max(1, cp * block_w // (32 * w)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
+    parser.add_argument("--sweep", action="store_true", help="also other strip widths / warp counts")
     args = parser.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
-    fp32 = triton.language.float32
-    for rows in (16, 32):
-        for block_w in (32, 64, 128):
-            for warps in (4, 8):
-                consts = dict(KS=9, ROWS=rows, HALO=triton.next_power_of_2(rows + 8), BW=block_w, BORDER=16,
-                              CPP=4, TOKS=1024, BQ=1, IS_PROBS=False, MEAN_THR=False, WRITE_MASK=False, CDT=fp32)
-                kernel = triton.compile(ASTSource(fn=degrade._degrade_fwd_kernel, signature=SIGNATURE,
-                                                  constexprs=consts),
-                                        target=target, options=dict(num_warps=warps, num_stages=1))
-                regs, stl, ldl = usage(kernel.asm["cubin"])
-                print(f"degrade fwd ROWS={rows:2d} BW={block_w:3d} warps={warps}: registers={regs:>4s} "
-                      f"spill stores={stl:4d} loads={ldl:4d} shared={kernel.metadata.shared} B")
+    ch, bw, cp, warps = blur.tile_sizes(128, 128, 4, "cuda")
+    print(f"sm_{args.arch}, Triton {triton.__version__}; launcher tile on CUDA: CH={ch} rows, BW={bw}, CP={cp}, "
+          f"{warps} warps")
+    for label, fn, signature, constexprs, w, per_thread in kernels(args.sweep):
+        regs, stl, ldl, loop = sass_usage(compile_for(fn, signature, constexprs, w, args.arch).asm["cubin"])
+        print(f"{label:42s} registers={regs:3d} spill stores={stl:4d} loads={ldl:4d} "
+              f"row loop={loop:4d} instructions ({loop / per_thread:5.1f} per value)")
 
 
 if __name__ == "__main__":

@@ -63,13 +63,19 @@ def test_degrade_latents_vs_sag(benchmark, device, batch, saliency):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bandwidth bar is for CUDA")
-def test_degrade_latents_bandwidth(benchmark):
+@pytest.mark.parametrize("rows,block_w", [(None, None), (8, None), (32, None), (16, 64)],
+                         ids=["launcher-tile", "rows8", "rows32", "bw64"])
+def test_degrade_latents_bandwidth(benchmark, rows, block_w):
+    """The launcher's tile, and a few others to tune it by (rows walked per program, strip width)."""
+    from sat_kernels.ops import degrade
+
     device = torch.device("cuda")
     x0, eps, probs = _degrade_inputs(64, 128, device)
     mass = sat_kernels.attention_mass(probs, HEADS)
     alphas = torch.linspace(0.9999, 0.005, 1000, device=device)
     t = torch.randint(0, 1000, (64,), device=device)
-    ours = lambda: sat_kernels.degrade_latents(x0, eps, mass, MAP, alphas, t)  # noqa: E731
+    ours = lambda: degrade.degrade_latents(x0, eps, mass, None, MAP, alphas, t, rows=rows, block_w=block_w)  # noqa: E731
+    torch.testing.assert_close(ours(), reference.degrade_latents(x0, eps, mass, MAP, alphas, t), rtol=1e-4, atol=1e-4)
     big = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
     times = interleaved_medians({"copy": lambda: big.clone(), "ours": ours}, device)
     copy_bytes_per_s = 2 * big.numel() / times["copy"]
@@ -77,7 +83,7 @@ def test_degrade_latents_bandwidth(benchmark):
     moved = 3 * x0.numel() * 4  # read x0 and eps, write out (fp32)
     run_ours(benchmark, ours, device)
     record(
-        benchmark, f"degrade B=64 4x128x128 bandwidth [{device_name(device)}]",
+        benchmark, f"degrade B=64 4x128x128 bandwidth, tile rows={rows} block_w={block_w} [{device_name(device)}]",
         ours_us=t_ours * 1e6, gb_per_s=moved / t_ours / 1e9,
         copy_gb_per_s=copy_bytes_per_s / 1e9, fraction_of_copy=moved / t_ours / copy_bytes_per_s,
     )

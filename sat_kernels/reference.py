@@ -59,6 +59,30 @@ def blur_matrix(n: int, kernel_size: int, sigma: float, device: torch.device, dt
     return matrix.to(device)
 
 
+@functools.lru_cache(maxsize=64)
+def blur_gather_weights(n: int, kernel_size: int, sigma: float, adjoint: bool, device: torch.device,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """(n, kernel_size) weights w of the 1-D reflect blur, or of its transpose (``adjoint``), written
+    as a gather: out[s] = sum_j w[s, j] * v[reflect(s + j - R)] (cached; do not modify).
+
+    Forward: w[s, j] = taps[j] (rows of ``blur_matrix``). The transpose has the same gather form
+    because the taps are symmetric: input s collects taps[j] from every output whose padded window
+    holds s or a mirror image of s. So w is the taps except at the borders, with p = s + j - R:
+    doubled where p is the first (last) index and s is not (that sample is read directly and as its
+    own mirror), zero where s is the first (last) index and p lies outside (an edge sample has no
+    mirror partner). The Triton blur walks both directions with these weights.
+    """
+    taps = gaussian_kernel1d(kernel_size, sigma).to(dtype)
+    weights = taps.expand(n, -1).clone()
+    if adjoint:
+        s = torch.arange(n)[:, None]
+        p = s + torch.arange(kernel_size) - kernel_size // 2
+        twice = ((p == 0) & (s > 0)) | ((p == n - 1) & (s < n - 1))
+        never = ((p < 0) & (s == 0)) | ((p > n - 1) & (s == n - 1))
+        weights = torch.where(never, 0.0, torch.where(twice, 2 * weights, weights))
+    return weights.to(device)
+
+
 def _blur_last_dim(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     radius = taps.numel() // 2
     n = x.shape[-1]

@@ -94,6 +94,22 @@ def test_torch_blur_paths_match_diffusers_sag(path, monkeypatch):
 # ----------------------------------------------------------------------------- backward
 
 
+@pytest.mark.parametrize("kernel_size,sigma", [(1, 1.0), (3, 0.5), (9, 1.0), (15, 2.0)])
+def test_gather_weights_are_the_blur_matrix_and_its_transpose(kernel_size, sigma):
+    """The walk's weight tables (reference.blur_gather_weights), scattered back to the columns they
+    read, rebuild the dense reflect-blur matrix (forward) and its transpose (adjoint): every
+    length from the smallest reflect allows, so both borders' windows overlap."""
+    radius = kernel_size // 2
+    for n in range(radius + 1, radius + 12):
+        cols = (torch.arange(n)[:, None] + torch.arange(-radius, radius + 1)).abs()
+        cols = torch.where(cols > n - 1, 2 * (n - 1) - cols, cols)
+        dense = reference.blur_matrix(n, kernel_size, sigma, torch.device("cpu"), torch.float64)
+        for adjoint, expected in [(False, dense), (True, dense.T)]:
+            weights = reference.blur_gather_weights(n, kernel_size, sigma, adjoint, torch.device("cpu"), torch.float64)
+            rebuilt = torch.zeros(n, n, dtype=torch.float64).scatter_add_(1, cols, weights)
+            torch.testing.assert_close(rebuilt, expected, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("shape,kernel_size,fast", [
     ((1, 2, 6, 7), 5, True),  # reflect borders on every side, several taps folded twice
     ((1, 1, 5, 4), 7, False),  # radius 3 = W - 1: reflected taps reach the opposite border

@@ -96,7 +96,7 @@ def test_gaussian_blur_and_mass_from_probs_cuda(dtype):
 
 
 def test_nonfinite_values_stay_in_their_window_cuda():
-    """The compiled blur's exact path for tiles that read a NaN/inf (see ops/blur.py), on device."""
+    """Compiled, a NaN/inf reaches exactly the outputs whose window holds it (see ops/blur.py)."""
     gen = torch.Generator(device="cuda").manual_seed(2)
     x0 = torch.randn(2, 4, 64, 64, device="cuda", generator=gen)
     x0[0, 1, 20, 20], x0[0, 2, 0, 1], x0[1, 3, 63, 40] = float("nan"), float("inf"), -float("inf")

@@ -6,16 +6,17 @@ m is the thresholded saliency map (mass > threshold, or > the sample's mean mass
 (H, W) exactly like ``F.interpolate(mode="nearest")``: source index
 ``min(floor(dst * float32(in / out)), in - 1)``, the product taken in fp32.
 
-Grid: (row tiles * column tiles, B). A program owns one (ROWS, BW) pixel tile of one sample and
-loops over its C channels, so the per-sample work happens once per program:
-  1. saliency -> mask tile. From a mass (B, h*w): one gather per pixel (plus a sweep for the
-     "mean" threshold). From probabilities (B, heads, N, N), any strides: the program reduces
-     mass[j] = mean_heads sum_queries P[b, :, :, j] itself, only for the contiguous token range
-     its rows can touch (all N tokens for "mean"), then spreads it to pixels with ``tl.gather``.
+Grid: (row chunks * column strips, B, channel groups). A program walks one strip of one sample
+down CH rows with up to 4 channels at once (a (CP, BW) tile, as in ``blur.py``), so the
+per-sample work happens once per program:
+  1. what the mask needs. From a mass (B, h*w): the threshold (one sweep for "mean"). From
+     probabilities (B, heads, N, N), any strides: the program reduces mass[j] = mean_heads
+     sum_queries P[b, :, :, j] itself, only for the contiguous token range its rows can touch
+     (all N tokens for "mean"), and thresholds it.
   2. sqrt(ab_t), sqrt(1 - ab_t) from alphas_cumprod[timesteps[b]].
-  3. per channel: blurred tile (``blur._blur_tile``: KS horizontal gathers over ROWS + 2R halo
-     rows, then a (ROWS x HALO) band-matrix ``tl.dot``; exact shifted adds for a tile that read
-     a NaN/inf), blend with x0, re-noise with eps, store.
+  3. per row: the blurred row (``blur.py``'s ring of row-blurred rows), the mask row (a gather
+     of the mass, or of the thresholded tokens with ``tl.gather``), blend with x0, re-noise with
+     eps, store.
 The backward is one launch too: d_eps = sqrt(1 - ab) g and
 d_x0 = sqrt(ab) (blur_adjoint(m g) + (1 - m) g), with m saved by the forward as a (B, H, W)
 uint8 plane (written by the same forward launch, only when x0 needs a gradient).
@@ -29,21 +30,10 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .blur import _TL_DTYPE, _blur_tile, gaussian_taps, tile_sizes
+from .blur import (_TL_DTYPE, _hblur_row, _ring_start, _strip, _strip_coords, _vblur, _weights_at, gather_weights,
+                   int32_columns, tile_sizes)
 
 # ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _tile_coords(W, ROWS: tl.constexpr, BW: tl.constexpr):
-    """(y0, x0, ys, xs) of this program's tile; int64 index math (see blur._blur_tile)."""
-    tile = tl.program_id(0)
-    n_cb = tl.cdiv(W, BW)
-    y0 = (tile // n_cb).to(tl.int64) * ROWS
-    x0 = (tile % n_cb).to(tl.int64) * BW
-    ys = y0 + tl.arange(0, ROWS).to(tl.int64)
-    xs = x0 + tl.arange(0, BW).to(tl.int64)
-    return y0, x0, ys, xs
 
 
 @triton.jit
@@ -61,29 +51,30 @@ def _noise_scales(AC, TS, s_ac, b, CDT: tl.constexpr):
 
 @triton.jit
 def _degrade_fwd_kernel(
-    X0, EPS, SAL, AC, TS, TAPS, OUT, MASK,
+    X0, EPS, SAL, AC, TS, HW, VW, OUT, MASK,  # HW / VW: blur weights along W / H (see blur.py)
     C, H, W, MH, MW, N, NQ, HEADS,
     sx_b, sx_c, sx_h, sx_w,
     se_b, se_c, se_h, se_w,
     ss_b, ss_h, ss_q, ss_k,  # saliency strides: (b, -, -, token) for a mass, (b, head, query, key) for probs
     s_ac, thr, scale_h, scale_w,  # scale_*: fp32 in/out ratios of the nearest upsample
-    KS: tl.constexpr, ROWS: tl.constexpr, HALO: tl.constexpr, BW: tl.constexpr, BORDER: tl.constexpr,
-    CPP: tl.constexpr, TOKS: tl.constexpr, BQ: tl.constexpr,
+    KS: tl.constexpr, CH: tl.constexpr, BW: tl.constexpr, CP: tl.constexpr, TOKS: tl.constexpr, BQ: tl.constexpr,
     IS_PROBS: tl.constexpr, MEAN_THR: tl.constexpr, WRITE_MASK: tl.constexpr, CDT: tl.constexpr,
 ):
+    # grid: (row chunks * column strips, B, channel groups); a (CP, BW) tile walks CH rows
+    R: tl.constexpr = KS // 2
     b = tl.program_id(1).to(tl.int64)
-    y0, x0, ys, xs = _tile_coords(W, ROWS, BW)
-    inside = (ys < H)[:, None] & (xs < W)[None, :]
-
-    # nearest source token of each pixel, bit-exact with torch: min(int(dst * scale), in - 1)
-    sy = tl.minimum((ys.to(tl.float32) * scale_h).to(tl.int64), MH - 1)
+    y0, n_rows, xs = _strip_coords(H, W, CH, BW)
+    ch = tl.program_id(2).to(tl.int64) * CP + tl.arange(0, CP).to(tl.int64)
+    ok = (ch < C)[:, None] & (xs < W)[None, :]
+    # nearest source token column of each pixel, bit-exact with torch: min(int(dst * scale), in - 1)
     sx = tl.minimum((xs.to(tl.float32) * scale_w).to(tl.int64), MW - 1)
     sal = SAL + b * ss_b
 
-    # ---- 1. mask tile m (ROWS, BW), 0/1 in CDT
+    # ---- 1. what the mask rows need. From probabilities (B, heads, N, N), any strides: the
+    # program reduces mass[j] = mean_heads sum_queries P[b, :, :, j] itself, only for the
+    # contiguous token range its rows can touch (all N tokens for "mean"), and thresholds it.
+    # From a mass (B, h*w): the threshold (one sweep for "mean"); rows gather the mass.
     if IS_PROBS:
-        # mass of tokens [n_lo, n_lo + TOKS): the token rows this tile's pixel rows map to
-        # (the launcher sizes TOKS for that), or all N tokens when the threshold is the mean
         if MEAN_THR:
             n_lo = 0
         else:
@@ -103,10 +94,6 @@ def _degrade_fwd_kernel(
         else:
             t = thr
         hot = (mass > t).to(CDT)
-        # spread token values to pixels: gather along the token axis of a broadcast row
-        idx = sy[:, None] * MW + sx[None, :] - n_lo
-        idx = tl.minimum(tl.maximum(idx, 0), TOKS - 1).to(tl.int32)
-        m = tl.gather(tl.broadcast_to(hot[None, :], (ROWS, TOKS)), idx, 1)
     else:
         if MEAN_THR:
             part = tl.zeros((TOKS,), tl.float32)
@@ -116,59 +103,66 @@ def _degrade_fwd_kernel(
             t = tl.sum(part) / N
         else:
             t = thr
-        tok_ptr = (sal + sy * (MW * ss_k))[:, None] + (sx * ss_k)[None, :]
-        m = (tl.load(tok_ptr).to(tl.float32) > t).to(CDT)
-
-    c_lo = tl.program_id(2) * CPP  # this program's channels: [c_lo, c_lo + CPP)
-    if WRITE_MASK:  # saved for the backward (once per pixel)
-        if c_lo == 0:
-            mptr = (MASK + b * H * W + ys * W)[:, None] + xs[None, :]
-            tl.store(mptr, m.to(tl.uint8), mask=inside)
 
     # ---- 2. re-noise scales
     sa, sb = _noise_scales(AC, TS, s_ac, b, CDT)
 
-    # ---- 3. per channel: blur, blend, re-noise
-    out_row = (OUT + b * C * H * W + ys * W)[:, None] + xs[None, :]
-    for c in range(c_lo, tl.minimum(c_lo + CPP, C)):
-        xb = X0 + b * sx_b + c * sx_c
-        blurred = _blur_tile(xb, sx_h, sx_w, xb, 0, 0, TAPS, y0, x0, H, W,
-                             KS, ROWS, HALO, BW, BORDER, False, False, CDT)
-        xc = tl.load((xb + ys * sx_h)[:, None] + (xs * sx_w)[None, :], mask=inside, other=0.0).to(CDT)
-        eb = EPS + b * se_b + c * se_c
-        e = tl.load((eb + ys * se_h)[:, None] + (xs * se_w)[None, :], mask=inside, other=0.0).to(CDT)
-        res = sa * (m * blurred + (1.0 - m) * xc) + sb * e
-        tl.store(out_row + c * H * W, res, mask=inside)
+    # ---- 3. walk the strip: blur row (blur.py), mask row, blend with x0, re-noise with eps, store
+    x_planes = (X0 + b * sx_b + ch * sx_c)[:, None]
+    e_planes = (EPS + b * se_b + ch * se_c)[:, None]
+    out = OUT + ((b * C + ch) * H * W)[:, None] + xs[None, :]
+    strip = _strip(x_planes, ok, sx_h, sx_w, X0, 0, 0, xs, W, HW, KS, False)
+    ring = _ring_start(strip, y0, H, KS, False, CDT)
+    taps = _weights_at(VW, 0, KS)
+    for i in range(n_rows):
+        y = y0 + i
+        ring = ring[1:] + (_hblur_row(strip, y + R, H, KS, False, CDT),)
+        blurred = _vblur(ring, taps, KS)
+        tok = tl.minimum((y.to(tl.float32) * scale_h).to(tl.int64), MH - 1) * MW + sx  # (BW,)
+        if IS_PROBS:  # spread token values to pixels: a gather along the token axis
+            m = tl.gather(hot, tl.minimum(tl.maximum(tok - n_lo, 0), TOKS - 1).to(tl.int32), 0)[None, :]
+        else:
+            m = (tl.load(sal + tok * ss_k).to(tl.float32) > t).to(CDT)[None, :]
+        y = y.to(tl.int64)
+        xc = tl.load(x_planes + y * sx_h + xs[None, :] * sx_w, mask=ok, other=0.0).to(CDT)
+        e = tl.load(e_planes + y * se_h + xs[None, :] * se_w, mask=ok, other=0.0).to(CDT)
+        tl.store(out + y * W, sa * (m * blurred + (1.0 - m) * xc) + sb * e, mask=ok)
+        if WRITE_MASK:  # saved for the backward, by one channel group
+            if tl.program_id(2) == 0:
+                tl.store(MASK + (b * H + y) * W + xs[None, :], m.to(tl.uint8), mask=(xs < W)[None, :])
 
 
 @triton.jit
 def _degrade_bwd_kernel(
-    G, MASK, AC, TS, TAPS, DX0, DEPS,
+    G, MASK, AC, TS, HW, VW, DX0, DEPS,  # HW / VW: the blur's adjoint weights
     C, H, W,
     sg_b, sg_c, sg_h, sg_w,  # grad strides; DX0 / DEPS are contiguous (B, C, H, W)
     s_ac,
-    KS: tl.constexpr, ROWS: tl.constexpr, HALO: tl.constexpr, BW: tl.constexpr, BORDER: tl.constexpr,
-    CPP: tl.constexpr, NEED_X0: tl.constexpr, NEED_EPS: tl.constexpr, CDT: tl.constexpr,
+    KS: tl.constexpr, CH: tl.constexpr, BW: tl.constexpr, CP: tl.constexpr,
+    NEED_X0: tl.constexpr, NEED_EPS: tl.constexpr, CDT: tl.constexpr,
 ):
+    R: tl.constexpr = KS // 2
     b = tl.program_id(1).to(tl.int64)
-    y0, x0, ys, xs = _tile_coords(W, ROWS, BW)
-    inside = (ys < H)[:, None] & (xs < W)[None, :]
+    y0, n_rows, xs = _strip_coords(H, W, CH, BW)
+    ch = tl.program_id(2).to(tl.int64) * CP + tl.arange(0, CP).to(tl.int64)
+    ok = (ch < C)[:, None] & (xs < W)[None, :]
     sa, sb = _noise_scales(AC, TS, s_ac, b, CDT)
+    g_planes = (G + b * sg_b + ch * sg_c)[:, None]
     mplane = MASK + b * H * W
-    if NEED_X0:
-        mc = tl.load((mplane + ys * W)[:, None] + xs[None, :], mask=inside, other=0).to(CDT)
-    dst_row = (b * C * H * W + ys * W)[:, None] + xs[None, :]
-    c_lo = tl.program_id(2) * CPP
-    for c in range(c_lo, tl.minimum(c_lo + CPP, C)):
-        gb = G + b * sg_b + c * sg_c
-        gc = tl.load((gb + ys * sg_h)[:, None] + (xs * sg_w)[None, :], mask=inside, other=0.0).to(CDT)
+    dst = ((b * C + ch) * H * W)[:, None] + xs[None, :]
+    if NEED_X0:  # the masked blur's adjoint blur^T(m * g): the walk reads m along with g
+        strip = _strip(g_planes, ok, sg_h, sg_w, mplane, W, 1, xs, W, HW, KS, True)
+        ring = _ring_start(strip, y0, H, KS, True, CDT)
+    for i in range(n_rows):
+        y = y0 + i
+        y64 = y.to(tl.int64)
+        gc = tl.load(g_planes + y64 * sg_h + xs[None, :] * sg_w, mask=ok, other=0.0).to(CDT)
         if NEED_X0:
-            # adjoint of the masked blur applied to g: blur^T(m * g), m read with g's halo
-            adj = _blur_tile(gb, sg_h, sg_w, mplane, W, 1, TAPS, y0, x0, H, W,
-                             KS, ROWS, HALO, BW, BORDER, True, True, CDT)
-            tl.store(DX0 + dst_row + c * H * W, sa * (adj + (1.0 - mc) * gc), mask=inside)
+            ring = ring[1:] + (_hblur_row(strip, y + R, H, KS, True, CDT),)
+            mc = tl.load(mplane + y64 * W + xs[None, :], mask=(xs < W)[None, :], other=0).to(CDT)
+            tl.store(DX0 + dst + y64 * W, sa * (_vblur(ring, _weights_at(VW, y, KS), KS) + (1.0 - mc) * gc), mask=ok)
         if NEED_EPS:
-            tl.store(DEPS + dst_row + c * H * W, sb * gc, mask=inside)
+            tl.store(DEPS + dst + y64 * W, sb * gc, mask=ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -177,15 +171,6 @@ def _degrade_bwd_kernel(
 def _fp32_ratio(src: int, dst: int) -> float:
     """float32(src) / float32(dst) rounded like C++ float division (torch's nearest scale)."""
     return float(np.float32(src) / np.float32(dst))
-
-
-def _channels_per_program(channels: int, programs: int, device) -> int:
-    """All channels in one program (mask work once per pixel), unless that leaves a GPU with too
-    few programs to hide latency (SD 1.5 at small batch): then one program per channel."""
-    if torch.device(device).type != "cuda":
-        return channels  # the interpreter pays per program
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return channels if programs >= 2 * sms else 1
 
 
 def _probs_blocks(n: int, nq: int, rows: int, height: int, map_h: int, map_w: int, mean: bool,
@@ -211,16 +196,14 @@ def degrade_forward(x0, eps, saliency, heads, map_size, alphas_cumprod, timestep
     interp = dev.type != "cuda"
     out = torch.empty((B, C, H, W), dtype=cdt, device=dev)
     mask = torch.empty((B, H, W), dtype=torch.uint8, device=dev) if write_mask else out
-    ROWS, HALO, BW, BORDER = tile_sizes(H, W, kernel_size, dev, rows, block_w)
-    tiles = triton.cdiv(H, ROWS) * triton.cdiv(W, BW)
-    CPP = _channels_per_program(C, tiles * B, dev)
+    CH, BW, CP, warps = tile_sizes(H, W, C, dev, rows, block_w)
     mean = isinstance(threshold, str)
     if heads is not None:  # probabilities (B, heads, Nq, N), any strides
         if saliency.dim() == 3:  # (B*heads, Nq, N), head_to_batch_dim layout: splitting dim 0 is a view
             saliency = saliency.unflatten(0, (B, heads))
         probs = saliency
         nq, n = probs.shape[-2:]
-        TOKS, BQ = _probs_blocks(n, nq, ROWS, H, MH, MW, mean, interp)
+        TOKS, BQ = _probs_blocks(n, nq, CH, H, MH, MW, mean, interp)
         sal_strides = probs.stride()
     else:  # mass (B, N)
         n, nq = saliency.shape[1], 1
@@ -228,16 +211,17 @@ def degrade_forward(x0, eps, saliency, heads, map_size, alphas_cumprod, timestep
         sal_strides = (saliency.stride(0), 0, 0, saliency.stride(1))
     if out.numel() == 0:
         return out, (mask if write_mask else None)
-    taps = gaussian_taps(kernel_size, sigma, dev, cdt)
-    grid = (tiles, B, triton.cdiv(C, CPP))
+    x0, eps = int32_columns(x0), int32_columns(eps)
+    grid = (triton.cdiv(H, CH) * triton.cdiv(W, BW), B, triton.cdiv(C, CP))
     _degrade_fwd_kernel[grid](
-        x0, eps, saliency, alphas_cumprod, timesteps, taps, out, mask,
+        x0, eps, saliency, alphas_cumprod, timesteps, gather_weights(W, kernel_size, sigma, False, dev, cdt),
+        gather_weights(H, kernel_size, sigma, False, dev, cdt), out, mask,
         C, H, W, MH, MW, n, nq, heads or 1,
         *x0.stride(), *eps.stride(), *sal_strides,
         alphas_cumprod.stride(0), 0.0 if mean else float(threshold), _fp32_ratio(MH, H), _fp32_ratio(MW, W),
-        KS=kernel_size, ROWS=ROWS, HALO=HALO, BW=BW, BORDER=BORDER, CPP=CPP, TOKS=TOKS, BQ=BQ,
+        KS=kernel_size, CH=CH, BW=BW, CP=CP, TOKS=TOKS, BQ=BQ,
         IS_PROBS=heads is not None, MEAN_THR=mean, WRITE_MASK=write_mask, CDT=_TL_DTYPE[cdt],
-        num_warps=4, num_stages=1,
+        num_warps=warps, num_stages=1,
     )
     return out, (mask if write_mask else None)
 
@@ -252,18 +236,17 @@ def degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, 
     deps = torch.empty((B, C, H, W), dtype=eps_dtype, device=dev) if need_eps else None
     if grad.numel() == 0:
         return dx0, deps
-    ROWS, HALO, BW, BORDER = tile_sizes(H, W, kernel_size, dev, rows, block_w)
-    taps = gaussian_taps(kernel_size, sigma, dev, cdt)
-    tiles = triton.cdiv(H, ROWS) * triton.cdiv(W, BW)
-    CPP = _channels_per_program(C, tiles * B, dev)
-    grid = (tiles, B, triton.cdiv(C, CPP))
+    CH, BW, CP, warps = tile_sizes(H, W, C, dev, rows, block_w)
+    grad = int32_columns(grad)
+    grid = (triton.cdiv(H, CH) * triton.cdiv(W, BW), B, triton.cdiv(C, CP))
     dummy = grad
     _degrade_bwd_kernel[grid](
-        grad, mask if need_x0 else dummy, alphas_cumprod, timesteps, taps,
+        grad, mask if need_x0 else dummy, alphas_cumprod, timesteps,
+        gather_weights(W, kernel_size, sigma, True, dev, cdt), gather_weights(H, kernel_size, sigma, True, dev, cdt),
         dx0 if need_x0 else dummy, deps if need_eps else dummy,
         C, H, W, *grad.stride(), alphas_cumprod.stride(0),
-        KS=kernel_size, ROWS=ROWS, HALO=HALO, BW=BW, BORDER=BORDER, CPP=CPP, NEED_X0=need_x0, NEED_EPS=need_eps,
-        CDT=_TL_DTYPE[cdt], num_warps=4, num_stages=1,
+        KS=kernel_size, CH=CH, BW=BW, CP=CP, NEED_X0=need_x0, NEED_EPS=need_eps, CDT=_TL_DTYPE[cdt],
+        num_warps=warps, num_stages=1,
     )
     return dx0, deps
 
