@@ -394,7 +394,7 @@ SPOTS = [
     (1, 0, INF),  # next to a corner: reflection reads it twice
     (36, 38, -INF),  # bottom-right border
     (8, 30, INF), (11, 33, -INF),  # overlapping windows: NaN where both reach, +-inf elsewhere
-    (15, 15, INF),  # on a corner of 16 x 16 tiles: four tiles read it
+    (15, 15, INF),  # on the corner of 16-row chunks and 16-column strips: four programs read it
 ]
 
 
@@ -414,7 +414,7 @@ def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor, **tol) -> None:
     torch.testing.assert_close(got[finite], ref[finite], **tol)
 
 
-# the interpreter's dots meet NaN/inf on the all-finite path before the kernel redoes such tiles
+# inf - inf and 0 * inf (zero taps) make NaN, in numpy (the interpreter) as in the reference
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("kernel,sigma,rows,block_w", [
     (9, 1.0, 16, 16),
