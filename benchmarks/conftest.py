@@ -78,10 +78,14 @@ def device_name(device: torch.device) -> str:
 
 
 def record(benchmark, case: str, **info) -> None:
-    """Store numbers in extra_info and queue one summary line for the end of the run."""
+    """Store numbers in extra_info and queue one summary line for the end of the run; with
+    SAT_BENCH_ROWS=FILE also append it there at once (a run cut off by a time limit keeps its rows)."""
     benchmark.extra_info.update(info)
     shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
     _ROWS.append(f"{case}: {shown}")
+    if os.environ.get("SAT_BENCH_ROWS"):
+        with open(os.environ["SAT_BENCH_ROWS"], "a", encoding="utf-8") as rows_file:
+            rows_file.write(f"{case}: {shown}\n")
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in ONE call on a lent machine: the CUDA tests, the offline compile
+# report, and the CUDA benchmarks (CPU rows are measured on the CPU machine, not here).
+#
+#   bash benchmarks/gpu_check.sh --fetch     # here, once: wheels the device image lacks, into .whl/
+#   device run: command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560
+#
+# Four files land in $OUT (the device tool brings back at most 8): log.txt (everything printed),
+# rows.txt (one line per finished benchmark), bench_kernels.json and bench_train_step.json (draw
+# them here: python benchmarks/report.py FILE --png FILE.png). Under 560 s: the benchmarks get what
+# the tests leave, and whatever finished is kept.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--fetch" ]; then  # the device image has torch, triton, transformers, peft, accelerate, pytest-benchmark
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl diffusers==0.42.1 importlib_metadata flash-colreduce==0.2.2
+  ls .whl
+  exit
+fi
+
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+start=$SECONDS
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "run with --fetch here first and carry .whl"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee -a "$OUT/log.txt"
+python3 -c "import torch, triton, diffusers, flash_colreduce as f; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'flash_colreduce', f.__version__)" 2>&1 | tee -a "$OUT/log.txt"
+
+timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/log.txt"
+timeout 60 python3 benchmarks/compile_report.py --arch 90 2>&1 | tee -a "$OUT/log.txt"
+
+# -k: the CUDA parametrizations and the CUDA-only bandwidth rows. Kernels first (a minute or two),
+# then the full-size SD v1.5 step; rows.txt keeps every finished row even if a limit cuts a run off.
+export SAT_BENCH_ROWS="$OUT/rows.txt"
+for part in kernels train_step; do
+  left=$((545 - (SECONDS - start)))
+  echo "benchmarks ($part): ${left}s left" | tee -a "$OUT/log.txt"
+  [ "$left" -gt 20 ] || break
+  timeout "$left" python3 -m pytest "benchmarks/test_bench_$part.py" --benchmark-only -q -p no:cacheprovider \
+    -k "cuda or bandwidth" --benchmark-json "$OUT/bench_$part.json" 2>&1 | tee -a "$OUT/log.txt"
+done
+echo "done in $((SECONDS - start))s" | tee -a "$OUT/log.txt"
