@@ -1,9 +1,13 @@
 """PNG pictures of a run: mask previews (image | mask overlay | blurred-degraded image decoded by
 the VAE) and the loss curve (drawn with PIL; matplotlib is not a dependency). Every PNG is written
-atomically (temp file + os.replace), so a reader never sees half an image."""
+atomically (temp file + os.replace), so a reader never sees half an image.
+
+The loss curve's data, one (step, loss) per optimizer step, is ``loss_history.json``: written next
+to ``loss.png`` and into every checkpoint, so a resumed run's curve starts at step 1."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from PIL import Image, ImageDraw
 
 MASK_COLOR = (255, 40, 40)
 MAX_PREVIEW_ROWS = 4
+LOSS_HISTORY_NAME = "loss_history.json"
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
@@ -23,6 +28,30 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def write_loss_history(path: str | os.PathLike, steps: list[int], losses: list[float]) -> Path:
+    """``{"steps": [...], "losses": [...]}``, atomically (temp file + os.replace) and fsynced: inside a
+    checkpoint it must be on disk before the COMPLETE marker is. JSON floats round-trip exactly."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"steps": list(steps), "losses": list(losses)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_loss_history(path: str | os.PathLike, up_to_step: int) -> tuple[list[int], list[float]]:
+    """The (steps, losses) of ``write_loss_history`` for steps ≤ ``up_to_step``; empty lists when the file
+    is missing (a checkpoint written before the history was saved: its curve starts at the resume)."""
+    path = Path(path)
+    if not path.is_file():
+        return [], []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    kept = [(int(s), float(v)) for s, v in zip(data["steps"], data["losses"], strict=True) if int(s) <= up_to_step]
+    return [s for s, _ in kept], [v for _, v in kept]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -94,8 +123,10 @@ def loss_curve(steps: list[int], losses: list[float], width: int = 640, height: 
 
 class RunPictures:
     """What the training loop draws: mask previews every ``--mask_preview_steps`` and at the end,
-    step-based validation (``validate(step)``) every ``--validation_steps``, and ``loss.png`` at
-    the end. Only the main process writes; every call is cheap when its flag is off."""
+    step-based validation (``validate(step)``) every ``--validation_steps``, and ``loss.png`` (with
+    its data, ``loss_history.json``) at the end. ``steps``/``losses`` hold one entry per optimizer
+    step, from step 1 after ``resume``. Only the main process writes; every call is cheap when its
+    flag is off."""
 
     def __init__(self, accelerator, config, vae, validate=None):
         self.accelerator, self.config, self.vae, self.validate = accelerator, config, vae, validate
@@ -109,6 +140,16 @@ class RunPictures:
         """Keeps the latest micro-batch's pictures' inputs (references only, no copies)."""
         if self.config.mask_preview_steps and getattr(result, "mask", None) is not None:
             self.last = (batch["pixel_values"], inputs.x0.detach(), result.mask)
+
+    def resume(self, checkpoint: Path, step: int) -> None:
+        """Restores the loss history of steps 1..``step`` saved in ``checkpoint`` (see save_checkpoint)."""
+        self.steps, self.losses = read_loss_history(Path(checkpoint) / LOSS_HISTORY_NAME, step)
+
+    def save_history(self, folder: Path) -> Path | None:
+        """Writes ``folder/loss_history.json`` (main process only)."""
+        if not self.accelerator.is_main_process:
+            return None
+        return write_loss_history(Path(folder) / LOSS_HISTORY_NAME, self.steps, self.losses)
 
     def after_step(self, step: int, loss: float) -> None:
         self.steps.append(step)
@@ -136,4 +177,5 @@ class RunPictures:
         if self.config.mask_preview_steps:
             self.write_mask_preview(step)
         if self.accelerator.is_main_process and self.steps:
+            self.save_history(self.folder)
             save_png(loss_curve(self.steps, self.losses), self.folder / "loss.png")

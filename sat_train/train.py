@@ -3,8 +3,8 @@ checkpoints, resume, validation and the final LoRA export.
 
 Follows diffusers' examples/text_to_image/train_text_to_image_lora.py; the loss comes from a
 ``guidance.Guide``. Resuming restores model, optimizer, scheduler and RNG state (accelerate's
-save_state/load_state), reseeds the shuffle per epoch (seedable sampler) and skips the batches
-already seen, so a resumed run reproduces an uninterrupted one.
+save_state/load_state) and the loss history (for loss.png), reseeds the shuffle per epoch (seedable
+sampler) and skips the batches already seen, so a resumed run reproduces an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -86,10 +86,12 @@ def checkpoint_is_complete(folder: Path) -> bool:
     return (folder / CHECKPOINT_MARKER).is_file()
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int) -> Path:
+def save_checkpoint(accelerator, output_dir: Path, step: int, write_extra=None) -> Path:
     """``accelerator.save_state`` into ``.checkpoint-N.tmp-PID``, then the COMPLETE marker, then one
     ``os.replace`` to ``checkpoint-N``: a crash at any point leaves either no ``checkpoint-N`` or a
-    complete one (``--resume_from_checkpoint latest`` only considers folders with the marker)."""
+    complete one (``--resume_from_checkpoint latest`` only considers folders with the marker).
+    ``write_extra(tmp_folder)`` runs on the main process before the marker (the loss history), so
+    its files are part of the same atomic checkpoint. Every process must call this (barriers)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     if accelerator.is_main_process and tmp.exists():
@@ -98,6 +100,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int) -> Path:
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(tmp)
         crash_hook(f"checkpoint-{step}:mid")
         marker = tmp / CHECKPOINT_MARKER
         with open(marker, "w", encoding="utf-8") as f:
@@ -284,7 +288,7 @@ def train(config: TrainConfig) -> Path:
                       f"batch {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation "
                       f"x {accelerator.num_processes} processes, output in {output_dir}")
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
+    global_step, first_epoch, skip_batches, checkpoint = 0, 0, 0, None
     if config.resume_from_checkpoint:
         checkpoint = find_resume_checkpoint(config)
         if checkpoint is None:
@@ -305,6 +309,8 @@ def train(config: TrainConfig) -> Path:
 
     pictures = RunPictures(accelerator, config, vae, validate=lambda step: run_validation(
         accelerator, components, unet, config, None, weight_dtype, step=step))
+    if checkpoint is not None:  # loss.png covers the whole run, not only the part after this resume
+        pictures.resume(checkpoint, global_step)
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
@@ -353,7 +359,8 @@ def train(config: TrainConfig) -> Path:
             running = dict.fromkeys(METRICS, 0.0)
             pictures.after_step(global_step, logs["train/loss"])
             if global_step % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step)  # atomic, see save_checkpoint
+                # atomic, see save_checkpoint; the loss history goes inside, for resume's loss.png
+                save_checkpoint(accelerator, output_dir, global_step, write_extra=pictures.save_history)
                 if accelerator.is_main_process:
                     prune_checkpoints(output_dir, config.checkpoints_total_limit)
             if global_step >= max_train_steps:

@@ -34,6 +34,10 @@ def test_training_loop_calls_unet_per_step(tmp_path, monkeypatch, guide, capture
     assert resolved["guide"] == guide and resolved["resolved"]["unet_forwards_per_step"] == per_batch
 
 
+def read_history(folder) -> dict:
+    return json.loads((folder / "loss_history.json").read_text())
+
+
 def test_resume_from_latest_matches_uninterrupted_run(tmp_path):
     # 6 photos, batch 2: 3 steps per epoch, so step 4 is mid-epoch and resume must skip a batch
     straight = train(tiny_config(tmp_path / "straight", max_train_steps=6))
@@ -41,6 +45,10 @@ def test_resume_from_latest_matches_uninterrupted_run(tmp_path):
     train(tiny_config(interrupted, max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=1))
     assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-4"]  # checkpoint-2 pruned
     first_half = load_file(interrupted / LORA_FILE)
+    # loss.png's data: the whole run, from step 1, exactly the uninterrupted run's (JSON floats are exact)
+    expected_history = read_history(tmp_path / "straight")
+    assert expected_history["steps"] == [1, 2, 3, 4, 5, 6]
+    assert read_history(interrupted / "checkpoint-4") == {k: v[:4] for k, v in expected_history.items()}
     resumed = train(tiny_config(interrupted, max_train_steps=6, checkpointing_steps=2,
                                 checkpoints_total_limit=1, resume_from_checkpoint="latest"))
     expected, got = load_file(straight), load_file(resumed)
@@ -49,6 +57,8 @@ def test_resume_from_latest_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
     assert any(not torch.equal(first_half[k], expected[k]) for k in expected), "steps 5-6 must change the LoRA"
     assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert read_history(interrupted) == expected_history  # not only steps 5-6
+    assert read_history(interrupted / "checkpoint-6") == expected_history
 
 
 def test_round_trip_from_saved_components(tmp_path):

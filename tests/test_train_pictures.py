@@ -3,6 +3,8 @@ every --validation_steps, TensorBoard images, the loss curve; all PNGs decode wi
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,9 @@ def test_run_writes_mask_validation_and_loss_pngs(tmp_path, monkeypatch):
     with Image.open(tmp_path / "loss.png") as im:
         im.load()
         assert im.size == (640, 360)
+    history = json.loads((tmp_path / "loss_history.json").read_text())  # what loss.png draws
+    assert history["steps"] == [1, 2, 3] and len(history["losses"]) == 3
+    assert all(np.isfinite(history["losses"])) and min(history["losses"]) > 0
     assert not [p for p in tmp_path.rglob(".*.tmp")]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
