@@ -12,7 +12,9 @@ TRAIN = [
     "tensorboard>=2.15",
     "tqdm>=4.66",
 ]
-TEST = TRAIN + ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "scikit-image>=0.22"]
+# datasets: --dataset_name is optional for users (install it yourself), but its tests need the real library
+TEST = TRAIN + ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "scikit-image>=0.22",
+                "datasets>=3.0"]
 
 setup(
     name="sat",

@@ -4,11 +4,16 @@
 The image folder reader is our own (the ``datasets`` package is optional): each line of
 ``metadata.jsonl`` is ``{"file_name": "a.jpg", "text": "a caption"}``. Every problem the user
 can fix raises UsageError naming the file and what to do.
+
+With ``--dataset_name`` (as in diffusers' train_text_to_image_lora.py) the "train" split of
+``datasets.load_dataset`` is read: captions up front (checked, before any model loads), images
+lazily per sample (see DatasetRow). A caption column holding lists of captions gives each sample
+one of them, drawn anew each epoch as diffusers does, from (seed, epoch, index) alone.
 """
 
 from __future__ import annotations
 
-import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,7 @@ from .seeding import derived_generator
 
 METADATA = "metadata.jsonl"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_STREAM = 1  # extra key of derived_generator: the caption pick draws apart from the crop/flip draws
 
 
 class ImageTransform:
@@ -56,12 +62,13 @@ class ImageTransform:
 class CaptionedImages(Dataset):
     """(image, caption) records → {"pixel_values", "input_ids"}; images are opened lazily.
 
-    The random crop/flip of sample ``index`` is a function of (seed, epoch, index) alone, so it
-    does not depend on prefetching, worker processes, or where a resumed run restarts.
+    The random crop/flip of sample ``index``, and its pick when the record holds several captions,
+    are functions of (seed, epoch, index) alone, so they do not depend on prefetching, worker
+    processes, or where a resumed run restarts.
     """
 
-    def __init__(self, records: list[tuple[object, str]], transform: ImageTransform, tokenizer, describe,
-                 seed: int = 0):
+    def __init__(self, records: list[tuple[object, str | tuple[str, ...]]], transform: ImageTransform, tokenizer,
+                 describe, seed: int = 0):
         self.records, self.transform, self.tokenizer, self.describe = records, transform, tokenizer, describe
         self.seed, self.epoch = seed, 0
         self.cac_word_ids: list[tuple[int, ...]] | None = None  # set by build_dataset for --guide cac
@@ -76,10 +83,12 @@ class CaptionedImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         source, caption = self.records[index]
         try:
-            image = Image.open(source) if isinstance(source, (str, Path)) else source
-            pixels = self.transform(image, derived_generator(self.seed, self.epoch, index))
+            pixels = self.transform(open_image(source), derived_generator(self.seed, self.epoch, index))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
+        if not isinstance(caption, str):  # several captions (a --dataset_name list column): one per epoch
+            pick = derived_generator(self.seed, self.epoch, index, CAPTION_STREAM)
+            caption = caption[int(torch.randint(0, len(caption), (), generator=pick).item())]
         item = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
         if self.cac_word_ids is not None:  # --guide cac: where the chosen words sit in the caption
             item["cac_tokens"] = torch.tensor(
@@ -92,29 +101,102 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def read_hf_dataset(config: TrainConfig) -> tuple[list[tuple[object, str]], list[str]]:
+@dataclass(frozen=True, eq=False)
+class DatasetRow:
+    """The image of one row of a ``datasets.Dataset``, decoded only when its sample is drawn.
+
+    Decoding every image up front (iterating the dataset) would hold the whole dataset in memory,
+    and copy it into each data loader worker; the arrow table behind ``images`` is memory-mapped.
+    """
+
+    images: object  # a datasets.Dataset holding only the image column
+    column: str
+    row: int
+
+    def open(self) -> Image.Image:
+        image = self.images[self.row][self.column]
+        if image is None:
+            raise ValueError("the row has no image")
+        return image
+
+
+def open_image(source) -> Image.Image:
+    if isinstance(source, DatasetRow):
+        return source.open()
+    return Image.open(source) if isinstance(source, (str, Path)) else source
+
+
+def read_hf_dataset(config: TrainConfig) -> tuple[list[tuple[object, str | tuple[str, ...]]], list[str]]:
+    """(DatasetRow, caption) records of the "train" split; a caption is a string, or a tuple of strings
+    when the caption column holds lists (CaptionedImages picks one per epoch)."""
     try:
         import datasets
     except ImportError:
         raise UsageError("--dataset_name needs the datasets package: pip install datasets") from None
-    dataset = datasets.load_dataset(config.dataset_name, config.dataset_config_name,
-                                    cache_dir=config.cache_dir, data_dir=config.train_data_dir)["train"]
+    dataset = load_train_split(datasets, config)
+    check_columns(datasets, dataset, config)
+    if len(dataset) == 0:
+        raise UsageError(f"--dataset_name {config.dataset_name}: its \"train\" split has no rows")
+    if not dataset.features[config.image_column].decode:  # rows would be {"bytes", "path"} dicts
+        dataset = dataset.cast_column(config.image_column, datasets.Image())
+    images = dataset.select_columns([config.image_column])
+    # the caption column alone: reading it decodes no image
+    captions = [check_caption(config, row, caption) for row, caption in enumerate(dataset[config.caption_column])]
+    records = [(DatasetRow(images, config.image_column, row), caption) for row, caption in enumerate(captions)]
+    return records, [f"row {row} of --dataset_name {config.dataset_name}" for row in range(len(records))]
+
+
+def load_train_split(datasets, config: TrainConfig):
+    what = f"--dataset_name {config.dataset_name}" + (
+        f" --dataset_config_name {config.dataset_config_name}" if config.dataset_config_name else "")
+    try:
+        splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name,
+                                       cache_dir=config.cache_dir, data_dir=config.train_data_dir)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
+        # not found, offline, no data files, unknown config, files that disagree: all fixable, so one
+        # line instead of a traceback; datasets often puts the real reason in the chained error
+        reason = one_line(err) + (f" ({one_line(err.__cause__)})" if err.__cause__ is not None else "")
+        raise UsageError(f"cannot load {what}: {reason} (expected a hub dataset name, reachable or in "
+                         "--cache_dir, or a folder of parquet/csv/json files or of images with metadata.jsonl; "
+                         "for an image folder also --dataset_name imagefolder --train_data_dir FOLDER)") from err
+    if "train" not in splits:
+        raise UsageError(f"{what} has no \"train\" split (splits: {', '.join(splits) or 'none'}); the trainer reads "
+                         "\"train\": in a local folder name the files train.* or put them in a train/ subfolder")
+    return splits["train"]
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_columns(datasets, dataset, config: TrainConfig) -> None:
+    columns = ", ".join(dataset.column_names)
     for flag, column in (("--image_column", config.image_column), ("--caption_column", config.caption_column)):
         if column not in dataset.column_names:
             raise UsageError(f"dataset {config.dataset_name} has no column {column!r} "
-                             f"(columns: {', '.join(dataset.column_names)}); pass {flag}")
-    records = []
-    for row in dataset:
-        caption = row[config.caption_column]
-        if isinstance(caption, (list, tuple, np.ndarray)):  # several captions: pick one, as diffusers does
-            caption = random.choice(list(caption))
-        records.append((row[config.image_column], str(caption)))
-    if not records:
-        raise UsageError(f"dataset {config.dataset_name} has no rows")
-    return records, [f"row {i}" for i in range(len(records))]
+                             f"(columns: {columns}); pass {flag}")
+    feature = dataset.features[config.image_column]
+    if not isinstance(feature, datasets.Image):
+        raise UsageError(f"--image_column {config.image_column} of dataset {config.dataset_name} holds {feature}, "
+                         f"not images (columns: {columns}); pass --image_column naming an image column")
 
 
-def read_records(config: TrainConfig, data_dir: Path | None = None) -> tuple[list[tuple[object, str]], list[str]]:
+def check_caption(config: TrainConfig, row: int, caption) -> str | tuple[str, ...]:
+    """A string, or a non-empty list of strings (returned as a tuple). Anything else stops the run
+    before a model loads, as diffusers' example does: a null would otherwise train on "None"."""
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) and all(isinstance(c, str) for c in caption):
+        return tuple(caption)
+    shown = repr(caption) if len(repr(caption)) <= 60 else repr(caption)[:57] + "..."
+    raise UsageError(f"row {row} of --dataset_name {config.dataset_name}: --caption_column {config.caption_column} "
+                     f"holds {shown}, not a caption (a string or a non-empty list of strings); fix the row, "
+                     "or pass --caption_column naming a text column")
+
+
+def read_records(config: TrainConfig, data_dir: Path | None = None
+                 ) -> tuple[list[tuple[object, str | tuple[str, ...]]], list[str]]:
     """(image, caption) records and a name per record for messages; runs before any model loads,
     so data problems show in seconds. ``data_dir`` overrides --train_data_dir (the demo's photos)."""
     if config.dataset_name is not None and data_dir is None:
@@ -132,7 +214,9 @@ def read_records(config: TrainConfig, data_dir: Path | None = None) -> tuple[lis
 
 def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0) -> CaptionedImages:
     transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
-    dataset = CaptionedImages(records, transform, tokenizer, describe=lambda i: names[i], seed=seed)
+    # names.__getitem__, not a lambda: spawn/forkserver data loader workers (the Linux default from
+    # Python 3.14) receive the dataset by pickle
+    dataset = CaptionedImages(records, transform, tokenizer, describe=names.__getitem__, seed=seed)
     if config.guide == "cac":
         dataset.cac_word_ids = word_token_ids(tokenizer, config.cac_word_list)
     return dataset

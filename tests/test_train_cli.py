@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -122,10 +123,11 @@ def test_bad_data_gives_one_line_error(tmp_path, capsys, case, expected):
         assert fragment in err
 
 
-def test_errors_from_flags(tmp_path, capsys):
+def test_errors_from_flags(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["--mixed_precision", "fp16", "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: `import datasets` raises ImportError
     with pytest.raises(SystemExit) as exit_info:
         main(["--dataset_name", "someone/faces", "--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2 and "pip install datasets" in capsys.readouterr().err
