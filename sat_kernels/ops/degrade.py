@@ -123,13 +123,13 @@ def _degrade_fwd_kernel(
             m = tl.gather(hot, tl.minimum(tl.maximum(tok - n_lo, 0), TOKS - 1).to(tl.int32), 0)[None, :]
         else:
             m = (tl.load(sal + tok * ss_k).to(tl.float32) > t).to(CDT)[None, :]
-        y = y.to(tl.int64)
-        xc = tl.load(x_planes + y * sx_h + xs[None, :] * sx_w, mask=ok, other=0.0).to(CDT)
-        e = tl.load(e_planes + y * se_h + xs[None, :] * se_w, mask=ok, other=0.0).to(CDT)
-        tl.store(out + y * W, sa * (m * blurred + (1.0 - m) * xc) + sb * e, mask=ok)
+        y64 = y.to(tl.int64)
+        xc = tl.load(x_planes + y64 * sx_h + xs[None, :] * sx_w, mask=ok, other=0.0).to(CDT)
+        e = tl.load(e_planes + y64 * se_h + xs[None, :] * se_w, mask=ok, other=0.0).to(CDT)
+        tl.store(out + y64 * W, sa * (m * blurred + (1.0 - m) * xc) + sb * e, mask=ok)
         if WRITE_MASK:  # saved for the backward, by one channel group
             if tl.program_id(2) == 0:
-                tl.store(MASK + (b * H + y) * W + xs[None, :], m.to(tl.uint8), mask=(xs < W)[None, :])
+                tl.store(MASK + (b * H + y64) * W + xs[None, :], m.to(tl.uint8), mask=(xs < W)[None, :])
 
 
 @triton.jit
