@@ -61,6 +61,21 @@ def test_blur_across_tile_borders(rows, block_w):
     torch.testing.assert_close(out, reference.gaussian_blur(x, 9, 1.0), **TOL[torch.float32])
 
 
+def test_blur_plane_groups(monkeypatch):
+    """B * C planes split into groups of CP along grid axis 1 (4 on a GPU); forced here: groups of 2
+    over 5 planes (a partial last group), forward and adjoint."""
+    tile_sizes = blur_op.tile_sizes
+    monkeypatch.setattr(blur_op, "tile_sizes", lambda *args, **kw: (*tile_sizes(*args, **kw)[:2], 2, 1))
+    x = make((1, 5, 17, 19), seed=6)
+    grad = make((1, 5, 17, 19), seed=7)
+    torch.testing.assert_close(blur_op.gaussian_blur(x, 9, 1.0), reference.gaussian_blur(x, 9, 1.0),
+                               **TOL[torch.float32])
+    xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    reference.gaussian_blur(xr, 9, 1.0).backward(grad)
+    blur_op.gaussian_blur(xt, 9, 1.0).backward(grad)
+    torch.testing.assert_close(xt.grad, xr.grad, **GRAD_TOL[torch.float32])
+
+
 def test_blur_float64_stays_float64():
     x = make((1, 2, 11, 13), torch.float64)
     out = sat_kernels.gaussian_blur(x, 5, 1.5, backend="triton")

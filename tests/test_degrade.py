@@ -104,6 +104,27 @@ def test_degrade_across_tiles(kind, threshold, block_w):
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
+def test_degrade_channel_groups(monkeypatch):
+    """A GPU program takes at most 4 channels, so more channels split into groups along grid axis 2,
+    each reducing the saliency itself and only the first writing the mask. Forced here: 2-channel
+    groups over 5 channels (a partial last group), forward, saved mask and both gradients."""
+    tile_sizes = degrade_op.tile_sizes
+    monkeypatch.setattr(degrade_op, "tile_sizes", lambda *args, **kw: (*tile_sizes(*args, **kw)[:2], 2, 1))
+    shape, map_size = (2, 5, 19, 21), (4, 3)
+    sal, heads, mass = saliency(2, map_size, "probs3", 1.0, seed=21)
+    ts = timesteps(2, seed=22)
+    x0, eps, grad = latents(shape, seed=23), latents(shape, seed=24), latents(shape, seed=25)
+    out, mask = degrade_op.degrade_forward(x0, eps, sal, heads, map_size, ALPHAS, ts, 1.0, 9, 1.0, True)
+    torch.testing.assert_close(out, reference.degrade_latents(x0, eps, mass, map_size, ALPHAS, ts), **TOL[torch.float32])
+    assert torch.equal(mask.bool(), reference.saliency_mask(mass, map_size, 1.0, size=shape[-2:]))
+    xr, er = x0.clone().requires_grad_(), eps.clone().requires_grad_()
+    reference.degrade_latents(xr, er, mass, map_size, ALPHAS, ts).backward(grad)
+    xt, et = x0.clone().requires_grad_(), eps.clone().requires_grad_()
+    degrade_op.degrade_latents(xt, et, sal, heads, map_size, ALPHAS, ts).backward(grad)
+    torch.testing.assert_close(xt.grad, xr.grad, **GRAD_TOL[torch.float32])
+    torch.testing.assert_close(et.grad, er.grad, **GRAD_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("kind,threshold", [("probs4", 1.0), ("mass", "mean")])
 def test_degrade_saved_mask_is_saliency_mask(kind, threshold):
     """The mask the forward launch writes for the backward equals the reference mask."""
