@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import cdiv, next_pow2
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
@@ -55,7 +56,7 @@ def _precision(t: torch.Tensor) -> str:
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16; masked past D
+    return max(16, next_pow2(d))  # tl.dot needs K >= 16; masked past D
 
 
 def _num_sms(device: torch.device) -> int:
@@ -71,9 +72,9 @@ def _split_for(programs: int, heads: int, q_tiles: int, device: torch.device) ->
     """
     if device.type != "cuda":
         return 1, 1
-    want = triton.cdiv(4 * _num_sms(device), max(1, programs))
+    want = cdiv(4 * _num_sms(device), max(1, programs))
     split_h = next((d for d in range(1, heads + 1) if heads % d == 0 and d >= want), heads)
-    split_q = max(1, min(triton.cdiv(want, split_h), q_tiles))
+    split_q = max(1, min(cdiv(want, split_h), q_tiles))
     return split_h, split_q
 
 
@@ -258,8 +259,8 @@ def _launch_attention_mass(probs4d: torch.Tensor, heads: int, split=None, config
     if config is None:  # (BLOCK_Q, BLOCK_K, num_warps, ACC_2D)
         config = (32, 32, 4, False) if _interpreting(probs4d) else (32, 128, 4, True)
     block_q, block_k, warps, acc_2d = config
-    k_tiles = triton.cdiv(nk, block_k)
-    split_h, split_q = split or _split_for(b * k_tiles, h, triton.cdiv(nq, block_q), probs4d.device)
+    k_tiles = cdiv(nk, block_k)
+    split_h, split_q = split or _split_for(b * k_tiles, h, cdiv(nq, block_q), probs4d.device)
     out = torch.empty((split_h * split_q, b, nk), dtype=torch.float32, device=probs4d.device)
     _attention_mass_probs_kernel[(b, k_tiles, split_h * split_q)](
         probs4d, out, h, nq, nk, *probs4d.stride(), 1.0 / heads,
@@ -287,7 +288,7 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     else:  # H100, B=2 H=8 N=4096 D=40 fp16: 0.18 ms (64x64 tiles: 0.22 ms)
         block_q, block_k, warps, stages = _tile_config(q, k, _block_d(d), 128, 64, 4)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    _attention_lse_kernel[(b * h, triton.cdiv(nq, block_q))](
+    _attention_lse_kernel[(b * h, cdiv(nq, block_q))](
         q, k, lse, h, nq, nk, d, *q.stride(), *k.stride(), float(scale) * LOG2E,
         DOT_F32=_dot_in_f32(q, k), PRECISION=_precision(q), BLOCK_Q=block_q, BLOCK_K=block_k,
         BLOCK_D=_block_d(d), num_warps=warps, num_stages=stages,
@@ -309,8 +310,8 @@ def _launch_mass_from_qk(q, k, lse, scale, split=None, config=None) -> torch.Ten
         else:
             config = (*_tile_config(q, k, block_d, 128, 128, 4), False, _precision(q))
     block_q, block_k, warps, stages, acc_2d, precision = config
-    k_tiles = triton.cdiv(nk, block_k)
-    split_h, split_q = split or _split_for(b * k_tiles, h, triton.cdiv(nq, block_q), q.device)
+    k_tiles = cdiv(nk, block_k)
+    split_h, split_q = split or _split_for(b * k_tiles, h, cdiv(nq, block_q), q.device)
     out = torch.empty((split_h * split_q, b, nk), dtype=torch.float32, device=q.device)
     _attention_mass_qk_kernel[(b, k_tiles, split_h * split_q)](
         q, k, lse, out, h, nq, nk, d,

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import cdiv, next_pow2
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -168,8 +169,8 @@ def tile_sizes(height: int, width: int, planes: int, device, rows: int | None = 
     if rows is None:
         rows = max(1, height) if interp else 16
     if block_w is None:
-        block_w = min(256 if interp else 128, triton.next_power_of_2(width))
-    cp = min(triton.next_power_of_2(planes), 16 if interp else 4)
+        block_w = min(256 if interp else 128, next_pow2(width))
+    cp = min(next_pow2(planes), 16 if interp else 4)
     return rows, block_w, cp, max(1, min(8, cp * block_w // 64))
 
 
@@ -185,7 +186,7 @@ def blur_launch(x: torch.Tensor, kernel_size: int, sigma: float, adjoint: bool, 
     hw = gather_weights(W, kernel_size, sigma, adjoint, x.device, cdt)
     vw = gather_weights(H, kernel_size, sigma, adjoint, x.device, cdt)
     CH, BW, CP, warps = tile_sizes(H, W, B * C, x.device, rows, block_w)
-    grid = (triton.cdiv(H, CH) * triton.cdiv(W, BW), triton.cdiv(B * C, CP))
+    grid = (cdiv(H, CH) * cdiv(W, BW), cdiv(B * C, CP))
     _gaussian_blur_kernel[grid](
         x, out, hw, vw, B * C, C, H, W, *x.stride(),
         KS=kernel_size, CH=CH, BW=BW, CP=CP, ADJOINT=adjoint, CDT=_TL_DTYPE[cdt], num_warps=warps,

@@ -24,12 +24,15 @@ uint8 plane (written by the same forward launch, only when x0 needs a gradient).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .. import reference
+from . import cdiv, next_pow2
 from .blur import (_TL_DTYPE, _hblur_row, _ring_start, _strip, _strip_coords, _vblur, _weights_at, gather_weights,
                    int32_columns, tile_sizes)
 
@@ -168,6 +171,7 @@ def _degrade_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+@functools.lru_cache(maxsize=256)
 def _fp32_ratio(src: int, dst: int) -> float:
     """float32(src) / float32(dst) rounded like C++ float division (torch's nearest scale)."""
     return float(np.float32(src) / np.float32(dst))
@@ -177,12 +181,12 @@ def _probs_blocks(n: int, nq: int, rows: int, height: int, map_h: int, map_w: in
                   interp: bool) -> tuple[int, int]:
     """(TOKS, BQ) for the in-kernel mass reduction over probabilities."""
     if mean:
-        toks = triton.next_power_of_2(n)
+        toks = next_pow2(n)
     else:  # distinct source rows among `rows` consecutive pixel rows <= rows * h // H + 2
         token_rows = min(map_h, rows * map_h // height + 2)
-        toks = triton.next_power_of_2(token_rows * map_w)
+        toks = next_pow2(token_rows * map_w)
     budget = (1 << 15) if interp else (1 << 12)  # elements per (query block x token) load
-    bq = max(1, min(triton.next_power_of_2(nq), budget // toks))
+    bq = max(1, min(next_pow2(nq), budget // toks))
     return toks, bq
 
 
@@ -207,12 +211,12 @@ def degrade_forward(x0, eps, saliency, heads, map_size, alphas_cumprod, timestep
         sal_strides = probs.stride()
     else:  # mass (B, N)
         n, nq = saliency.shape[1], 1
-        TOKS, BQ = min(triton.next_power_of_2(n), 1024), 1
+        TOKS, BQ = min(next_pow2(n), 1024), 1
         sal_strides = (saliency.stride(0), 0, 0, saliency.stride(1))
     if out.numel() == 0:
         return out, (mask if write_mask else None)
     x0, eps = int32_columns(x0), int32_columns(eps)
-    grid = (triton.cdiv(H, CH) * triton.cdiv(W, BW), B, triton.cdiv(C, CP))
+    grid = (cdiv(H, CH) * cdiv(W, BW), B, cdiv(C, CP))
     _degrade_fwd_kernel[grid](
         x0, eps, saliency, alphas_cumprod, timesteps, gather_weights(W, kernel_size, sigma, False, dev, cdt),
         gather_weights(H, kernel_size, sigma, False, dev, cdt), out, mask,
@@ -238,7 +242,7 @@ def degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, 
         return dx0, deps
     CH, BW, CP, warps = tile_sizes(H, W, C, dev, rows, block_w)
     grad = int32_columns(grad)
-    grid = (triton.cdiv(H, CH) * triton.cdiv(W, BW), B, triton.cdiv(C, CP))
+    grid = (cdiv(H, CH) * cdiv(W, BW), B, cdiv(C, CP))
     dummy = grad
     _degrade_bwd_kernel[grid](
         grad, mask if need_x0 else dummy, alphas_cumprod, timesteps,
@@ -280,5 +284,9 @@ def degrade_latents(x0, eps, saliency, heads, map_size, alphas_cumprod, timestep
     """reference.degrade_latents in one launch. ``saliency``: mass (B, h*w) with heads=None, or
     probabilities (B, heads, N, N) (any strides) with ``heads``. ``rows``/``block_w`` override
     the tile (tests use them to cross tile borders)."""
-    return DegradeLatentsFunction.apply(x0, eps, saliency, heads, tuple(map_size), alphas_cumprod,
-                                        timesteps, threshold, int(kernel_size), float(sigma), rows, block_w)
+    if torch.is_grad_enabled() and (x0.requires_grad or eps.requires_grad):
+        return DegradeLatentsFunction.apply(x0, eps, saliency, heads, tuple(map_size), alphas_cumprod,
+                                            timesteps, threshold, int(kernel_size), float(sigma), rows, block_w)
+    # nothing to differentiate: skip autograd's bookkeeping (~20 us a call) and the saved mask
+    return degrade_forward(x0, eps, saliency, heads, tuple(map_size), alphas_cumprod, timesteps, threshold,
+                           int(kernel_size), float(sigma), False, rows, block_w)[0]

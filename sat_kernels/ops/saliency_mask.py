@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_pow2
 from .degrade import _fp32_ratio
 
 # ----------------------------------------------------------------------------- kernel
@@ -60,11 +61,11 @@ def saliency_mask(mass: torch.Tensor, map_size, threshold=1.0, size=None) -> tor
     if out.numel() == 0:
         return out.view(torch.bool)
     interp = mass.device.type != "cuda"
-    BC = max(16, min(triton.next_power_of_2(OW), 256 if interp else 128))
-    BR = max(1, min(triton.next_power_of_2(OH), (1 << 14 if interp else 1 << 12) // BC))
-    BN = min(triton.next_power_of_2(N), 1024)
+    BC = max(16, min(next_pow2(OW), 256 if interp else 128))
+    BR = max(1, min(next_pow2(OH), (1 << 14 if interp else 1 << 12) // BC))
+    BN = min(next_pow2(N), 1024)
     mean = isinstance(threshold, str)
-    grid = (triton.cdiv(OH, BR) * triton.cdiv(OW, BC), B)
+    grid = (cdiv(OH, BR) * cdiv(OW, BC), B)
     _saliency_mask_kernel[grid](
         mass, out, MH, MW, N, OH, OW, *mass.stride(),
         0.0 if mean else float(threshold), _fp32_ratio(MH, OH), _fp32_ratio(MW, OW),

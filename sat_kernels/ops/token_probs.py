@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import cdiv, next_pow2
 from .attention_mass import LOG2E, _block_d, _dot_in_f32, _tile_config, attention_lse
 
 
@@ -77,10 +78,10 @@ def token_attention_probs(
     q, k = q.detach(), k.detach()
     if lse is None:
         lse = attention_lse(q, k, scale)
-    block_s = max(16, triton.next_power_of_2(s))  # tl.dot needs N >= 16
+    block_s = max(16, next_pow2(s))  # tl.dot needs N >= 16
     block_q, _, warps, stages = _tile_config(q, k, _block_d(d), 64, block_s, 4, min_k=block_s)
     out = torch.empty((b, nq, s), dtype=torch.float32, device=q.device)
-    _token_probs_kernel[(b, triton.cdiv(nq, block_q))](
+    _token_probs_kernel[(b, cdiv(nq, block_q))](
         q, k, lse.detach(), tokens, out, h, nq, d, s,
         *q.stride(), *k.stride(), *lse.stride(), *tokens.stride(),
         float(scale) * LOG2E, 1.0 / h,
