@@ -59,6 +59,21 @@ def interleaved_medians(fns: dict, device: torch.device, min_run_time: float = 1
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def gpu_kernel_seconds(fn, reps: int = 20) -> float:
+    """Seconds of GPU kernel time per call (CUPTI through torch.profiler): what the device spends,
+    without the host's launch overhead. Blocks of wall-clock calls (interleaved_medians) pipeline,
+    so they measure max(host, GPU): for a ~20 us kernel the host's Python decides those."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / reps / 1e6
+
+
 def run_ours(benchmark, fn, device: torch.device) -> None:
     """Let pytest-benchmark time our implementation (synchronized on CUDA)."""
 
