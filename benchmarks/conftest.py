@@ -67,11 +67,15 @@ def gpu_kernel_seconds(fn, reps: int = 20) -> float:
 
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return sum(event.self_device_time_total for event in prof.key_averages()) / reps / 1e6
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        return sum(event.self_device_time_total for event in prof.key_averages()) / reps / 1e6
+    except Exception as err:  # noqa: BLE001 - no CUPTI: keep the wall-clock rows of a one-shot GPU run
+        print(f"gpu_kernel_seconds: the profiler failed ({type(err).__name__}: {err}); recording NaN")
+        return float("nan")
 
 
 def run_ours(benchmark, fn, device: torch.device) -> None:
