@@ -162,6 +162,10 @@ class TrainConfig:
         if self.sac_capture == "separate" and self.guide != "sac":
             raise UsageError("--sac_capture separate is the original SAC's extra capture forward: use it with "
                              "--guide sac (CAC always captures inside the first forward)")
+        if self.dataset_name is not None and (self.strict_data or self.skip_small_images):
+            raise UsageError("--strict_data and --skip_small_images act on the image-folder data check, which "
+                             "--dataset_name does not run (its images are decoded per sample); drop them, or "
+                             "give the folder as --train_data_dir without --dataset_name")
         if self.guide == "cac" and not self.cac_word_list:
             raise UsageError("--cac_words is empty: give comma-separated words, e.g. face,eyes,hair")
         if self.max_train_steps is not None and self.max_train_steps < 1:

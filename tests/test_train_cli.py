@@ -136,7 +136,9 @@ def test_errors_from_flags(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2 and "--pretrained_model_name_or_path is required" in capsys.readouterr().err
     for flags, message in [(["--guide", "none", "--guide_recompute"], "use it with --guide sac or cac"),
                            (["--guide_recompute", "--guide_detach_degraded"], "pick one"),
-                           (["--guide", "cac", "--sac_capture", "separate"], "use it with --guide sac")]:
+                           (["--guide", "cac", "--sac_capture", "separate"], "use it with --guide sac"),
+                           (["--dataset_name", "faces", "--pretrained_model_name_or_path", "x", "--skip_small_images"],
+                            "does not run")]:
         with pytest.raises(SystemExit) as exit_info:
             main([*flags, "--output_dir", str(tmp_path)])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
