@@ -16,6 +16,7 @@ only reaches the outputs whose window holds it, as in SAG's convolution.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -134,13 +135,26 @@ def default_scale(q: torch.Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
+def _autocast_off(device: torch.device):
+    """A context with the caller's autocast switched off on ``device`` (a no-op where none is on).
+
+    The trainer captures q and k inside its bf16/fp16-autocast UNet forward; left on, autocast
+    would run the q @ k^T products below as half-precision GEMMs and round every score before
+    the exponential. The results are float32 and must equal the fp32 math, whatever the caller.
+    """
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """(B, H, Nq) natural-log log-sum-exp of each row of scale * q @ k^T, in query chunks."""
     scale = default_scale(q, scale)
     q_scaled, k_t = scale * q.float(), k.float().transpose(-1, -2)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    for rows in _query_chunks(q, k.shape[-2]):
-        lse[..., rows] = torch.logsumexp(torch.matmul(q_scaled[..., rows, :], k_t), dim=-1)
+    with _autocast_off(q.device):
+        for rows in _query_chunks(q, k.shape[-2]):
+            lse[..., rows] = torch.logsumexp(torch.matmul(q_scaled[..., rows, :], k_t), dim=-1)
     return lse
 
 
@@ -157,15 +171,16 @@ def attention_mass_from_qk(
     scale = default_scale(q, scale)
     q_scaled, k_t = scale * q.float(), k.float().transpose(-1, -2)
     mass = torch.zeros(k.shape[:-1], dtype=torch.float32, device=q.device)  # (B, H, Nk)
-    for rows in _query_chunks(q, k.shape[-2]):
-        # probabilities of these query rows, built in place in one buffer
-        scores = torch.matmul(q_scaled[..., rows, :], k_t)
-        if lse is not None:
-            mass += scores.sub_(lse[..., rows, None].float()).exp_().sum(dim=-2)
-        else:
-            exp = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-            # sum_i exp[i, j] / rowsum[i] as one (1 x chunk) @ (chunk x Nk) product
-            mass += torch.matmul(exp.sum(dim=-1).reciprocal_()[..., None, :], exp)[..., 0, :]
+    with _autocast_off(q.device):
+        for rows in _query_chunks(q, k.shape[-2]):
+            # probabilities of these query rows, built in place in one buffer
+            scores = torch.matmul(q_scaled[..., rows, :], k_t)
+            if lse is not None:
+                mass += scores.sub_(lse[..., rows, None].float()).exp_().sum(dim=-2)
+            else:
+                exp = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+                # sum_i exp[i, j] / rowsum[i] as one (1 x chunk) @ (chunk x Nk) product
+                mass += torch.matmul(exp.sum(dim=-1).reciprocal_()[..., None, :], exp)[..., 0, :]
     return mass.mean(dim=1)
 
 
@@ -186,8 +201,9 @@ def token_attention_probs(
     valid = tokens >= 0
     index = tokens.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
     k_sel = torch.gather(k.float(), 2, index)  # (B, H, S, D)
-    scores = scale * q.float() @ k_sel.transpose(-1, -2)  # (B, H, Nq, S)
-    probs = torch.exp(scores - lse.float()[..., None]).mean(dim=1)
+    with _autocast_off(q.device):
+        scores = scale * q.float() @ k_sel.transpose(-1, -2)  # (B, H, Nq, S)
+        probs = torch.exp(scores - lse.float()[..., None]).mean(dim=1)
     return probs * valid[:, None, :]
 
 
