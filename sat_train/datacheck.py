@@ -4,17 +4,18 @@
 truncated file fails here, not hours into a run), with a tqdm progress bar on terminals. Every
 problem is collected with its ``metadata.jsonl:LINE`` and file, all in one pass, then printed
 together; the run then either stops (exit code 2, one line on stderr) or goes on without the bad
-samples:
+samples. The summary line counts the three kinds below apart ("N skipped (...), N fatal (...),
+N warnings (...)"), as do ``DataReport.skipped`` / ``.fatal`` / ``.warnings``:
 
 fatal (UsageError, exit 2)
     a ``metadata.jsonl`` line that is not a JSON object, or has no file-name key; a ``file_name``
     that is absolute or leaves the data folder (``../``, or a symlink pointing out); no usable
     sample left; no sample at all with the caption column (wrong ``--caption_column``); with
     ``--strict_data``, any skipped sample.
-skipped (counted in the summary)
+skipped
     a missing, zero-byte, unreadable, corrupt or truncated image; a caption that is missing or not
     a string; with ``--skip_small_images``, an image smaller than ``--resolution``.
-kept, with a note
+kept, with a note (warnings)
     an empty caption (trained unconditionally); a grayscale / palette / RGBA / CMYK / 16-bit image
     (converted to RGB by ``to_rgb``); an image smaller than ``--resolution`` (upscaled).
 """
@@ -85,17 +86,30 @@ class DataReport:
 
     @property
     def skipped(self) -> list[Problem]:
+        """Samples left out of the run (under --strict_data these problems are fatal instead)."""
         return [p for p in self.problems if p.skipped]
 
     @property
     def fatal(self) -> list[Problem]:
         return [p for p in self.problems if p.fatal]
 
+    @property
+    def warnings(self) -> list[Problem]:
+        """Samples kept with a note (converted, upscaled, empty caption)."""
+        return [p for p in self.problems if not p.fatal and not p.skipped]
+
     def summary(self) -> str:
-        counts = Counter(p.kind for p in self.problems)
-        details = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
-        return (f"data check {self.root}: {len(self.records)} usable samples of {self.lines} lines, "
-                f"{len(self.skipped)} skipped" + (f" ({details})" if details else ""))
+        """One line: usable samples, then skipped, fatal and warnings, each counted apart by kind."""
+
+        def counted(problems: list[Problem], heading: str) -> str:
+            kinds = Counter(p.kind for p in problems)
+            details = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+            return f"{len(problems)} {heading}" + (f" ({details})" if details else "")
+
+        parts = [counted(self.skipped, "skipped"), counted(self.fatal, "fatal")]
+        if self.warnings:
+            parts.append(counted(self.warnings, "warnings"))
+        return f"data check {self.root}: {len(self.records)} usable samples of {self.lines} lines, " + ", ".join(parts)
 
     def print(self, stream=None) -> None:
         """Every problem with its file and line (at most SHOWN_PER_KIND per kind), then the summary."""
@@ -189,8 +203,8 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
         where = f"{meta}:{number}"
 
         def problem(kind, message, fatal=False, skipped=False, where=where):
-            if skipped and strict:
-                fatal, message = True, message + " (--strict_data)"
+            if skipped and strict:  # fatal instead of skipped: counted once, under "fatal"
+                fatal, skipped, message = True, False, message + " (--strict_data)"
             report.problems.append(Problem(where, kind, message, fatal, skipped))
 
         try:

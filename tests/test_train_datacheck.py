@@ -160,3 +160,38 @@ def test_fatal_data_exits_2_before_any_model_loads(tmp_path, capsys, monkeypatch
         for line, text in ((14, "not valid JSON"), (15, "leaves the data folder"), (16, "is absolute"),
                            (17, "not an object"), (8, "truncated.jpg"), (10, "missing.jpg")):
             assert any(f"metadata.jsonl:{line}:" in row and text in row for row in out.splitlines()), (line, out)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_summary_counts_fatal_and_skipped_apart(tmp_path, strict):
+    # 5 lines: 3 good images, one file_name leaving the folder (fatal), one unreadable image (skipped;
+    # fatal with --strict_data): each problem is counted once, under the one heading it belongs to
+    files = {f"good{i}.jpg": image_bytes(rgb(), "JPEG") for i in range(3)}
+    files["garbage.png"] = b"not a picture"
+    rows = [{"file_name": f"good{i}.jpg", "text": "a face"} for i in range(3)]
+    rows += [{"file_name": "../outside.jpg", "text": "escape"}, {"file_name": "garbage.png", "text": "bad"}]
+    folder = write_folder(tmp_path / "data", rows, files)
+    (tmp_path / "outside.jpg").write_bytes(image_bytes(rgb(), "JPEG"))
+    stream = io.StringIO()
+    with pytest.raises(UsageError):
+        scan_image_folder(folder, resolution=64, strict=strict, progress=False, stream=stream)
+    summary = stream.getvalue().strip().splitlines()[-1]
+    if strict:
+        expected = "3 usable samples of 5 lines, 0 skipped, 2 fatal (1 escapes-folder, 1 unreadable)"
+    else:
+        expected = "3 usable samples of 5 lines, 1 skipped (1 unreadable), 1 fatal (1 escapes-folder)"
+    assert summary == f"data check {folder}: {expected}", summary
+
+
+def test_report_lists_fatal_and_skipped_apart(tmp_path):
+    folder = write_folder(tmp_path / "data", ROWS, hostile_files())
+    report = scan_image_folder(folder, resolution=64, progress=False, stream=io.StringIO())
+    assert report.fatal == [] and len(report.skipped) == 5
+    assert report.summary().endswith(
+        "7 usable samples of 12 lines, 5 skipped (1 missing, 1 no-caption, 2 unreadable, 1 zero-byte), 0 fatal, "
+        "6 warnings (4 converted, 1 empty-caption, 1 upscaled)"), report.summary()
+    with pytest.raises(UsageError):  # --strict_data: the same five problems, now fatal, none skipped
+        scan_image_folder(folder, resolution=64, strict=True, progress=False, stream=(stream := io.StringIO()))
+    assert stream.getvalue().strip().splitlines()[-1].endswith(
+        "7 usable samples of 12 lines, 0 skipped, 5 fatal (1 missing, 1 no-caption, 2 unreadable, 1 zero-byte), "
+        "6 warnings (4 converted, 1 empty-caption, 1 upscaled)")
