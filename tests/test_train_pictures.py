@@ -1,5 +1,6 @@
-"""Pictures of a run: mask previews (content against an independent composition), validation PNGs
-every --validation_steps, TensorBoard images, the loss curve; all PNGs decode with the right sizes."""
+"""Pictures of a run: mask previews (content against an independent composition: the overlay written
+here, the blur from diffusers' SAG pipeline), validation PNGs every --validation_steps, TensorBoard
+images, the loss curve; all PNGs decode with the right sizes."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
 from PIL import Image
 
 import sat_train.validation as validation_module
-from sat_kernels import reference
 from sat_train.demo import build_components
 from sat_train.pictures import loss_curve, mask_preview
 from sat_train.train import train
@@ -37,7 +38,8 @@ def test_mask_preview_columns_are_image_overlay_and_decoded_blur():
         overlay = np.where(big[row], np.round(image[row] * 0.45 + np.array([255, 40, 40]) * 0.55), image[row])
         np.testing.assert_allclose(cells[:, 64:128], overlay, atol=1)
         m = torch.from_numpy(big[row, ::8, ::8, 0]).float()  # the mask at latent size (8x8)
-        blended = m * reference.gaussian_blur(x0[row:row + 1], 9, 1.0) + (1 - m) * x0[row:row + 1]
+        # the oracle blur: diffusers' SAG gaussian_blur_2d (81-tap conv2d), not the code's sat_kernels path
+        blended = m * gaussian_blur_2d(x0[row:row + 1], 9, 1.0) + (1 - m) * x0[row:row + 1]
         with torch.no_grad():
             decoded = vae.decode(blended / vae.config.scaling_factor).sample
         expected = np.round((decoded[0].clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
