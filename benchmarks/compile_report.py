@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from sat_kernels.ops import blur, degrade  # noqa: E402
+from sat_kernels.ops.utils import row_walk_tiles  # noqa: E402
 
 I32, F32 = "i32", "fp32"
 FWD = dict(X0="*fp32", EPS="*fp32", SAL="*fp32", AC="*fp32", TS="*i64", HW="*fp32", VW="*fp32", OUT="*fp32",
@@ -66,7 +67,7 @@ def compile_for(fn, signature: dict, constexprs: dict, warps: int, arch: int) ->
 def kernels(sweep: bool):
     """(label, kernel, signature, constexprs, num_warps, output values per thread) to compile."""
     fp32 = triton.language.float32
-    ch, bw, cp, warps = blur.tile_sizes(128, 128, 4, "cuda")
+    ch, bw, cp, warps = row_walk_tiles(128, 128, 4, "cuda")
     tile = dict(KS=9, CH=ch, BW=bw, CP=cp, CDT=fp32)
     per_thread = cp * bw // (32 * warps)
     mass = dict(TOKS=64, BQ=1, IS_PROBS=False, MEAN_THR=False, WRITE_MASK=True)
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
     parser.add_argument("--sweep", action="store_true", help="also other strip widths / warp counts")
     args = parser.parse_args()
-    ch, bw, cp, warps = blur.tile_sizes(128, 128, 4, "cuda")
+    ch, bw, cp, warps = row_walk_tiles(128, 128, 4, "cuda")
     print(f"sm_{args.arch}, Triton {triton.__version__}; launcher tile on CUDA: CH={ch} rows, BW={bw}, CP={cp}, "
           f"{warps} warps")
     for label, fn, signature, constexprs, w, per_thread in kernels(args.sweep):

@@ -64,8 +64,8 @@ def test_blur_across_tile_borders(rows, block_w):
 def test_blur_plane_groups(monkeypatch):
     """B * C planes split into groups of CP along grid axis 1 (4 on a GPU); forced here: groups of 2
     over 5 planes (a partial last group), forward and adjoint."""
-    tile_sizes = blur_op.tile_sizes
-    monkeypatch.setattr(blur_op, "tile_sizes", lambda *args, **kw: (*tile_sizes(*args, **kw)[:2], 2, 1))
+    tile_sizes = blur_op.row_walk_tiles
+    monkeypatch.setattr(blur_op, "row_walk_tiles", lambda *args, **kw: (*tile_sizes(*args, **kw)[:2], 2, 1))
     x = make((1, 5, 17, 19), seed=6)
     grad = make((1, 5, 17, 19), seed=7)
     torch.testing.assert_close(blur_op.gaussian_blur(x, 9, 1.0), reference.gaussian_blur(x, 9, 1.0),

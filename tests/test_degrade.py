@@ -108,8 +108,8 @@ def test_degrade_channel_groups(monkeypatch):
     """A GPU program takes at most 4 channels, so more channels split into groups along grid axis 2,
     each reducing the saliency itself and only the first writing the mask. Forced here: 2-channel
     groups over 5 channels (a partial last group), forward, saved mask and both gradients."""
-    tile_sizes = degrade_op.tile_sizes
-    monkeypatch.setattr(degrade_op, "tile_sizes", lambda *args, **kw: (*tile_sizes(*args, **kw)[:2], 2, 1))
+    tile_sizes = degrade_op.row_walk_tiles
+    monkeypatch.setattr(degrade_op, "row_walk_tiles", lambda *args, **kw: (*tile_sizes(*args, **kw)[:2], 2, 1))
     shape, map_size = (2, 5, 19, 21), (4, 3)
     sal, heads, mass = saliency(2, map_size, "probs3", 1.0, seed=21)
     ts = timesteps(2, seed=22)

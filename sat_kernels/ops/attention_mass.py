@@ -20,43 +20,23 @@ one extra small reduction). Exponentials use exp2 with log2(e) folded into the s
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import reference
-from . import cdiv, next_pow2
-
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-
-
-def _interpreting(t: torch.Tensor) -> bool:
-    """Triton's CPU interpreter runs CPU tensors (TRITON_INTERPRET=1 is checked by the caller)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" or t.device.type != "cuda"
-
-
-def _dot_in_f32(*tensors: torch.Tensor) -> bool:
-    """Upcast tiles to fp32 before tl.dot (fp32-accurate dot, see _precision).
-
-    Always under the interpreter (its bf16 tl.dot is wrong), for fp32/fp64 inputs, and for mixed
-    dtypes; fp16/bf16 pairs on GPU use the tensor cores with fp32 accumulation (products of two
-    halves are exact in fp32, so the result still matches the fp32 reference closely).
-    """
-    dtypes = {t.dtype for t in tensors}
-    return _interpreting(tensors[0]) or len(dtypes) > 1 or not dtypes <= {torch.float16, torch.bfloat16}
+from .utils import LOG2E, attention_tile_config, block_d, cdiv, dot_in_f32, interpreting
 
 
 def _precision(t: torch.Tensor) -> str:
     """tl.dot precision for fp32 tiles: exact fp32 products when interpreting; on GPU "tf32x3"
     (three TF32 MMAs, error ~2^-22 like fp32: 2e-7 relative on the mass at N=4096 on an H100,
     7x faster than "ieee", which Triton runs on CUDA cores). Never plain TF32 (~1e-3)."""
-    return "ieee" if _interpreting(t) else "tf32x3"
+    return "ieee" if interpreting(t) else "tf32x3"
 
 
-def _block_d(d: int) -> int:
-    return max(16, next_pow2(d))  # tl.dot needs K >= 16; masked past D
+def _tile_flags(q: torch.Tensor, k: torch.Tensor) -> dict:
+    return dict(dot_f32=dot_in_f32(q, k), interpret=interpreting(q))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -229,35 +209,10 @@ def _attention_mass_qk_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _tile_config(q, k, block_d: int, block_q: int, block_k: int, warps: int, stages: int = 3, min_k: int = 32):
-    """(BLOCK_Q, BLOCK_K, num_warps, num_stages) for the q.k^T tile loops.
-
-    Small tiles under the interpreter (each op costs time there). On GPU, the given tensor-core
-    tiles, shrunk (stages first, then BLOCK_K, then BLOCK_Q) until the pipelined q and k tiles of
-    a wide head (D=160 pads to 256) fit ~160 KiB of shared memory; BLOCK_K stays >= min_k.
-    """
-    if _interpreting(q):
-        return 32, 32, 4, 1
-    # shared-memory bytes per tile element: fp32 "tf32x3" tiles are kept as hi + lo halves
-    elem = 8 if _dot_in_f32(q, k) else 2
-    budget = 160 * 1024
-    while (block_q + block_k) * block_d * elem * stages > budget:
-        if stages > 2:
-            stages -= 1
-        elif block_k > min_k:
-            block_k //= 2
-        elif block_q > 32:
-            block_q //= 2
-        else:
-            stages = 1
-            break
-    return block_q, block_k, warps, stages
-
-
 def _launch_attention_mass(probs4d: torch.Tensor, heads: int, split=None, config=None) -> torch.Tensor:
     b, h, nq, nk = probs4d.shape
     if config is None:  # (BLOCK_Q, BLOCK_K, num_warps, ACC_2D)
-        config = (32, 32, 4, False) if _interpreting(probs4d) else (32, 128, 4, True)
+        config = (32, 32, 4, False) if interpreting(probs4d) else (32, 128, 4, True)
     block_q, block_k, warps, acc_2d = config
     k_tiles = cdiv(nk, block_k)
     split_h, split_q = split or _split_for(b * k_tiles, h, cdiv(nq, block_q), probs4d.device)
@@ -283,15 +238,15 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_lse(q, k, scale)
     q, k = q.detach(), k.detach()
-    if _dot_in_f32(q, k):  # fp32 "tf32x3": software pipelining made it 5x slower (2.8 vs 0.54 ms)
-        block_q, block_k, warps, stages = _tile_config(q, k, _block_d(d), 64, 64, 4, 1)
+    if dot_in_f32(q, k):  # fp32 "tf32x3": software pipelining made it 5x slower (2.8 vs 0.54 ms)
+        block_q, block_k, warps, stages = attention_tile_config(block_d(d), 64, 64, 4, 1, **_tile_flags(q, k))
     else:  # H100, B=2 H=8 N=4096 D=40 fp16: 0.18 ms (64x64 tiles: 0.22 ms)
-        block_q, block_k, warps, stages = _tile_config(q, k, _block_d(d), 128, 64, 4)
+        block_q, block_k, warps, stages = attention_tile_config(block_d(d), 128, 64, 4, **_tile_flags(q, k))
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     _attention_lse_kernel[(b * h, cdiv(nq, block_q))](
         q, k, lse, h, nq, nk, d, *q.stride(), *k.stride(), float(scale) * LOG2E,
-        DOT_F32=_dot_in_f32(q, k), PRECISION=_precision(q), BLOCK_Q=block_q, BLOCK_K=block_k,
-        BLOCK_D=_block_d(d), num_warps=warps, num_stages=stages,
+        DOT_F32=dot_in_f32(q, k), PRECISION=_precision(q), BLOCK_Q=block_q, BLOCK_K=block_k,
+        BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
     )
     return lse
 
@@ -299,16 +254,16 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
 def _launch_mass_from_qk(q, k, lse, scale, split=None, config=None) -> torch.Tensor:
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    block_d = _block_d(d)
+    padded_d = block_d(d)
     if config is None:  # (BLOCK_Q, BLOCK_K, num_warps, num_stages, ACC_2D, fp32 dot precision)
         # measured on an H100 at B=2 H=8 N=4096 D=40 (the 64x64 layer), lse given:
         # fp16/bf16 128x128 tiles with per-tile column sums 0.21 ms (the naive one-head-per-
         # program column reduction: 0.21 ms); fp32 64x128 tiles accumulated elementwise
         # (ACC_2D), one stage, "tf32x3": 0.42 ms (naive fp32 "ieee": 4.3 ms)
-        if _dot_in_f32(q, k):
-            config = (*_tile_config(q, k, block_d, 64, 128, 4, 1), True, _precision(q))
+        if dot_in_f32(q, k):
+            config = (*attention_tile_config(padded_d, 64, 128, 4, 1, **_tile_flags(q, k)), True, _precision(q))
         else:
-            config = (*_tile_config(q, k, block_d, 128, 128, 4), False, _precision(q))
+            config = (*attention_tile_config(padded_d, 128, 128, 4, **_tile_flags(q, k)), False, _precision(q))
     block_q, block_k, warps, stages, acc_2d, precision = config
     k_tiles = cdiv(nk, block_k)
     split_h, split_q = split or _split_for(b * k_tiles, h, cdiv(nq, block_q), q.device)
@@ -316,8 +271,8 @@ def _launch_mass_from_qk(q, k, lse, scale, split=None, config=None) -> torch.Ten
     _attention_mass_qk_kernel[(b, k_tiles, split_h * split_q)](
         q, k, lse, out, h, nq, nk, d,
         *q.stride(), *k.stride(), *lse.stride(), float(scale) * LOG2E, 1.0 / h,
-        SPLIT_H=split_h, SPLIT_Q=split_q, ACC_2D=acc_2d, DOT_F32=_dot_in_f32(q, k), PRECISION=precision,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+        SPLIT_H=split_h, SPLIT_Q=split_q, ACC_2D=acc_2d, DOT_F32=dot_in_f32(q, k), PRECISION=precision,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=padded_d, num_warps=warps, num_stages=stages,
     )
     return out[0] if split_h * split_q == 1 else out.sum(0)
 

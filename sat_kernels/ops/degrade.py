@@ -24,17 +24,13 @@ uint8 plane (written by the same forward launch, only when x0 needs a gradient).
 
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .. import reference
-from . import cdiv, next_pow2
-from .blur import (_TL_DTYPE, _hblur_row, _ring_start, _strip, _strip_coords, _vblur, _weights_at, gather_weights,
-                   int32_columns, tile_sizes)
+from .utils import (TL_DTYPE, blur_along_w, blur_down_h, cdiv, fp32_ratio, gather_weights, h_weights_at, int32_columns,
+                    next_pow2, ring_before, row_walk_tiles, strip_coords, strip_invariants)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -66,7 +62,7 @@ def _degrade_fwd_kernel(
     # grid: (row chunks * column strips, B, channel groups); a (CP, BW) tile walks CH rows
     R: tl.constexpr = KS // 2
     b = tl.program_id(1).to(tl.int64)
-    y0, n_rows, xs = _strip_coords(H, W, CH, BW)
+    y0, n_rows, xs = strip_coords(H, W, CH, BW)
     ch = tl.program_id(2).to(tl.int64) * CP + tl.arange(0, CP).to(tl.int64)
     ok = (ch < C)[:, None] & (xs < W)[None, :]
     # nearest source token column of each pixel, bit-exact with torch: min(int(dst * scale), in - 1)
@@ -114,13 +110,13 @@ def _degrade_fwd_kernel(
     x_planes = (X0 + b * sx_b + ch * sx_c)[:, None]
     e_planes = (EPS + b * se_b + ch * se_c)[:, None]
     out = OUT + ((b * C + ch) * H * W)[:, None] + xs[None, :]
-    strip = _strip(x_planes, ok, sx_h, sx_w, X0, 0, 0, xs, W, HW, KS, False)
-    ring = _ring_start(strip, y0, H, KS, False, CDT)
-    taps = _weights_at(VW, 0, KS)
+    strip = strip_invariants(x_planes, ok, sx_h, sx_w, X0, 0, 0, xs, W, HW, KS, False)
+    ring = ring_before(strip, y0, H, KS, False, CDT)
+    taps = h_weights_at(VW, 0, KS)
     for i in range(n_rows):
         y = y0 + i
-        ring = ring[1:] + (_hblur_row(strip, y + R, H, KS, False, CDT),)
-        blurred = _vblur(ring, taps, KS)
+        ring = ring[1:] + (blur_along_w(strip, y + R, H, KS, False, CDT),)
+        blurred = blur_down_h(ring, taps, KS)
         tok = tl.minimum((y.to(tl.float32) * scale_h).to(tl.int64), MH - 1) * MW + sx  # (BW,)
         if IS_PROBS:  # spread token values to pixels: a gather along the token axis
             m = tl.gather(hot, tl.minimum(tl.maximum(tok - n_lo, 0), TOKS - 1).to(tl.int32), 0)[None, :]
@@ -146,7 +142,7 @@ def _degrade_bwd_kernel(
 ):
     R: tl.constexpr = KS // 2
     b = tl.program_id(1).to(tl.int64)
-    y0, n_rows, xs = _strip_coords(H, W, CH, BW)
+    y0, n_rows, xs = strip_coords(H, W, CH, BW)
     ch = tl.program_id(2).to(tl.int64) * CP + tl.arange(0, CP).to(tl.int64)
     ok = (ch < C)[:, None] & (xs < W)[None, :]
     sa, sb = _noise_scales(AC, TS, s_ac, b, CDT)
@@ -154,27 +150,21 @@ def _degrade_bwd_kernel(
     mplane = MASK + b * H * W
     dst = ((b * C + ch) * H * W)[:, None] + xs[None, :]
     if NEED_X0:  # the masked blur's adjoint blur^T(m * g): the walk reads m along with g
-        strip = _strip(g_planes, ok, sg_h, sg_w, mplane, W, 1, xs, W, HW, KS, True)
-        ring = _ring_start(strip, y0, H, KS, True, CDT)
+        strip = strip_invariants(g_planes, ok, sg_h, sg_w, mplane, W, 1, xs, W, HW, KS, True)
+        ring = ring_before(strip, y0, H, KS, True, CDT)
     for i in range(n_rows):
         y = y0 + i
         y64 = y.to(tl.int64)
         gc = tl.load(g_planes + y64 * sg_h + xs[None, :] * sg_w, mask=ok, other=0.0).to(CDT)
         if NEED_X0:
-            ring = ring[1:] + (_hblur_row(strip, y + R, H, KS, True, CDT),)
+            ring = ring[1:] + (blur_along_w(strip, y + R, H, KS, True, CDT),)
             mc = tl.load(mplane + y64 * W + xs[None, :], mask=(xs < W)[None, :], other=0).to(CDT)
-            tl.store(DX0 + dst + y64 * W, sa * (_vblur(ring, _weights_at(VW, y, KS), KS) + (1.0 - mc) * gc), mask=ok)
+            tl.store(DX0 + dst + y64 * W, sa * (blur_down_h(ring, h_weights_at(VW, y, KS), KS) + (1.0 - mc) * gc), mask=ok)
         if NEED_EPS:
             tl.store(DEPS + dst + y64 * W, sb * gc, mask=ok)
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-@functools.lru_cache(maxsize=256)
-def _fp32_ratio(src: int, dst: int) -> float:
-    """float32(src) / float32(dst) rounded like C++ float division (torch's nearest scale)."""
-    return float(np.float32(src) / np.float32(dst))
 
 
 def _probs_blocks(n: int, nq: int, rows: int, height: int, map_h: int, map_w: int, mean: bool,
@@ -200,7 +190,7 @@ def degrade_forward(x0, eps, saliency, heads, map_size, alphas_cumprod, timestep
     interp = dev.type != "cuda"
     out = torch.empty((B, C, H, W), dtype=cdt, device=dev)
     mask = torch.empty((B, H, W), dtype=torch.uint8, device=dev) if write_mask else out
-    CH, BW, CP, warps = tile_sizes(H, W, C, dev, rows, block_w)
+    CH, BW, CP, warps = row_walk_tiles(H, W, C, dev, rows, block_w)
     mean = isinstance(threshold, str)
     if heads is not None:  # probabilities (B, heads, Nq, N), any strides
         if saliency.dim() == 3:  # (B*heads, Nq, N), head_to_batch_dim layout: splitting dim 0 is a view
@@ -222,9 +212,9 @@ def degrade_forward(x0, eps, saliency, heads, map_size, alphas_cumprod, timestep
         gather_weights(H, kernel_size, sigma, False, dev, cdt), out, mask,
         C, H, W, MH, MW, n, nq, heads or 1,
         *x0.stride(), *eps.stride(), *sal_strides,
-        alphas_cumprod.stride(0), 0.0 if mean else float(threshold), _fp32_ratio(MH, H), _fp32_ratio(MW, W),
+        alphas_cumprod.stride(0), 0.0 if mean else float(threshold), fp32_ratio(MH, H), fp32_ratio(MW, W),
         KS=kernel_size, CH=CH, BW=BW, CP=CP, TOKS=TOKS, BQ=BQ,
-        IS_PROBS=heads is not None, MEAN_THR=mean, WRITE_MASK=write_mask, CDT=_TL_DTYPE[cdt],
+        IS_PROBS=heads is not None, MEAN_THR=mean, WRITE_MASK=write_mask, CDT=TL_DTYPE[cdt],
         num_warps=warps, num_stages=1,
     )
     return out, (mask if write_mask else None)
@@ -240,7 +230,7 @@ def degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, 
     deps = torch.empty((B, C, H, W), dtype=eps_dtype, device=dev) if need_eps else None
     if grad.numel() == 0:
         return dx0, deps
-    CH, BW, CP, warps = tile_sizes(H, W, C, dev, rows, block_w)
+    CH, BW, CP, warps = row_walk_tiles(H, W, C, dev, rows, block_w)
     grad = int32_columns(grad)
     grid = (cdiv(H, CH) * cdiv(W, BW), B, cdiv(C, CP))
     dummy = grad
@@ -249,7 +239,7 @@ def degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, 
         gather_weights(W, kernel_size, sigma, True, dev, cdt), gather_weights(H, kernel_size, sigma, True, dev, cdt),
         dx0 if need_x0 else dummy, deps if need_eps else dummy,
         C, H, W, *grad.stride(), alphas_cumprod.stride(0),
-        KS=kernel_size, CH=CH, BW=BW, CP=CP, NEED_X0=need_x0, NEED_EPS=need_eps, CDT=_TL_DTYPE[cdt],
+        KS=kernel_size, CH=CH, BW=BW, CP=CP, NEED_X0=need_x0, NEED_EPS=need_eps, CDT=TL_DTYPE[cdt],
         num_warps=warps, num_stages=1,
     )
     return dx0, deps

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, next_pow2
-from .degrade import _fp32_ratio
+from .utils import cdiv, fp32_ratio, next_pow2
 
 # ----------------------------------------------------------------------------- kernel
 
@@ -68,7 +67,7 @@ def saliency_mask(mass: torch.Tensor, map_size, threshold=1.0, size=None) -> tor
     grid = (cdiv(OH, BR) * cdiv(OW, BC), B)
     _saliency_mask_kernel[grid](
         mass, out, MH, MW, N, OH, OW, *mass.stride(),
-        0.0 if mean else float(threshold), _fp32_ratio(MH, OH), _fp32_ratio(MW, OW),
+        0.0 if mean else float(threshold), fp32_ratio(MH, OH), fp32_ratio(MW, OW),
         BR=BR, BC=BC, BN=BN, MEAN_THR=mean, num_warps=4, num_stages=1,
     )
     return out.view(torch.bool)

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from . import cdiv, next_pow2
-from .attention_mass import LOG2E, _block_d, _dot_in_f32, _tile_config, attention_lse
+from .attention_mass import attention_lse
+from .utils import LOG2E, attention_tile_config, block_d, cdiv, dot_in_f32, interpreting, next_pow2
 
 
 @triton.jit
@@ -79,13 +79,14 @@ def token_attention_probs(
     if lse is None:
         lse = attention_lse(q, k, scale)
     block_s = max(16, next_pow2(s))  # tl.dot needs N >= 16
-    block_q, _, warps, stages = _tile_config(q, k, _block_d(d), 64, block_s, 4, min_k=block_s)
+    block_q, _, warps, stages = attention_tile_config(block_d(d), 64, block_s, 4, min_k=block_s, dot_f32=dot_in_f32(q, k),
+                                                     interpret=interpreting(q))
     out = torch.empty((b, nq, s), dtype=torch.float32, device=q.device)
     _token_probs_kernel[(b, cdiv(nq, block_q))](
         q, k, lse.detach(), tokens, out, h, nq, d, s,
         *q.stride(), *k.stride(), *lse.stride(), *tokens.stride(),
         float(scale) * LOG2E, 1.0 / h,
-        DOT_F32=_dot_in_f32(q, k), BLOCK_Q=block_q, BLOCK_S=block_s,
-        BLOCK_D=_block_d(d), num_warps=warps, num_stages=stages,
+        DOT_F32=dot_in_f32(q, k), BLOCK_Q=block_q, BLOCK_S=block_s,
+        BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
     )
     return out
