@@ -17,15 +17,16 @@ import torch
 from conftest import device_name, interleaved_medians, record, run_ours
 from memory import peak_mib, saved_activation_mib
 
-from sat_train.capture import CrossAttentionCapture, MidBlockCapture, resolve_backend, stock_processor
-from sat_train.guidance import CACGuide, Guide, SACGuide, StepInputs
+from sat_train.capture import resolve_backend, stock_processor
+from sat_train.config import GuideSettings
+from sat_train.guidance import Guide, SATGuide, StepInputs, make_saliency
 from sat_train.models import add_lora
 
 # name -> (guide, its options); "none" is the plain LoRA step every ratio divides by
 GUIDES = {
     "none": ("none", {}),
     "sac": ("sac", {}),
-    "sac-separate (original, 3 forwards)": ("sac", dict(separate_capture=True)),
+    "sac-separate (original, 3 forwards)": ("sac", dict(capture="separate")),
     "sac --guide_detach_degraded": ("sac", dict(detach_degraded=True)),
     "sac --guide_recompute": ("sac", dict(recompute=True)),
     "cac": ("cac", {}),
@@ -82,10 +83,8 @@ def _step_fn(device: torch.device, guide_name: str):
     kind, options = GUIDES[guide_name]
     if kind == "none":
         guide = Guide()
-    elif kind == "sac":
-        guide = SACGuide(MidBlockCapture(unet, backend), alphas, 0.01, **options)
     else:
-        guide = CACGuide(MidBlockCapture(unet, backend), CrossAttentionCapture(unet, backend), alphas, 0.01, **options)
+        guide = SATGuide(make_saliency(unet, kind, backend), alphas, GuideSettings(ratio=0.01, **options))
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():

@@ -13,6 +13,7 @@ the second (degraded) forward of a step runs the same layer.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -132,6 +133,23 @@ class MassCaptureProcessor:
             mass = attention_mass_from_qk(query.detach(), key.detach(), None, scale, backend=self.mass_backend)
         self.captured = (mass, self.map_size)
         self.armed = False
+
+
+@contextlib.contextmanager
+def lora_disabled(model: torch.nn.Module):
+    """Every peft LoRA layer of ``model`` (bare or wrapped) off for the block, as the original CAC
+    capture forward ran; each layer's own enabled/disabled state is restored afterwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    was_disabled = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, disabled in zip(layers, was_disabled, strict=True):
+            layer.enable_adapters(not disabled)
 
 
 def mid_block_self_attention(unet):

@@ -34,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         help_text = f"{meta.pop('help')} (default: {f.default})"
+        names = (f"--{f.name}", *meta.pop("aliases", ()))  # an alias keeps an older flag name working
         if hints[f.name] is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
         else:
             meta.setdefault("type", str)
-            parser.add_argument(f"--{f.name}", help=help_text, **meta)
+            parser.add_argument(*names, dest=f.name, help=help_text, **meta)
     return parser
 
 

@@ -1,8 +1,10 @@
 """TrainConfig: every setting of a sat_train run and its default, in one place.
 
 Names and defaults follow diffusers' examples/text_to_image/train_text_to_image_lora.py so an
-existing command line keeps working; the ``guide*``, ``sac_capture`` and ``attention_backend``
-settings are SAT's. ``cli.py`` builds its flags from the field metadata here.
+existing command line keeps working; the ``guide*``, ``cac_words`` and ``attention_backend``
+settings are SAT's. ``cli.py`` builds its flags from the field metadata here. The settings of the
+SAT step itself travel as one ``GuideSettings`` (``TrainConfig.guide_settings``), the object that
+``guidance.build_guide`` and the drop-in API take whole.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ GUIDES = ("none", "sac", "cac")
 EXPORT_FORMATS = ("diffusers", "kohya", "both")
 DEFAULT_CAC_WORDS = "face,eyes,eye,hair,hand,hands,mouth,nose"
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "eager")
-SAC_CAPTURES = ("inline", "separate")
+GUIDE_CAPTURES = ("inline", "separate")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -33,6 +35,24 @@ def _opt(default, help: str, **argparse_kwargs):
 
 def _threshold(value: str) -> float | str:
     return value if value == "mean" else float(value)
+
+
+# SD v1.5's VAE (and the demo's) turns a px x px image into px/8 x px/8 latents.
+VAE_SCALE_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class GuideSettings:
+    """How the SAT step degrades and guides (DESIGN.md, "The method"); one value passed whole."""
+
+    ratio: float = 0.01  # r in pred + r * (pred - pred_deg)
+    threshold: float | str = 1.0  # SAC: mask tokens whose mass exceeds this, or "mean" (per sample)
+    kernel_size: int = 9  # Gaussian blur of the masked latents
+    sigma: float = 1.0
+    capture: str = "inline"  # inline: saliency from the first forward; separate: the original's extra forward
+    detach_degraded: bool = False  # no gradient through the degraded forward (an approximation)
+    recompute: bool = False  # backward reruns the first forward (exact; peak memory ~ a plain step's)
+    kernel_backend: str = "auto"  # sat_kernels backend: auto | triton | torch
 
 
 @dataclass
@@ -94,9 +114,10 @@ class TrainConfig:
         1.0, "Mask tokens whose attention mass exceeds this (or \"mean\").", type=_threshold)
     guide_kernel_size: int = _opt(9, "Gaussian blur kernel size (odd).", type=int)
     guide_sigma: float = _opt(1.0, "Gaussian blur sigma.", type=float)
-    sac_capture: str = _opt("inline", "inline: take the mass inside the first forward (2 forwards/step); "
-                            "separate: the original code's extra no-LoRA capture forward (3/step).",
-                            choices=SAC_CAPTURES)
+    guide_capture: str = _opt(
+        "inline", "inline: take the saliency inside the first forward (2 forwards/step); separate: the original "
+        "code's extra capture forward (3/step) without LoRA (SAC: in the captured layer; CAC: in every layer).",
+        choices=GUIDE_CAPTURES, aliases=("--sac_capture",))
     guide_detach_degraded: bool = _opt(
         False, "Approximation: run the degraded forward without gradients (the step costs ~1.35x a plain "
         "step instead of ~2x); the guide term r * pred_deg then only shifts the target of pred.")
@@ -159,9 +180,9 @@ class TrainConfig:
         if self.guide_recompute and self.guide_detach_degraded:
             raise UsageError("--guide_recompute and --guide_detach_degraded both cut a step's memory to about a "
                              "plain step's; pick one (recompute keeps exact gradients, detach is faster)")
-        if self.sac_capture == "separate" and self.guide != "sac":
-            raise UsageError("--sac_capture separate is the original SAC's extra capture forward: use it with "
-                             "--guide sac (CAC always captures inside the first forward)")
+        if self.guide_capture == "separate" and self.guide == "none":
+            raise UsageError("--guide_capture separate is the original code's extra capture forward: use it with "
+                             "--guide sac or cac")
         if self.dataset_name is not None and (self.strict_data or self.skip_small_images):
             raise UsageError("--strict_data and --skip_small_images act on the image-folder data check, which "
                              "--dataset_name does not run (its images are decoded per sample); drop them, or "
@@ -174,12 +195,32 @@ class TrainConfig:
             raise UsageError(f"--guide_kernel_size must be an odd positive int, got {self.guide_kernel_size}")
         if not self.guide_sigma > 0:
             raise UsageError(f"--guide_sigma must be > 0, got {self.guide_sigma}")
+        self._check_latents_fit_the_blur()
         if self.mixed_precision == "fp16" and not _cuda_available():
             raise UsageError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
         if self.enable_xformers_memory_efficient_attention and self.attention_backend not in ("auto", "xformers"):
             raise UsageError("--enable_xformers_memory_efficient_attention conflicts with "
                              f"--attention_backend {self.attention_backend}")
         return self
+
+    def _check_latents_fit_the_blur(self) -> None:
+        """The blur reflect-pads the latents by kernel_size // 2, which needs latents wider than that:
+        checked here, before any model loads, instead of failing at the first step."""
+        if self.guide == "none":
+            return
+        latent_side, radius = self.resolution // VAE_SCALE_FACTOR, self.guide_kernel_size // 2
+        if latent_side <= radius:
+            smallest = (radius + 1) * VAE_SCALE_FACTOR
+            raise UsageError(
+                f"--resolution {self.resolution} gives {latent_side}x{latent_side} latents, too small for "
+                f"--guide_kernel_size {self.guide_kernel_size} (the blur needs latents wider than {radius}): "
+                f"use --resolution >= {smallest} or --guide_kernel_size <= {max(1, 2 * latent_side - 1)}")
+
+    @property
+    def guide_settings(self) -> GuideSettings:
+        return GuideSettings(ratio=self.guide_ratio, threshold=self.guide_threshold,
+                             kernel_size=self.guide_kernel_size, sigma=self.guide_sigma, capture=self.guide_capture,
+                             detach_degraded=self.guide_detach_degraded, recompute=self.guide_recompute)
 
     @property
     def cac_word_list(self) -> list[str]:

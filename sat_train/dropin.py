@@ -16,30 +16,36 @@ tokens, see ``caption_token_positions``); the second runs on the blurred, re-noi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from .capture import CrossAttentionCapture, MidBlockCapture, resolve_backend, stock_processor
-from .config import DEFAULT_CAC_WORDS
-from .guidance import CACGuide, StepInputs
+from .capture import resolve_backend, stock_processor
+from .config import DEFAULT_CAC_WORDS, GuideSettings
+from .guidance import CaptionWordSaliency, MidBlockSaliency, SATGuide, StepInputs, make_saliency
 
-__all__ = ["SATCaptureHandle", "caption_token_positions", "guided_prediction", "install_sat_capture"]
+__all__ = ["GuideSettings", "SATCaptureHandle", "caption_token_positions", "guided_prediction",
+           "install_sat_capture"]
 
 
 @dataclass
 class SATCaptureHandle:
     guide: str  # "sac" | "cac"
     attention_backend: str  # the resolved one: xformers | sdpa | eager
-    kernel_backend: str
-    mid: MidBlockCapture
-    cross: CrossAttentionCapture | None
+    settings: GuideSettings  # what guided_prediction uses unless it is given other values
+    saliency: MidBlockSaliency | CaptionWordSaliency
+
+    @property
+    def kernel_backend(self) -> str:
+        return self.settings.kernel_backend
 
     def remove(self) -> None:
         """Removes the hooks (the processors stay; call unet.set_attn_processor to replace them)."""
-        self.mid.remove()
-        if self.cross is not None:
-            self.cross.remove()
+        mid = self.saliency.mid if isinstance(self.saliency, CaptionWordSaliency) else self.saliency
+        mid.capture.remove()
+        if isinstance(self.saliency, CaptionWordSaliency):
+            self.saliency.cross.remove()
 
 
 def _bare(model):
@@ -49,50 +55,51 @@ def _bare(model):
 
 
 def install_sat_capture(unet, guide: str = "sac", attention_backend: str = "auto", kernel_backend: str = "auto",
-                        replace_processors: bool = True) -> SATCaptureHandle:
+                        replace_processors: bool = True, settings: GuideSettings | None = None
+                        ) -> SATCaptureHandle:
     """Installs the capture processors on ``unet`` (a diffusers UNet2DConditionModel with an
     SD-v1.5-style cross-attention mid block). ``replace_processors`` first sets every layer to
     memory-efficient attention (``attention_backend``: auto = xformers on CUDA when installed, else
     PyTorch SDPA); with False only the captured layers change. Call it after anything else that
-    sets attention processors (e.g. ``unet.set_attn_processor``), which would remove the capture."""
-    if guide not in ("sac", "cac"):
-        raise ValueError(f'guide must be "sac" or "cac", got {guide!r}')
+    sets attention processors (e.g. ``unet.set_attn_processor``), which would remove the capture.
+    ``settings`` (ratio, threshold, blur, capture mode, ...) are the step's defaults for this handle;
+    ``kernel_backend`` is the sat_kernels backend (auto | triton | torch)."""
+    settings = dataclasses.replace(settings or GuideSettings(), kernel_backend=kernel_backend)
     unet = _bare(unet)
     backend = resolve_backend(attention_backend, next(unet.parameters()).device)
+    if guide not in ("sac", "cac"):
+        raise ValueError(f'guide must be "sac" or "cac", got {guide!r}')
     if replace_processors:
         unet.set_attn_processor(stock_processor(backend))
-    mid = MidBlockCapture(unet, backend, kernel_backend)
-    cross = CrossAttentionCapture(unet, backend, kernel_backend) if guide == "cac" else None
-    return SATCaptureHandle(guide, backend, kernel_backend, mid, cross)
+    return SATCaptureHandle(guide, backend, settings, make_saliency(unet, guide, backend, kernel_backend))
 
 
 def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor,
-                      cond: torch.Tensor, scheduler, handle: SATCaptureHandle, ratio: float = 0.01,
-                      tokens: torch.Tensor | None = None, threshold: float | str = 1.0, kernel_size: int = 9,
-                      sigma: float = 1.0, detach_degraded: bool = False, recompute: bool = False,
-                      prediction_type: str | None = None):
-    """``pred + ratio * (pred - pred_deg)`` (float32) and an info dict, from two UNet forwards.
+                      cond: torch.Tensor, scheduler, handle: SATCaptureHandle, tokens: torch.Tensor | None = None,
+                      prediction_type: str | None = None, **settings):
+    """``pred + ratio * (pred - pred_deg)`` (float32) and an info dict, from the SAT step's UNet
+    forwards (sat_train.guidance.SATGuide, the trainer's own step).
 
     ``x0`` are the clean latents that ``noisy_latents`` were made from; ``scheduler`` gives
     ``alphas_cumprod`` and the prediction type (v-prediction outputs are turned into eps before
     re-noising). With ``handle.guide == "cac"``, ``tokens`` (B, S) long are the caption positions of
     the chosen words (-1 = padding; see ``caption_token_positions``); samples without any use the
-    SAC mask with ``threshold``. ``detach_degraded`` / ``recompute`` are ``--guide_detach_degraded``
-    / ``--guide_recompute`` (the latter needs one ``backward`` of a loss on the result, as usual).
+    SAC mask. ``settings`` override fields of ``handle.settings`` for this call (``GuideSettings``:
+    ratio, threshold, kernel_size, sigma, capture, detach_degraded, recompute, kernel_backend); ``recompute`` needs
+    one ``backward`` of a loss on the result, as usual.
     info: ``pred``, ``pred_degraded``, ``mask`` (B, H, W) bool at latent size, ``used_cac`` (B,) bool.
     """
     if handle.guide == "cac" and tokens is None:
         raise ValueError("a CAC handle needs tokens=(B, S) caption positions; see caption_token_positions")
-    guide = CACGuide(handle.mid, handle.cross if handle.guide == "cac" else None, scheduler.alphas_cumprod, ratio,
-                     threshold, kernel_size, sigma, kernel_backend=handle.kernel_backend,
-                     prediction_type=prediction_type or scheduler.config.prediction_type,
-                     detach_degraded=detach_degraded, recompute=recompute)
+    guide = SATGuide(handle.saliency, scheduler.alphas_cumprod, dataclasses.replace(handle.settings, **settings),
+                     prediction_type or scheduler.config.prediction_type)
     inputs = StepInputs(x0=x0, noise=None, noisy=noisy_latents, timesteps=timesteps, cond=cond, target=None,
-                        tokens=tokens if handle.guide == "cac" else None)
-    pred, pred_deg, mask, has_words = guide.guided_forwards(unet, inputs)
-    pred_f = pred.float()
-    guided = pred_f + ratio * (pred_f - pred_deg.float())
-    return guided, {"pred": pred, "pred_degraded": pred_deg, "mask": mask, "used_cac": has_words}
+                        tokens=tokens)
+    g = guide.guided_prediction(unet, inputs)
+    fallback = g.saliency.fallback
+    used_cac = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device) if fallback is None else ~fallback
+    return g.guided, {"pred": g.pred, "pred_degraded": g.pred_degraded, "used_cac": used_cac,
+                      "mask": g.saliency.mask(tuple(x0.shape[-2:]), handle.kernel_backend)}
 
 
 def caption_token_positions(tokenizer, captions: list[str], words: list[str] | str = DEFAULT_CAC_WORDS

@@ -1,21 +1,25 @@
 """The SAT training step: the loss of one batch under a guide ("none" | "sac" | "cac"), nothing else.
 
-SAC (DESIGN.md, "The method"):
+``SATGuide.guided_prediction`` is DESIGN.md's method, line for line:
 
-    pred     = unet(x_t, t, c)                       # captures the mid-block attention mass
+    pred     = unet(x_t, t, c)                    # the saliency is captured inside this forward
     x_deg    = sqrt(ab_t) * (m * blur(x0) + (1 - m) * x0) + sqrt(1 - ab_t) * pred
     pred_deg = unet(x_deg, t, c)
-    loss     = mse(pred + r * (pred - pred_deg), target)
+    pred_g   = pred + r * (pred - pred_deg)       # SATGuide.__call__: loss = mse(pred_g, target)
 
-Gradients flow through both forwards and through ``pred`` inside ``x_deg``. ``pred`` there is the
-noise estimate: a v-prediction model's v is converted to eps first (as diffusers' SAG pipeline
-does), since re-noising with v would not match the noise level. CAC (``CACGuide``) is the same
-step with the saliency taken from the highest-resolution cross-attention probabilities of chosen
-caption words (thresholded at the per-sample mean), falling back to SAC per sample without them.
+SAC and CAC differ only in where the saliency comes from, a small object with ``arm`` / ``take``:
+``MidBlockSaliency`` (the attention mass each mid-block token receives, thresholded at
+``GuideSettings.threshold``) and ``CaptionWordSaliency`` (the highest-resolution cross-attention on
+the caption's chosen words, thresholded at its per-sample mean; a sample without those words uses
+its mid-block mass). The blur mask every path hands out is (B, H, W) bool at latent size.
 
-Both forwards carry gradients, so by default a step holds two forwards' activations at the start
-of backward (~2x a plain step's memory). ``recompute`` (--guide_recompute) keeps none of the first
-forward's and reruns it inside backward: the same gradients for one more forward.
+Gradients flow through both forwards and through ``pred`` inside ``x_deg``; ``pred`` there is the
+noise estimate (a v-prediction model's v is turned into eps first, as diffusers' SAG pipeline does).
+Settings (``GuideSettings``): ``capture="separate"`` adds the original code's extra no-gradient
+capture forward with LoRA off (SAC: in the captured layer; CAC: in every layer), 3 forwards a step;
+``detach_degraded`` runs the degraded forward without gradients (an approximation); ``recompute``
+keeps none of the first forward's activations and reruns it inside backward (exact gradients, peak
+memory about a plain step's instead of ~2x, one more forward).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .capture import CrossAttentionCapture, MidBlockCapture
+from .capture import CrossAttentionCapture, MidBlockCapture, lora_disabled
+from .config import GuideSettings
 
 
 @dataclass
@@ -34,11 +39,11 @@ class StepInputs:
     """One batch, noised: everything a guide needs; ``unet`` may be wrapped (DDP)."""
 
     x0: torch.Tensor  # clean latents (B, 4, H, W)
-    noise: torch.Tensor  # eps
+    noise: torch.Tensor | None  # eps
     noisy: torch.Tensor  # x_t
     timesteps: torch.Tensor  # (B,) long
     cond: torch.Tensor  # text embeddings (B, S, D)
-    target: torch.Tensor  # eps, or v for v-prediction
+    target: torch.Tensor | None  # eps, or v for v-prediction
     loss_weights: torch.Tensor | None = None  # (B,) min-SNR weights, or None for a plain mean
     tokens: torch.Tensor | None = None  # --guide cac: (B, S) caption positions of the chosen words, -1 = padding
 
@@ -48,9 +53,127 @@ class StepResult:
     loss: torch.Tensor  # what backward() runs on
     pred_loss: torch.Tensor  # detached mse(pred, target): the unguided loss, for logging
     guide_delta: torch.Tensor | None = None  # detached mean (pred - pred_deg)^2: the guide term's size
-    mask_coverage: torch.Tensor | None = None  # detached % of mid-block tokens masked (the blurred area)
-    mask: torch.Tensor | None = None  # detached bool (B, h, w) blur mask, for the mask pictures
+    mask_coverage: torch.Tensor | None = None  # detached % of latent pixels masked (the blurred area)
+    mask: torch.Tensor | None = None  # detached (B, H, W) bool blur mask at latent size, for the pictures
     cac_fallback: torch.Tensor | None = None  # detached fraction of samples that fell back to the SAC mask
+
+
+# ----------------------------------------------------------------------------- saliency: where to blur
+
+
+@dataclass
+class SaliencyMap:
+    values: torch.Tensor  # (B, h*w) float32: a mass, or a CAC map
+    map_size: tuple[int, int]  # (h, w)
+    threshold: float | str  # a token is blurred where its value exceeds this ("mean": the sample's mean)
+    samples: torch.Tensor | None = None  # (B,) bool: the samples this map decides; None = all
+
+
+@dataclass
+class Saliency:
+    """The maps of one step: each sample is decided by the last map whose ``samples`` hold it."""
+
+    maps: list[SaliencyMap]
+    fallback: torch.Tensor | None = None  # CAC: (B,) bool, the samples without chosen words (SAC map)
+
+    def _per_sample(self, of_map) -> torch.Tensor:
+        out = None
+        for m in self.maps:
+            value = of_map(m)
+            if out is None or m.samples is None:
+                out = value
+            else:
+                out = torch.where(m.samples.view(-1, *[1] * (value.dim() - 1)), value, out)
+        return out
+
+    def degrade(self, x0, eps, alphas_cumprod, timesteps, settings: GuideSettings) -> torch.Tensor:
+        """x_deg: blurred where the mask is, re-noised with ``eps`` (sat_kernels.degrade_latents)."""
+        from sat_kernels import degrade_latents
+
+        return self._per_sample(lambda m: degrade_latents(
+            x0, eps, m.values, m.map_size, alphas_cumprod, timesteps, m.threshold, settings.kernel_size,
+            settings.sigma, backend=settings.kernel_backend))
+
+    def mask(self, size: tuple[int, int], kernel_backend: str = "auto") -> torch.Tensor:
+        """(B, H, W) bool: the blur mask nearest-upsampled to the latents' ``size``."""
+        from sat_kernels import saliency_mask
+
+        with torch.no_grad():
+            return self._per_sample(lambda m: saliency_mask(m.values, m.map_size, m.threshold, size=size,
+                                                            backend=kernel_backend))
+
+
+class MidBlockSaliency:
+    """SAC: the attention mass each mid-block self-attention token receives."""
+
+    def __init__(self, capture: MidBlockCapture):
+        self.capture = capture
+
+    def arm(self, s: StepInputs, bypass_lora: bool = False) -> None:
+        self.capture.arm(bypass_lora)
+
+    def take(self, s: StepInputs, threshold: float | str) -> Saliency:
+        mass, map_size = self.capture.take()
+        return Saliency([SaliencyMap(mass, map_size, threshold)])
+
+    def capture_separately(self, unet, s: StepInputs, threshold: float | str) -> Saliency:
+        """The original code's extra forward: no gradients, LoRA off in the captured layer only."""
+        self.arm(s, bypass_lora=True)
+        with torch.no_grad():
+            predict(unet, s.noisy, s)
+        return self.take(s, threshold)
+
+    def summary(self) -> str | None:
+        return None
+
+
+class CaptionWordSaliency:
+    """CAC: the highest-resolution cross-attention probabilities of the caption's chosen words
+    (mean over layers and heads, max over the words), thresholded at each sample's mean. A sample
+    whose caption has none of the words takes the mid-block mass instead (and is counted)."""
+
+    threshold = "mean"
+
+    def __init__(self, mid: MidBlockSaliency, cross: CrossAttentionCapture | None, words: str = "the chosen words"):
+        self.mid, self.cross, self.words = mid, cross, words  # words: how the end-of-run report names them
+        self.fallbacks = self.samples = 0  # totals over the guide's life, for the end-of-run report
+
+    def _has_words(self, s: StepInputs) -> torch.Tensor:
+        if s.tokens is None or self.cross is None:
+            return torch.zeros(s.x0.shape[0], dtype=torch.bool, device=s.x0.device)
+        return (s.tokens >= 0).any(dim=1).to(s.x0.device)
+
+    def arm(self, s: StepInputs) -> None:
+        self.mid.arm(s)
+        if self._has_words(s).any():
+            self.cross.arm(s.tokens)
+
+    def take(self, s: StepInputs, threshold: float | str) -> Saliency:
+        has_words = self._has_words(s)
+        (sac,) = self.mid.take(s, threshold).maps
+        maps = [] if has_words.all() else [SaliencyMap(sac.values, sac.map_size, threshold, ~has_words)]
+        if has_words.any():
+            cac_map, map_size = self.cross.take()
+            maps.append(SaliencyMap(cac_map, map_size, self.threshold, has_words))
+        self.fallbacks += int((~has_words).sum())
+        self.samples += has_words.numel()
+        return Saliency(maps, fallback=~has_words)
+
+    def capture_separately(self, unet, s: StepInputs, threshold: float | str) -> Saliency:
+        """The original code's extra forward: no gradients, LoRA off in every layer."""
+        self.arm(s)
+        with torch.no_grad(), lora_disabled(unet):
+            predict(unet, s.noisy, s)
+        return self.take(s, threshold)
+
+    def summary(self) -> str | None:
+        if not self.samples:
+            return None
+        return (f"CAC: {self.fallbacks} of {self.samples} samples had none of {self.words} in their caption "
+                "and used the SAC mask")
+
+
+# ----------------------------------------------------------------------------- the step
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -74,6 +197,14 @@ def predict_recomputed(unet, latents: torch.Tensor, s: StepInputs) -> torch.Tens
     return checkpoint(predict, unet, latents, s, use_reentrant=False)
 
 
+def noise_estimate(pred: torch.Tensor, s: StepInputs, alphas_cumprod: torch.Tensor, prediction_type: str):
+    """eps from the model output: itself, or sqrt(ab) v + sqrt(1 - ab) x_t for v-prediction."""
+    if prediction_type != "v_prediction":
+        return pred.float()
+    ab = alphas_cumprod[s.timesteps].float().view(-1, 1, 1, 1)
+    return ab.sqrt() * pred.float() + (1 - ab).sqrt() * s.noisy.float()
+
+
 class Guide:
     """No guidance: the plain LoRA loss, one UNet forward."""
 
@@ -84,162 +215,84 @@ class Guide:
         loss = weighted_mse(pred, s.target, s.loss_weights)
         return StepResult(loss=loss, pred_loss=loss.detach())
 
+    def end_of_run_summary(self) -> str | None:
+        return None
 
-class SACGuide(Guide):
-    """Self-attention control: guide each prediction away from a copy blurred where the mid block attends."""
 
-    def __init__(self, capture: MidBlockCapture, alphas_cumprod: torch.Tensor, ratio: float,
-                 threshold: float | str = 1.0, kernel_size: int = 9, sigma: float = 1.0,
-                 separate_capture: bool = False, kernel_backend: str = "auto",
-                 prediction_type: str = "epsilon", detach_degraded: bool = False, recompute: bool = False):
-        self.capture, self.alphas_cumprod, self.ratio = capture, alphas_cumprod, ratio
-        self.prediction_type, self.detach_degraded = prediction_type, detach_degraded
-        self.threshold, self.kernel_size, self.sigma = threshold, kernel_size, sigma
-        self.separate_capture, self.kernel_backend = separate_capture, kernel_backend
-        # --guide_recompute: the first forward's activations are not kept while the degraded
-        # forward runs; backward recomputes them after the degraded forward's are freed. Peak
-        # memory is then one forward's, for one more forward of time; gradients are unchanged.
-        self.recompute = recompute
-        self.forwards_per_step = (3 if separate_capture else 2) + int(recompute)
+@dataclass
+class GuidedPrediction:
+    guided: torch.Tensor  # pred + r * (pred - pred_deg), float32
+    pred: torch.Tensor
+    pred_degraded: torch.Tensor
+    saliency: Saliency
 
-    def first_forward(self, unet, s: StepInputs) -> torch.Tensor:
-        """pred = unet(x_t): the forward that captures the saliency (unless separate_capture)."""
-        return (predict_recomputed if self.recompute else predict)(unet, s.noisy, s)
 
-    def saliency(self, unet, s: StepInputs) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The original code's extra forward: no gradients, LoRA off in the captured layer."""
-        self.capture.arm(bypass_lora=True)
-        with torch.no_grad():
-            predict(unet, s.noisy, s)
-        return self.capture.take()
+class SATGuide(Guide):
+    """Guide each prediction away from a copy blurred where ``saliency`` says the UNet attends."""
 
-    def noise_estimate(self, pred: torch.Tensor, s: StepInputs, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-        """eps from the model output: itself, or sqrt(ab) v + sqrt(1 - ab) x_t for v-prediction."""
-        if self.prediction_type != "v_prediction":
-            return pred.float()
-        ab = alphas_cumprod[s.timesteps].float().view(-1, 1, 1, 1)
-        return ab.sqrt() * pred.float() + (1 - ab).sqrt() * s.noisy.float()
+    def __init__(self, saliency: MidBlockSaliency | CaptionWordSaliency, alphas_cumprod: torch.Tensor,
+                 settings: GuideSettings = GuideSettings(), prediction_type: str = "epsilon"):
+        self.saliency, self.alphas_cumprod = saliency, alphas_cumprod
+        self.settings, self.prediction_type = settings, prediction_type
+
+    @property
+    def forwards_per_step(self) -> int:
+        return 2 + int(self.settings.capture == "separate") + int(self.settings.recompute)
+
+    def guided_prediction(self, unet, s: StepInputs) -> GuidedPrediction:
+        settings = self.settings
+        first_forward = predict_recomputed if settings.recompute else predict
+        if settings.capture == "separate":
+            saliency = self.saliency.capture_separately(unet, s, settings.threshold)
+            pred = first_forward(unet, s.noisy, s)
+        else:
+            self.saliency.arm(s)
+            pred = first_forward(unet, s.noisy, s)
+            saliency = self.saliency.take(s, settings.threshold)
+        alphas_cumprod = self.alphas_cumprod.to(s.x0.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not settings.detach_degraded):
+            eps = noise_estimate(pred, s, alphas_cumprod, self.prediction_type)
+            x_deg = saliency.degrade(s.x0.float(), eps, alphas_cumprod, s.timesteps, settings)
+            pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
+        guided = pred.float() + settings.ratio * (pred.float() - pred_deg.float())
+        return GuidedPrediction(guided, pred, pred_deg, saliency)
 
     def __call__(self, unet, s: StepInputs) -> StepResult:
-        from sat_kernels import degrade_latents, saliency_mask
+        g = self.guided_prediction(unet, s)
+        return self.step_result(weighted_mse(g.guided, s.target, s.loss_weights), g, s)
 
-        if self.separate_capture:
-            mass, map_size = self.saliency(unet, s)
-            pred = self.first_forward(unet, s)
-        else:
-            self.capture.arm()
-            pred = self.first_forward(unet, s)
-            mass, map_size = self.capture.take()
-        alphas_cumprod = self.alphas_cumprod.to(s.x0.device)
-        # --guide_detach_degraded: no graph through the degraded forward (nor its input), so its
-        # backward, about a third of the step, is skipped.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_degraded):
-            x_deg = degrade_latents(s.x0.float(), self.noise_estimate(pred, s, alphas_cumprod), mass, map_size,
-                                    alphas_cumprod, s.timesteps, self.threshold, self.kernel_size, self.sigma,
-                                    backend=self.kernel_backend)
-            pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
-        pred_f = pred.float()
-        guided = pred_f + self.ratio * (pred_f - pred_deg.float())
-        loss = weighted_mse(guided, s.target, s.loss_weights)
+    def step_result(self, loss: torch.Tensor, g: GuidedPrediction, s: StepInputs) -> StepResult:
+        mask = g.saliency.mask(tuple(s.x0.shape[-2:]), self.settings.kernel_backend)
         with torch.no_grad():
-            mask = saliency_mask(mass, map_size, self.threshold, backend=self.kernel_backend)
             return StepResult(
                 loss=loss,
-                pred_loss=weighted_mse(pred_f, s.target, s.loss_weights).detach(),
-                guide_delta=(pred_f - pred_deg.float()).pow(2).mean().detach(),
+                pred_loss=weighted_mse(g.pred, s.target, s.loss_weights),
+                guide_delta=(g.pred.float() - g.pred_degraded.float()).pow(2).mean(),
                 mask_coverage=mask.float().mean() * 100,
                 mask=mask,
+                cac_fallback=None if g.saliency.fallback is None else g.saliency.fallback.float().mean(),
             )
 
-
-class CACGuide(SACGuide):
-    """Cross-attention control: blur where the highest-resolution cross-attention looks at the
-    caption's chosen words (DESIGN.md, CAC). Captured inside the first forward like SAC (two UNet
-    forwards per step); a sample whose caption has none of the words uses its SAC (mid-block mass)
-    mask instead, and is counted in ``fallbacks``. ``threshold`` is the SAC fallback's threshold;
-    the CAC map is always thresholded at its per-sample mean."""
-
-    cac_threshold = "mean"
-
-    def __init__(self, capture: MidBlockCapture, cross_capture: CrossAttentionCapture | None,
-                 alphas_cumprod: torch.Tensor, ratio: float, threshold: float | str = 1.0, kernel_size: int = 9,
-                 sigma: float = 1.0, kernel_backend: str = "auto", prediction_type: str = "epsilon",
-                 detach_degraded: bool = False, recompute: bool = False):
-        super().__init__(capture, alphas_cumprod, ratio, threshold, kernel_size, sigma, separate_capture=False,
-                         kernel_backend=kernel_backend, prediction_type=prediction_type,
-                         detach_degraded=detach_degraded, recompute=recompute)
-        self.cross_capture = cross_capture
-        self.fallbacks = self.samples = 0  # totals over the guide's life, for the end-of-run report
-
-    def guided_forwards(self, unet, s: StepInputs):
-        """(pred, pred_deg, mask (B, H, W) bool, has_words (B,) bool): the two forwards of a step."""
-        from sat_kernels import degrade_latents, saliency_mask
-
-        batch = s.x0.shape[0]
-        if s.tokens is None or self.cross_capture is None:
-            has_words = torch.zeros(batch, dtype=torch.bool, device=s.x0.device)
-        else:
-            has_words = (s.tokens >= 0).any(dim=1).to(s.x0.device)
-        use_cac = bool(has_words.any())
-        self.capture.arm()
-        if use_cac:
-            self.cross_capture.arm(s.tokens)
-        pred = self.first_forward(unet, s)
-        mass, mid_size = self.capture.take()
-        cac_map, cac_size = self.cross_capture.take() if use_cac else (None, None)
-        alphas_cumprod = self.alphas_cumprod.to(s.x0.device)
-        size = tuple(s.x0.shape[-2:])
-        x0 = s.x0.float()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_degraded):
-            eps = self.noise_estimate(pred, s, alphas_cumprod)
-            common = dict(alphas_cumprod=alphas_cumprod, timesteps=s.timesteps, kernel_size=self.kernel_size,
-                          sigma=self.sigma, backend=self.kernel_backend)
-            x_deg = None
-            if use_cac:
-                x_deg = degrade_latents(x0, eps, cac_map, cac_size, threshold=self.cac_threshold, **common)
-            if not has_words.all():  # fallback samples: the SAC mask (computed for all; picked per sample)
-                x_sac = degrade_latents(x0, eps, mass, mid_size, threshold=self.threshold, **common)
-                x_deg = x_sac if x_deg is None else torch.where(has_words.view(-1, 1, 1, 1), x_deg, x_sac)
-            pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
-        with torch.no_grad():
-            mask = saliency_mask(mass, mid_size, self.threshold, size=size, backend=self.kernel_backend)
-            if use_cac:
-                cac_mask = saliency_mask(cac_map, cac_size, self.cac_threshold, size=size, backend=self.kernel_backend)
-                mask = torch.where(has_words.view(-1, 1, 1), cac_mask, mask)
-        return pred, pred_deg, mask, has_words
-
-    def __call__(self, unet, s: StepInputs) -> StepResult:
-        pred, pred_deg, mask, has_words = self.guided_forwards(unet, s)
-        fallbacks = int((~has_words).sum())
-        self.fallbacks += fallbacks
-        self.samples += has_words.numel()
-        pred_f = pred.float()
-        guided = pred_f + self.ratio * (pred_f - pred_deg.float())
-        return StepResult(
-            loss=weighted_mse(guided, s.target, s.loss_weights),
-            pred_loss=weighted_mse(pred_f, s.target, s.loss_weights).detach(),
-            guide_delta=(pred_f - pred_deg.float()).pow(2).mean().detach(),
-            mask_coverage=mask.float().mean() * 100,
-            mask=mask,
-            cac_fallback=torch.tensor(fallbacks / has_words.numel(), device=pred.device),
-        )
+    def end_of_run_summary(self) -> str | None:
+        return self.saliency.summary()
 
 
 def build_guide(config, unet, noise_scheduler, attention_backend: str) -> Guide:
     """The guide ``config.guide`` names, installed on the bare ``unet`` (before accelerate wraps it)."""
     if config.guide == "none":
         return Guide()
-    if config.guide == "sac":
-        capture = MidBlockCapture(unet, attention_backend)
-        return SACGuide(capture, noise_scheduler.alphas_cumprod, config.guide_ratio, config.guide_threshold,
-                        config.guide_kernel_size, config.guide_sigma,
-                        separate_capture=config.sac_capture == "separate",
-                        prediction_type=noise_scheduler.config.prediction_type,
-                        detach_degraded=config.guide_detach_degraded, recompute=config.guide_recompute)
-    if config.guide == "cac":
-        return CACGuide(MidBlockCapture(unet, attention_backend), CrossAttentionCapture(unet, attention_backend),
-                        noise_scheduler.alphas_cumprod, config.guide_ratio, config.guide_threshold,
-                        config.guide_kernel_size, config.guide_sigma,
-                        prediction_type=noise_scheduler.config.prediction_type,
-                        detach_degraded=config.guide_detach_degraded, recompute=config.guide_recompute)
-    raise ValueError(f"unknown guide {config.guide!r}")
+    settings = config.guide_settings
+    saliency = make_saliency(unet, config.guide, attention_backend, settings.kernel_backend,
+                             words=f"--cac_words ({config.cac_words})")
+    return SATGuide(saliency, noise_scheduler.alphas_cumprod, settings, noise_scheduler.config.prediction_type)
+
+
+def make_saliency(unet, guide: str, attention_backend: str, kernel_backend: str = "auto",
+                  words: str = "the chosen words"):
+    """The saliency source of ``guide`` ("sac" | "cac"), its capture processors installed on ``unet``."""
+    if guide not in ("sac", "cac"):
+        raise ValueError(f'guide must be "sac" or "cac", got {guide!r}')
+    mid = MidBlockSaliency(MidBlockCapture(unet, attention_backend, kernel_backend))
+    if guide == "sac":
+        return mid
+    return CaptionWordSaliency(mid, CrossAttentionCapture(unet, attention_backend, kernel_backend), words)

@@ -117,8 +117,9 @@ def test_nonfinite_values_stay_in_their_window_cuda():
 def test_sac_step_cuda_matches_torch_kernels(recompute):
     """A whole SAC step on device (demo UNet, Triton kernels inside autograd, --guide_recompute's
     rerun in backward) against the same step with the torch kernels."""
-    from sat_train.capture import MidBlockCapture, stock_processor
-    from sat_train.guidance import SACGuide
+    from sat_train.capture import stock_processor
+    from sat_train.config import GuideSettings
+    from sat_train.guidance import SATGuide, make_saliency
     from train_helpers import lora_grads, lora_unet, step_inputs
 
     components = lora_unet()
@@ -129,8 +130,8 @@ def test_sac_step_cuda_matches_torch_kernels(recompute):
         setattr(s, field, getattr(s, field).cuda())
     results = []
     for kernels in ("triton", "torch"):
-        guide = SACGuide(MidBlockCapture(unet, "sdpa", kernels), components.noise_scheduler.alphas_cumprod, 0.5,
-                         kernel_backend=kernels, recompute=recompute)
+        guide = SATGuide(make_saliency(unet, "sac", "sdpa", kernels), components.noise_scheduler.alphas_cumprod,
+                         GuideSettings(ratio=0.5, kernel_backend=kernels, recompute=recompute))
         loss = guide(unet, s).loss
         loss.backward()
         results.append((loss.detach(), lora_grads(unet)))

@@ -4,6 +4,7 @@ checkpointing, an end-to-end run counting fallbacks, and the step's peak memory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -16,9 +17,11 @@ from sat_kernels import reference
 from sat_train.capture import CrossAttentionCapture, MidBlockCapture, mid_block_self_attention, stock_processor
 from sat_train.data import build_dataset, collate, read_records, tokenize, word_token_ids, word_token_positions
 from sat_train.demo import build_tokenizer
-from sat_train.guidance import CACGuide, Guide, SACGuide
+from sat_train.config import GuideSettings
+from sat_train.guidance import CaptionWordSaliency, Guide, MidBlockSaliency, SATGuide
 from sat_train.train import train
-from train_helpers import DEMO_DATA_DIR, ProbsStoringProcessor, lora_grads, lora_unet, step_inputs, tiny_config
+from train_helpers import (DEMO_DATA_DIR, ProbsStoringProcessor, count_forwards, lora_grads, lora_unet, step_inputs,
+                           tiny_config)
 
 WORDS = "face,eyes,eye,hair,hand,hands,mouth,nose".split(",")
 
@@ -105,11 +108,13 @@ def materialized_cac_map(components, s, tokens):
     return pred, cac, mass, (stores, mid)
 
 
-def cac_guide(components, kernels="torch", ratio=0.5, backend="sdpa"):
+def cac_guide(components, kernels="torch", ratio=0.5, backend="sdpa", **settings):
     unet = components.unet
     unet.set_attn_processor(stock_processor(backend))
-    return CACGuide(MidBlockCapture(unet, backend, kernels), CrossAttentionCapture(unet, backend, kernels),
-                    components.noise_scheduler.alphas_cumprod, ratio, threshold=1.0, kernel_backend=kernels)
+    saliency = CaptionWordSaliency(MidBlockSaliency(MidBlockCapture(unet, backend, kernels)),
+                                   CrossAttentionCapture(unet, backend, kernels))
+    return SATGuide(saliency, components.noise_scheduler.alphas_cumprod,
+                    GuideSettings(ratio=ratio, threshold=1.0, kernel_backend=kernels, **settings))
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
@@ -117,7 +122,7 @@ def test_cac_map_from_token_probs_equals_materialized_probs(kernels):
     components = lora_unet()
     s = step_inputs(components, size=16)
     _, expected, _, _ = materialized_cac_map(components, s, TOKENS)
-    capture = cac_guide(components, kernels).cross_capture
+    capture = cac_guide(components, kernels).saliency.cross
     assert [p for p in capture.processors] == [a.processor for a in demo_highres_attn2(components.unet)]
     capture.arm(TOKENS)
     with torch.no_grad():
@@ -152,15 +157,60 @@ def test_cac_step_matches_written_out_reference_with_fallback():
     assert torch.allclose(result.loss, ref_loss, rtol=0, atol=1e-5), (result.loss.item(), ref_loss.item())
     for name, grad in lora_grads(unet).items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert (guide.fallbacks, guide.samples, result.cac_fallback.item()) == (1, 2, 0.5)
+    assert (guide.saliency.fallbacks, guide.saliency.samples, result.cac_fallback.item()) == (1, 2, 0.5)
     cac_mask = cac[0] > cac[0].mean()
     assert 0 < cac_mask.float().mean() < 1, "a partial CAC mask makes the comparison meaningful"
     assert torch.equal(result.mask[0].flatten(), cac_mask)
     # without words for anyone the CAC guide is exactly the SAC guide
     s.tokens = torch.full((2, 1), -1)
-    sac = SACGuide(guide.capture, components.noise_scheduler.alphas_cumprod, ratio, kernel_backend="torch")
+    sac = SATGuide(guide.saliency.mid, components.noise_scheduler.alphas_cumprod, guide.settings)
     with torch.no_grad():
         torch.testing.assert_close(guide(unet, s).loss, sac(unet, s).loss, rtol=0, atol=0)
+
+
+def set_lora_scale(unet, scale: float) -> None:
+    """Every LoRA layer's scaling (alpha / r = 1 here) set by hand: 0 removes LoRA from the forward."""
+    for module in unet.modules():
+        if isinstance(getattr(module, "scaling", None), dict):
+            module.scaling["default"] = scale
+
+
+def test_cac_separate_capture_matches_the_original_three_forward_step():
+    """--guide_capture separate with CAC: the original code's step, written out. Its maps come from
+    an extra forward with LoRA off in every layer; then pred with LoRA, the degraded forward, the loss."""
+    components = lora_unet()
+    s = step_inputs(components, size=16)
+    s.tokens = TOKENS
+    unet, ratio = components.unet, 0.5
+    ac = components.noise_scheduler.alphas_cumprod
+    set_lora_scale(unet, 0.0)
+    with torch.no_grad():
+        _, cac, mass, _ = materialized_cac_map(components, s, TOKENS)
+    set_lora_scale(unet, 1.0)
+    pred = unet(s.noisy, s.timesteps, s.cond).sample
+    x_cac = reference.degrade_latents(s.x0, pred, cac, (16, 16), ac, s.timesteps, "mean", 9, 1.0)
+    side = math.isqrt(mass.shape[1])
+    x_sac = reference.degrade_latents(s.x0, pred, mass, (side, side), ac, s.timesteps, 1.0, 9, 1.0)
+    pred_deg = unet(torch.cat([x_cac[:1], x_sac[1:]]), s.timesteps, s.cond).sample
+    ref_loss = F.mse_loss(pred + ratio * (pred - pred_deg), s.target)
+    ref_loss.backward()
+    ref_grads = lora_grads(unet)
+    unet.zero_grad(set_to_none=True)
+
+    guide = cac_guide(components, ratio=ratio, capture="separate")
+    calls = count_forwards(unet)
+    result = guide(unet, s)
+    result.loss.backward()
+    assert calls[0] == 3 == guide.forwards_per_step
+    assert torch.allclose(result.loss, ref_loss, rtol=0, atol=1e-5), (result.loss.item(), ref_loss.item())
+    for name, grad in lora_grads(unet).items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.equal(result.mask[0].flatten(), cac[0] > cac[0].mean())
+    # the inline capture sees LoRA: another map, another loss (so the comparison above is not vacuous)
+    inline = cac_guide(components, ratio=ratio)(unet, s)
+    assert abs(inline.loss.item() - result.loss.item()) > 1e-6
+    assert all(not layer.disable_adapters for layer in unet.modules() if hasattr(layer, "disable_adapters")
+               and isinstance(getattr(layer, "scaling", None), dict)), "LoRA must be on again after the capture"
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["", "guide_recompute"])
@@ -170,12 +220,12 @@ def test_cac_capture_is_one_shot_under_gradient_checkpointing(recompute):
         components = lora_unet()
         s = step_inputs(components, size=16)
         s.tokens = TOKENS
-        guide = cac_guide(components)
+        # with checkpointing, recompute reruns the first forward in backward, around the UNet's own reruns
+        guide = cac_guide(components, recompute=checkpointing and recompute)
         if checkpointing:
             components.unet.enable_gradient_checkpointing()
-            guide.recompute = recompute  # the first forward rerun in backward, around the UNet's own reruns
         calls = [0]
-        for p in guide.cross_capture.processors:
+        for p in guide.saliency.cross.processors:
             original = p._capture
             p._capture = lambda *a, _o=original: (calls.__setitem__(0, calls[0] + 1), _o(*a))
         result = guide(components.unet, s)
@@ -218,11 +268,10 @@ def test_cac_step_peak_memory_at_64x64_latents():
     s.tokens = torch.tensor([[3, 5]])
     unet = components.unet
     full = cac_guide(components)
-    detached = CACGuide(full.capture, full.cross_capture, components.noise_scheduler.alphas_cumprod, 0.5,
-                        kernel_backend="torch", detach_degraded=True)
-    recomputed = CACGuide(full.capture, full.cross_capture, components.noise_scheduler.alphas_cumprod, 0.5,
-                          kernel_backend="torch", recompute=True)
-    sac = SACGuide(full.capture, components.noise_scheduler.alphas_cumprod, 0.5, kernel_backend="torch")
+    alphas = components.noise_scheduler.alphas_cumprod
+    detached = SATGuide(full.saliency, alphas, dataclasses.replace(full.settings, detach_degraded=True))
+    recomputed = SATGuide(full.saliency, alphas, dataclasses.replace(full.settings, recompute=True))
+    sac = SATGuide(full.saliency.mid, alphas, full.settings)
     none = step_peak(Guide(), unet, s)
     peaks = {"cac": step_peak(full, unet, s), "cac_detached": step_peak(detached, unet, s),
              "cac_recompute": step_peak(recomputed, unet, s), "sac": step_peak(sac, unet, s)}

@@ -136,9 +136,37 @@ def test_errors_from_flags(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 2 and "--pretrained_model_name_or_path is required" in capsys.readouterr().err
     for flags, message in [(["--guide", "none", "--guide_recompute"], "use it with --guide sac or cac"),
                            (["--guide_recompute", "--guide_detach_degraded"], "pick one"),
-                           (["--guide", "cac", "--sac_capture", "separate"], "use it with --guide sac"),
+                           (["--guide", "none", "--guide_capture", "separate"], "use it with --guide sac or cac"),
+                           (["--guide", "none", "--sac_capture", "separate"], "use it with --guide sac or cac"),
                            (["--dataset_name", "faces", "--pretrained_model_name_or_path", "x", "--skip_small_images"],
                             "does not run")]:
         with pytest.raises(SystemExit) as exit_info:
             main([*flags, "--output_dir", str(tmp_path)])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resolution_too_small_for_the_blur_fails_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """--resolution 32 gives 4x4 latents; the 9-tap blur reflect-pads by 4, which needs more than 4."""
+    import sat_train.demo
+
+    monkeypatch.setattr(sat_train.demo, "build_components", lambda: pytest.fail("a model was built"))
+    for flags, fragment in [(["--resolution", "32"], "--resolution 32 gives 4x4 latents"),
+                            (["--resolution", "64", "--guide_kernel_size", "17"], "--guide_kernel_size 17")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*flags, "--output_dir", str(tmp_path)])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+        # the advice it gives is right: each suggested fix on its own passes the check
+        smallest = int(err.split("--resolution >= ")[1].split()[0])
+        kernel = int(err.split("--guide_kernel_size <= ")[1].split()[0])
+        resolution = int(flags[1])
+        kernel_size = int(flags[3]) if len(flags) > 2 else 9
+        assert smallest // 8 > kernel_size // 2 and (smallest - 8) // 8 <= kernel_size // 2
+        assert kernel // 2 < resolution // 8 and (kernel + 2) // 2 >= resolution // 8
+    assert parse_config(["--resolution", "32", "--guide", "none", "--output_dir", str(tmp_path)]).resolution == 32
+
+
+def test_guide_capture_and_its_old_name(tmp_path):
+    for flag in ("--guide_capture", "--sac_capture"):
+        config = parse_config([flag, "separate", "--guide", "cac", "--output_dir", str(tmp_path)])
+        assert config.guide_capture == "separate" and config.guide_settings.capture == "separate"

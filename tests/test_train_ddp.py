@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from sat_train.capture import CrossAttentionCapture, MidBlockCapture, stock_processor
-from sat_train.guidance import CACGuide, SACGuide
+from sat_train.capture import stock_processor
+from sat_train.config import GuideSettings
+from sat_train.guidance import SATGuide, make_saliency
 from train_helpers import lora_grads, lora_unet, step_inputs
 
 WORLD = 2
@@ -23,12 +24,8 @@ WORLD = 2
 def make_guide(components, guide: str, recompute: bool):
     unet = components.unet
     unet.set_attn_processor(stock_processor("sdpa"))
-    mid = MidBlockCapture(unet, "sdpa", "torch")
-    alphas = components.noise_scheduler.alphas_cumprod
-    if guide == "sac":
-        return SACGuide(mid, alphas, 0.5, kernel_backend="torch", recompute=recompute)
-    return CACGuide(mid, CrossAttentionCapture(unet, "sdpa", "torch"), alphas, 0.5, kernel_backend="torch",
-                    recompute=recompute)
+    return SATGuide(make_saliency(unet, guide, "sdpa", "torch"), components.noise_scheduler.alphas_cumprod,
+                    GuideSettings(ratio=0.5, kernel_backend="torch", recompute=recompute))
 
 
 def rank_inputs(components, rank: int):

@@ -11,17 +11,18 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from sat_kernels import reference
 from sat_train.capture import MidBlockCapture, mid_block_self_attention, stock_processor
-from sat_train.guidance import Guide, SACGuide
+from sat_train.config import GuideSettings
+from sat_train.guidance import Guide, MidBlockSaliency, SATGuide
 from train_helpers import ProbsStoringProcessor, count_forwards, lora_grads, lora_unet, step_inputs
 
 
 def sac_guide(components, backend="sdpa", ratio=0.5, separate=False, threshold=1.0, kernels="torch",
-              prediction_type="epsilon", recompute=False):
+              prediction_type="epsilon", recompute=False, detach_degraded=False):
     components.unet.set_attn_processor(stock_processor(backend))
     capture = MidBlockCapture(components.unet, backend, mass_backend=kernels)
-    return SACGuide(capture, components.noise_scheduler.alphas_cumprod, ratio, threshold,
-                    separate_capture=separate, kernel_backend=kernels, prediction_type=prediction_type,
-                    recompute=recompute)
+    settings = GuideSettings(ratio=ratio, threshold=threshold, capture="separate" if separate else "inline",
+                             kernel_backend=kernels, recompute=recompute, detach_degraded=detach_degraded)
+    return SATGuide(MidBlockSaliency(capture), components.noise_scheduler.alphas_cumprod, settings, prediction_type)
 
 
 def reference_sac_loss(components, s, ratio, threshold=1.0, prediction_type="epsilon"):
@@ -105,13 +106,14 @@ def test_inline_and_separate_capture_agree_with_zero_lora_b():
     components = lora_unet(randomize_b=False)  # fresh LoRA: B = 0, so dropping it changes nothing
     s = step_inputs(components)
     inline = sac_guide(components, ratio=0.5)
-    inline.capture.arm()
+    capture = inline.saliency.capture
+    capture.arm()
     components.unet(s.noisy, s.timesteps, s.cond)
-    mass_inline, _ = inline.capture.take()
+    mass_inline, _ = capture.take()
     loss_inline = inline(components.unet, s).loss
 
     separate = sac_guide(components, ratio=0.5, separate=True)
-    mass_separate, _ = separate.saliency(components.unet, s)
+    mass_separate = separate.saliency.capture_separately(components.unet, s, 1.0).maps[0].values
     loss_separate = separate(components.unet, s).loss
     torch.testing.assert_close(mass_separate, mass_inline, rtol=0, atol=1e-6)
     torch.testing.assert_close(loss_separate, loss_inline, rtol=0, atol=1e-6)
@@ -123,24 +125,60 @@ def test_separate_capture_drops_lora_in_the_captured_layer_only():
     components = lora_unet()
     s = step_inputs(components)
     guide = sac_guide(components, separate=True)
-    mass_separate, _ = guide.saliency(components.unet, s)
+    mass_separate = guide.saliency.capture_separately(components.unet, s, 1.0).maps[0].values
 
-    inline = sac_guide(components)
+    inline = sac_guide(components).saliency.capture
     attn = mid_block_self_attention(components.unet)
-    inline.capture.arm()
+    inline.arm()
     components.unet(s.noisy, s.timesteps, s.cond)
-    mass_lora, _ = inline.capture.take()
+    mass_lora, _ = inline.take()
     for layer in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
         layer.scaling["default"] = 0.0
-    inline.capture.arm()
+    inline.arm()
     components.unet(s.noisy, s.timesteps, s.cond)
-    mass_no_lora, _ = inline.capture.take()
+    mass_no_lora, _ = inline.take()
     torch.testing.assert_close(mass_separate, mass_no_lora, rtol=0, atol=1e-6)
     assert (mass_separate - mass_lora).abs().max() > 1e-4
     # and the bypass ended with the capture: the next forward uses LoRA in that layer again
     for layer in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
         layer.scaling["default"] = 1.0
-    assert not guide.capture.processor.bypass_lora
+    assert not guide.saliency.capture.processor.bypass_lora
+
+
+def test_separate_capture_matches_the_original_three_forward_step():
+    """--guide_capture separate with SAC: the original code's step, written out. The mass comes from an
+    extra eager forward with the captured layer's LoRA scaled to 0; then pred with LoRA, the degraded
+    forward and the loss; values and gradients."""
+    components = lora_unet()
+    s = step_inputs(components)
+    unet, ratio = components.unet, 0.5
+    attn = mid_block_self_attention(unet)
+    unet.set_attn_processor(AttnProcessor())
+    store = ProbsStoringProcessor()
+    attn.set_processor(store)
+    for layer in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+        layer.scaling["default"] = 0.0
+    with torch.no_grad():
+        unet(s.noisy, s.timesteps, s.cond)
+    for layer in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+        layer.scaling["default"] = 1.0
+    mass = reference.attention_mass(store.probs[0], attn.heads)
+    side = math.isqrt(mass.shape[1])
+    pred = unet(s.noisy, s.timesteps, s.cond).sample
+    x_deg = reference.degrade_latents(s.x0, pred, mass, (side, side), components.noise_scheduler.alphas_cumprod,
+                                      s.timesteps, 1.0, 9, 1.0)
+    ref_loss = F.mse_loss(pred + ratio * (pred - unet(x_deg, s.timesteps, s.cond).sample), s.target)
+    ref_loss.backward()
+    ref_grads = lora_grads(unet)
+    unet.zero_grad(set_to_none=True)
+
+    result = sac_guide(components, ratio=ratio, separate=True)(unet, s)
+    result.loss.backward()
+    torch.testing.assert_close(result.loss, ref_loss, rtol=0, atol=1e-5)
+    for name, grad in lora_grads(unet).items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    inline = sac_guide(components, ratio=ratio)(unet, s)  # with LoRA in the capture: another loss
+    assert abs(inline.loss.item() - ref_loss.item()) > 1e-6
 
 
 def test_gradient_checkpointing_gives_same_loss_and_grads():
@@ -151,7 +189,7 @@ def test_gradient_checkpointing_gives_same_loss_and_grads():
             components.unet.enable_gradient_checkpointing()
         components.unet.train()
         guide = sac_guide(components, ratio=0.5)
-        calls = count_processor_calls(guide.capture.processor)
+        calls = count_processor_calls(guide.saliency.capture.processor)
         result = guide(components.unet, step_inputs(components))
         result.loss.backward()
         results[checkpointing] = (result.loss.detach(), lora_grads(components.unet), calls[0])
@@ -207,17 +245,16 @@ def test_detach_degraded_keeps_the_loss_and_drops_the_degraded_gradient():
     full_grads = lora_grads(unet)
     unet.zero_grad(set_to_none=True)
 
-    guide = sac_guide(components, ratio=ratio)
-    guide.detach_degraded = True
+    guide = sac_guide(components, ratio=ratio, detach_degraded=True)
     detached = guide(unet, s)
     detached.loss.backward()
     detached_grads = lora_grads(unet)
     unet.zero_grad(set_to_none=True)
 
     # reference: the step written out, with pred_deg computed under no_grad
-    guide.capture.arm()
+    guide.saliency.capture.arm()
     pred = unet(s.noisy, s.timesteps, s.cond).sample
-    mass, map_size = guide.capture.take()
+    mass, map_size = guide.saliency.capture.take()
     with torch.no_grad():
         x_deg = reference.degrade_latents(s.x0, pred, mass, map_size, components.noise_scheduler.alphas_cumprod,
                                           s.timesteps)
@@ -241,8 +278,9 @@ def test_recompute_keeps_the_step_exact(separate):
     for recompute in (False, True):
         guide = sac_guide(components, separate=separate, recompute=recompute)
         captures = [0]
-        original = guide.capture.processor._capture
-        guide.capture.processor._capture = lambda *a: (captures.__setitem__(0, captures[0] + 1), original(*a))
+        processor = guide.saliency.capture.processor
+        original = processor._capture
+        processor._capture = lambda *a: (captures.__setitem__(0, captures[0] + 1), original(*a))
         result = guide(components.unet, s)
         result.loss.backward()
         results[recompute] = (result.loss.detach(), result.mask, lora_grads(components.unet), captures[0])

@@ -27,7 +27,7 @@ def test_training_loop_calls_unet_per_step(tmp_path, monkeypatch, guide, capture
 
     monkeypatch.setattr(train_module.demo, "build_components", counted_components)
     steps = 2 if accumulation == 1 else 1  # (6 photos / batch 2 = 3 batches: an epoch end forces a step)
-    train(tiny_config(tmp_path, guide=guide, sac_capture=capture, max_train_steps=steps,
+    train(tiny_config(tmp_path, guide=guide, guide_capture=capture, max_train_steps=steps,
                       gradient_accumulation_steps=accumulation))
     assert counters[0][0] == steps * accumulation * per_batch
     resolved = json.loads((tmp_path / "train_config.json").read_text())
