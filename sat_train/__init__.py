@@ -4,9 +4,9 @@ Run ``python -m sat_train --help``; with no model and no data it trains an embed
 model offline on bundled photos.
 """
 
-from .config import TrainConfig, UsageError
+from .config import GuideSettings, TrainConfig, UsageError
 
-__all__ = ["TrainConfig", "UsageError", "caption_token_positions", "guided_prediction", "install_sat_capture",
+__all__ = ["GuideSettings", "TrainConfig", "UsageError", "caption_token_positions", "guided_prediction", "install_sat_capture",
            "train"]
 _DROPIN = ("caption_token_positions", "guided_prediction", "install_sat_capture")
 

@@ -14,6 +14,7 @@ from peft import LoraConfig
 
 import sat_train
 from sat_kernels import reference
+from sat_train.config import GuideSettings
 from sat_train.demo import build_tokenizer
 from sat_train.dropin import caption_token_positions, guided_prediction, install_sat_capture
 from train_helpers import ProbsStoringProcessor
@@ -76,8 +77,10 @@ def grads(unet):
     return out
 
 
-@pytest.mark.parametrize("guide, prediction_type", [("sac", "epsilon"), ("cac", "v_prediction")])
-def test_guided_prediction_matches_written_out_step(guide, prediction_type):
+@pytest.mark.parametrize("guide, prediction_type, ratio_given_to", [("sac", "epsilon", "call"),
+                                                                     ("cac", "v_prediction", "call"),
+                                                                     ("sac", "epsilon", "install")])
+def test_guided_prediction_matches_written_out_step(guide, prediction_type, ratio_given_to):
     unet, scheduler = other_trainers_unet(prediction_type)
     noisy, x0, t, cond = batch(unet, scheduler)
     tokens = torch.tensor([[2, 7], [4, -1]]) if guide == "cac" else None
@@ -87,8 +90,13 @@ def test_guided_prediction_matches_written_out_step(guide, prediction_type):
     mask = saliency > (saliency.mean(dim=1, keepdim=True) if threshold == "mean" else threshold)
     assert mask.any() and not mask.all()
 
-    handle = install_sat_capture(unet, guide=guide, attention_backend="sdpa", kernel_backend="torch")
-    got, info = guided_prediction(unet, noisy, x0, t, cond, scheduler, handle, ratio=0.3, tokens=tokens)
+    if ratio_given_to == "call":
+        handle = install_sat_capture(unet, guide=guide, attention_backend="sdpa", kernel_backend="torch")
+        got, info = guided_prediction(unet, noisy, x0, t, cond, scheduler, handle, ratio=0.3, tokens=tokens)
+    else:  # the settings given whole, once
+        handle = install_sat_capture(unet, guide=guide, attention_backend="sdpa", kernel_backend="torch",
+                                     settings=GuideSettings(ratio=0.3))
+        got, info = guided_prediction(unet, noisy, x0, t, cond, scheduler, handle, tokens=tokens)
     got.pow(2).mean().backward()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     for name, grad in grads(unet).items():
