@@ -30,15 +30,24 @@ from triton.compiler import ASTSource  # noqa: E402
 from sat_kernels.ops import blur, degrade  # noqa: E402
 from sat_kernels.ops.utils import row_walk_tiles  # noqa: E402
 
-I32, F32 = "i32", "fp32"
-FWD = dict(X0="*fp32", EPS="*fp32", SAL="*fp32", AC="*fp32", TS="*i64", HW="*fp32", VW="*fp32", OUT="*fp32",
-           MASK="*u8", **dict.fromkeys(["C", "H", "W", "MH", "MW", "N", "NQ", "HEADS", "sx_b", "sx_c", "sx_h", "sx_w",
-                                         "se_b", "se_c", "se_h", "se_w", "ss_b", "ss_h", "ss_q", "ss_k", "s_ac"], I32),
-           thr=F32, scale_h=F32, scale_w=F32)
-BWD = dict(G="*fp32", MASK="*u8", AC="*fp32", TS="*i64", HW="*fp32", VW="*fp32", DX0="*fp32", DEPS="*fp32",
-           **dict.fromkeys(["C", "H", "W", "sg_b", "sg_c", "sg_h", "sg_w", "s_ac"], I32))
-BLUR = dict(SRC="*fp32", OUT="*fp32", HW="*fp32", VW="*fp32",
-            **dict.fromkeys(["PLANES", "C", "H", "W", "s_b", "s_c", "s_h", "s_w"], I32))
+FLOATS = {"threshold", "scale_h", "scale_w", "scale_log2", "inv_heads"}  # fp32 scalars; other scalars are i32
+
+
+def signature(fn, **pointers: str) -> dict:
+    """Triton's signature of ``fn``: the given pointer types, fp32 for the float scalars, i32 for
+    the other scalars (sizes and strides); constexprs are added by compile_for."""
+    params = [p.name for p in fn.params if not p.is_constexpr]
+    missing = [name for name in params if name.isupper() and name not in pointers and name not in SCALARS]
+    assert not missing, f"{fn.__name__}: no pointer type for {missing}"
+    return {name: pointers.get(name, "fp32" if name in FLOATS else "i32") for name in params}
+
+
+SCALARS = {"C", "H", "W", "MAP_H", "MAP_W", "N_TOKENS", "N_QUERIES", "HEADS", "N_PLANES"}  # upper-case sizes
+FWD = signature(degrade._degrade_fwd_kernel, X0="*fp32", EPS="*fp32", SALIENCY="*fp32", ALPHAS_CUMPROD="*fp32",
+                TIMESTEPS="*i64", W_WEIGHTS="*fp32", H_WEIGHTS="*fp32", OUT="*fp32", MASK="*u8")
+BWD = signature(degrade._degrade_bwd_kernel, GRAD="*fp32", MASK="*u8", ALPHAS_CUMPROD="*fp32", TIMESTEPS="*i64",
+                W_WEIGHTS="*fp32", H_WEIGHTS="*fp32", GRAD_X0="*fp32", GRAD_EPS="*fp32")
+BLUR = signature(blur._gaussian_blur_kernel, X="*fp32", OUT="*fp32", W_WEIGHTS="*fp32", H_WEIGHTS="*fp32")
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -68,20 +77,20 @@ def kernels(sweep: bool):
     """(label, kernel, signature, constexprs, num_warps, output values per thread) to compile."""
     fp32 = triton.language.float32
     ch, bw, cp, warps = row_walk_tiles(128, 128, 4, "cuda")
-    tile = dict(KS=9, CH=ch, BW=bw, CP=cp, CDT=fp32)
+    tile = dict(KERNEL_SIZE=9, BLOCK_ROWS=ch, BLOCK_W=bw, COMPUTE_DTYPE=fp32)
     per_thread = cp * bw // (32 * warps)
-    mass = dict(TOKS=64, BQ=1, IS_PROBS=False, MEAN_THR=False, WRITE_MASK=True)
-    probs = dict(TOKS=64, BQ=64, IS_PROBS=True, MEAN_THR=False, WRITE_MASK=True)
+    mass = dict(BLOCK_C=cp, BLOCK_TOKENS=64, BLOCK_Q=1, IS_PROBS=False, MEAN_THRESHOLD=False, WRITE_MASK=True)
+    probs = dict(BLOCK_C=cp, BLOCK_TOKENS=64, BLOCK_Q=64, IS_PROBS=True, MEAN_THRESHOLD=False, WRITE_MASK=True)
     yield "degrade fwd, from mass", degrade._degrade_fwd_kernel, FWD, {**tile, **mass}, warps, per_thread
     yield "degrade fwd, from probs", degrade._degrade_fwd_kernel, FWD, {**tile, **probs}, warps, per_thread
-    yield "degrade bwd", degrade._degrade_bwd_kernel, BWD, {**tile, "NEED_X0": True, "NEED_EPS": True}, warps, per_thread
-    yield "blur fwd", blur._gaussian_blur_kernel, BLUR, {**tile, "ADJOINT": False}, warps, per_thread
-    yield "blur adjoint", blur._gaussian_blur_kernel, BLUR, {**tile, "ADJOINT": True}, warps, per_thread
+    yield "degrade bwd", degrade._degrade_bwd_kernel, BWD, {**tile, "BLOCK_C": cp, "NEED_X0": True, "NEED_EPS": True}, warps, per_thread
+    yield "blur fwd", blur._gaussian_blur_kernel, BLUR, {**tile, "BLOCK_PLANES": cp, "ADJOINT": False}, warps, per_thread
+    yield "blur adjoint", blur._gaussian_blur_kernel, BLUR, {**tile, "BLOCK_PLANES": cp, "ADJOINT": True}, warps, per_thread
     if sweep:
         for block_w in (32, 64, 128):
             for w in (1, 2, 4, 8):
                 yield (f"degrade fwd, from mass, BW={block_w} warps={w}", degrade._degrade_fwd_kernel, FWD,
-                       {**tile, "BW": block_w, **mass}, w, max(1, cp * block_w // (32 * w)))
+                       {**tile, "BLOCK_W": block_w, **mass}, w, max(1, cp * block_w // (32 * w)))
 
 
 def main() -> None:

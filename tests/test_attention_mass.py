@@ -129,7 +129,7 @@ def test_mass_from_qk_strided_lse_and_split_grid():
     assert not lse.is_contiguous()
     assert_rel(ops.attention_mass_from_qk(q, k, lse, scale), expected, 1e-5)
     for split in [(3, 1), (1, 2), (3, 2)]:  # (SPLIT_H, SPLIT_Q) -> summed (SPLIT, B, Nk) buffer
-        assert_rel(ops._launch_mass_from_qk(q, k, lse, scale, split=split), expected, 1e-5)
+        assert_rel(ops.attention_mass_from_qk(q, k, lse, scale, split=split), expected, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -160,7 +160,7 @@ def test_attention_mass_from_probs(dtype, probs_layout):
     assert_rel(sat_kernels.attention_mass(given, heads, backend="triton"), expected, 1e-5)
     assert_rel(sat_kernels.attention_mass(given, heads, backend="torch"), expected, 1e-5)
     four_d = given if given.dim() == 4 else given.view(b, heads, nq, nk)
-    assert_rel(ops._launch_attention_mass(four_d, heads, split=(3, 2)), expected, 1e-5)
+    assert_rel(ops.attention_mass(four_d, heads, split=(3, 2)), expected, 1e-5)
 
 
 def test_mass_from_qk_of_materialized_map_matches_attention_mass():

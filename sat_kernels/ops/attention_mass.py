@@ -27,37 +27,6 @@ import triton.language as tl
 from .. import reference
 from .utils import LOG2E, attention_tile_config, block_d, cdiv, dot_in_f32, interpreting
 
-
-def _precision(t: torch.Tensor) -> str:
-    """tl.dot precision for fp32 tiles: exact fp32 products when interpreting; on GPU "tf32x3"
-    (three TF32 MMAs, error ~2^-22 like fp32: 2e-7 relative on the mass at N=4096 on an H100,
-    7x faster than "ieee", which Triton runs on CUDA cores). Never plain TF32 (~1e-3)."""
-    return "ieee" if interpreting(t) else "tf32x3"
-
-
-def _tile_flags(q: torch.Tensor, k: torch.Tensor) -> dict:
-    return dict(dot_f32=dot_in_f32(q, k), interpret=interpreting(q))
-
-
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_for(programs: int, heads: int, q_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(SPLIT_H, SPLIT_Q): how many programs share one (batch, key tile)'s head x query loop.
-
-    One under the interpreter. On GPU enough for ~4 waves of programs over the SMs: heads first,
-    in equal shares (a divisor of H: 5 programs over 8 heads ran 1.4x slower than 8 on an H100),
-    then query tiles. E.g. B=2, N=4096, BLOCK_K=128 on 132 SMs: 64 tiles -> (8, 2) for H=8.
-    """
-    if device.type != "cuda":
-        return 1, 1
-    want = cdiv(4 * _num_sms(device), max(1, programs))
-    split_h = next((d for d in range(1, heads + 1) if heads % d == 0 and d >= want), heads)
-    split_q = max(1, min(cdiv(want, split_h), q_tiles))
-    return split_h, split_q
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -69,7 +38,7 @@ def _split_range(split, n_split, total):
 
 @triton.jit
 def _attention_mass_probs_kernel(
-    P, OUT,  # P: (B, H, Nq, Nk) any strides; OUT: (SPLIT_H * SPLIT_Q, B, Nk) fp32 contiguous
+    PROBS, OUT,  # PROBS: (B, H, Nq, Nk) any strides; OUT: (SPLIT_H * SPLIT_Q, B, Nk) fp32 contiguous
     H, NQ, NK,
     s_pb, s_ph, s_pq, s_pk,
     inv_heads,
@@ -83,7 +52,7 @@ def _attention_mass_probs_kernel(
     mask_k = offs_k < NK
     h_lo, h_hi = _split_range(split // SPLIT_Q, SPLIT_H, H)
     t_lo, t_hi = _split_range(split % SPLIT_Q, SPLIT_Q, tl.cdiv(NQ, BLOCK_Q))
-    base = P + b.to(tl.int64) * s_pb
+    base = PROBS + b.to(tl.int64) * s_pb
     if ACC_2D:  # elementwise adds in the loop, one column reduction at the end
         acc = tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32)
     else:
@@ -209,26 +178,79 @@ def _attention_mass_qk_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _launch_attention_mass(probs4d: torch.Tensor, heads: int, split=None, config=None) -> torch.Tensor:
+def dot_precision(interpret: bool) -> str:
+    """tl.dot precision for fp32 tiles: exact fp32 products when interpreting; on GPU "tf32x3"
+    (three TF32 MMAs, error ~2^-22 like fp32, several times faster than "ieee", which Triton runs
+    on CUDA cores: benchmarks/RESULTS.md). Never plain TF32 (~1e-3)."""
+    return "ieee" if interpret else "tf32x3"
+
+
+def split_grid(programs: int, heads: int, q_tiles: int, num_sms: int | None) -> tuple[int, int]:
+    """(SPLIT_H, SPLIT_Q): how many programs share one (batch, key tile)'s head x query loop.
+
+    One under the interpreter (``num_sms`` None). On GPU enough for ~4 waves of programs over the
+    SMs: heads first, in equal shares (a divisor of H: unequal shares ran slower on an H100,
+    benchmarks/RESULTS.md), then query tiles. E.g. B=2, N=4096, BLOCK_K=128 on 132 SMs: 64
+    tiles -> (8, 2) for H=8.
+    """
+    if num_sms is None:
+        return 1, 1
+    want = cdiv(4 * num_sms, max(1, programs))
+    split_h = next((d for d in range(1, heads + 1) if heads % d == 0 and d >= want), heads)
+    split_q = max(1, min(cdiv(want, split_h), q_tiles))
+    return split_h, split_q
+
+
+def _num_sms(t: torch.Tensor) -> int | None:
+    """The SMs the split grid has to fill; None under the interpreter (no split)."""
+    return None if interpreting(t) else torch.cuda.get_device_properties(t.device).multi_processor_count
+
+
+def probs_mass_config(interpret: bool) -> tuple[int, int, int, bool]:
+    """(BLOCK_Q, BLOCK_K, num_warps, ACC_2D) of the mass from probabilities: on GPU wide key tiles
+    summed elementwise, one column reduction at the end."""
+    return (32, 32, 4, False) if interpret else (32, 128, 4, True)
+
+
+def lse_config(head_dim: int, dot_f32: bool, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_K, num_warps, num_stages) of attention_lse; the tiles that ran fastest on an
+    H100 (benchmarks/RESULTS.md): fp32 "tf32x3" tiles unpipelined, half tiles pipelined."""
+    if dot_f32:
+        return attention_tile_config(block_d(head_dim), 64, 64, 4, 1, dot_f32=True, interpret=interpret)
+    return attention_tile_config(block_d(head_dim), 128, 64, 4, dot_f32=False, interpret=interpret)
+
+
+def qk_mass_config(head_dim: int, dot_f32: bool, interpret: bool) -> tuple[int, int, int, int, bool, str]:
+    """(BLOCK_Q, BLOCK_K, num_warps, num_stages, ACC_2D, fp32 dot precision) of the mass from q, k;
+    the configurations that ran fastest on an H100 (benchmarks/RESULTS.md): half inputs in
+    128x128 tiles with per-tile column sums, fp32 in 64x128 "tf32x3" tiles accumulated
+    elementwise (ACC_2D), one stage."""
+    if dot_f32:
+        tiles = attention_tile_config(block_d(head_dim), 64, 128, 4, 1, dot_f32=True, interpret=interpret)
+        return (*tiles, True, dot_precision(interpret))
+    tiles = attention_tile_config(block_d(head_dim), 128, 128, 4, dot_f32=False, interpret=interpret)
+    return (*tiles, False, dot_precision(interpret))
+
+
+def attention_mass(probs4d: torch.Tensor, heads: int, *, split=None, config=None) -> torch.Tensor:
+    """(B, Nk) float32: mean over heads of the sum over queries of probs4d (B, heads, Nq, Nk).
+
+    ``split`` (SPLIT_H, SPLIT_Q) / ``config`` (probs_mass_config's tuple) override the launch
+    (tests use them to run the GPU's split grid under the interpreter).
+    """
+    if probs4d.numel() == 0:
+        return reference.attention_mass(probs4d, heads)
+    probs4d = probs4d.detach()
     b, h, nq, nk = probs4d.shape
-    if config is None:  # (BLOCK_Q, BLOCK_K, num_warps, ACC_2D)
-        config = (32, 32, 4, False) if interpreting(probs4d) else (32, 128, 4, True)
-    block_q, block_k, warps, acc_2d = config
+    block_q, block_k, warps, acc_2d = config or probs_mass_config(interpreting(probs4d))
     k_tiles = cdiv(nk, block_k)
-    split_h, split_q = split or _split_for(b * k_tiles, h, cdiv(nq, block_q), probs4d.device)
+    split_h, split_q = split or split_grid(b * k_tiles, h, cdiv(nq, block_q), _num_sms(probs4d))
     out = torch.empty((split_h * split_q, b, nk), dtype=torch.float32, device=probs4d.device)
     _attention_mass_probs_kernel[(b, k_tiles, split_h * split_q)](
         probs4d, out, h, nq, nk, *probs4d.stride(), 1.0 / heads,
         SPLIT_H=split_h, SPLIT_Q=split_q, ACC_2D=acc_2d, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps,
     )
     return out[0] if split_h * split_q == 1 else out.sum(0)
-
-
-def attention_mass(probs4d: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, Nk) float32: mean over heads of the sum over queries of probs4d (B, heads, Nq, Nk)."""
-    if probs4d.numel() == 0:
-        return reference.attention_mass(probs4d, heads)
-    return _launch_attention_mass(probs4d.detach(), heads)
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -238,55 +260,40 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_lse(q, k, scale)
     q, k = q.detach(), k.detach()
-    if dot_in_f32(q, k):  # fp32 "tf32x3": software pipelining made it 5x slower (2.8 vs 0.54 ms)
-        block_q, block_k, warps, stages = attention_tile_config(block_d(d), 64, 64, 4, 1, **_tile_flags(q, k))
-    else:  # H100, B=2 H=8 N=4096 D=40 fp16: 0.18 ms (64x64 tiles: 0.22 ms)
-        block_q, block_k, warps, stages = attention_tile_config(block_d(d), 128, 64, 4, **_tile_flags(q, k))
+    dot_f32, interpret = dot_in_f32(q, k), interpreting(q)
+    block_q, block_k, warps, stages = lse_config(d, dot_f32, interpret)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     _attention_lse_kernel[(b * h, cdiv(nq, block_q))](
         q, k, lse, h, nq, nk, d, *q.stride(), *k.stride(), float(scale) * LOG2E,
-        DOT_F32=dot_in_f32(q, k), PRECISION=_precision(q), BLOCK_Q=block_q, BLOCK_K=block_k,
+        DOT_F32=dot_f32, PRECISION=dot_precision(interpret), BLOCK_Q=block_q, BLOCK_K=block_k,
         BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
     )
     return lse
 
 
-def _launch_mass_from_qk(q, k, lse, scale, split=None, config=None) -> torch.Tensor:
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    padded_d = block_d(d)
-    if config is None:  # (BLOCK_Q, BLOCK_K, num_warps, num_stages, ACC_2D, fp32 dot precision)
-        # measured on an H100 at B=2 H=8 N=4096 D=40 (the 64x64 layer), lse given:
-        # fp16/bf16 128x128 tiles with per-tile column sums 0.21 ms (the naive one-head-per-
-        # program column reduction: 0.21 ms); fp32 64x128 tiles accumulated elementwise
-        # (ACC_2D), one stage, "tf32x3": 0.42 ms (naive fp32 "ieee": 4.3 ms)
-        if dot_in_f32(q, k):
-            config = (*attention_tile_config(padded_d, 64, 128, 4, 1, **_tile_flags(q, k)), True, _precision(q))
-        else:
-            config = (*attention_tile_config(padded_d, 128, 128, 4, **_tile_flags(q, k)), False, _precision(q))
-    block_q, block_k, warps, stages, acc_2d, precision = config
-    k_tiles = cdiv(nk, block_k)
-    split_h, split_q = split or _split_for(b * k_tiles, h, cdiv(nq, block_q), q.device)
-    out = torch.empty((split_h * split_q, b, nk), dtype=torch.float32, device=q.device)
-    _attention_mass_qk_kernel[(b, k_tiles, split_h * split_q)](
-        q, k, lse, out, h, nq, nk, d,
-        *q.stride(), *k.stride(), *lse.stride(), float(scale) * LOG2E, 1.0 / h,
-        SPLIT_H=split_h, SPLIT_Q=split_q, ACC_2D=acc_2d, DOT_F32=dot_in_f32(q, k), PRECISION=precision,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=padded_d, num_warps=warps, num_stages=stages,
-    )
-    return out[0] if split_h * split_q == 1 else out.sum(0)
-
-
-def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float) -> torch.Tensor:
+def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float, *,
+                           split=None, config=None) -> torch.Tensor:
     """(B, Nk) float32 mass[b, j] = mean_h sum_i exp(scale q[b,h,i].k[b,h,j] - lse[b,h,i]).
 
     One launch with lse given, two (attention_lse first) with lse None; plus a (SPLIT, B, Nk)
-    sum when the grid is split on GPU.
+    sum when the grid is split on GPU. ``split`` / ``config`` (qk_mass_config's tuple) override
+    the launch, as in attention_mass.
     """
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_mass_from_qk(q, k, lse, scale)
     q, k = q.detach(), k.detach()
-    if lse is None:
-        lse = attention_lse(q, k, scale)
-    return _launch_mass_from_qk(q, k, lse.detach(), scale)
-
+    lse = attention_lse(q, k, scale) if lse is None else lse.detach()
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    dot_f32 = dot_in_f32(q, k)
+    block_q, block_k, warps, stages, acc_2d, precision = config or qk_mass_config(d, dot_f32, interpreting(q))
+    k_tiles = cdiv(nk, block_k)
+    split_h, split_q = split or split_grid(b * k_tiles, h, cdiv(nq, block_q), _num_sms(q))
+    out = torch.empty((split_h * split_q, b, nk), dtype=torch.float32, device=q.device)
+    _attention_mass_qk_kernel[(b, k_tiles, split_h * split_q)](
+        q, k, lse, out, h, nq, nk, d,
+        *q.stride(), *k.stride(), *lse.stride(), float(scale) * LOG2E, 1.0 / h,
+        SPLIT_H=split_h, SPLIT_Q=split_q, ACC_2D=acc_2d, DOT_F32=dot_f32, PRECISION=precision,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
+    )
+    return out[0] if split_h * split_q == 1 else out.sum(0)

@@ -1,17 +1,17 @@
 """Separable Gaussian blur with reflect padding (SAG's ``gaussian_blur_2d``), in Triton.
 
-Row-walk design (shared with ``degrade.py``): a program owns a strip BW columns wide and CH output
-rows tall of CP planes at once, a (CP, BW) tile whose first axis is the planes. It walks down the
-strip one row at a time. Each input row is blurred along W with KS loads at reflected columns (L1
-hits after the first), and pushed into a ring of the last KS row-blurred rows (a tuple, kept in
-registers); each output row is the tap-weighted sum of the ring. Every input value leaves DRAM
-once, only the output is written, the per-thread state is KS small vectors (about 100 registers
-and no spills at the GPU tile: ``benchmarks/compile_report.py``), and the sums are the reference's
+Row-walk design (shared with ``degrade.py``, helpers in ``utils.py``): a program owns a strip
+BLOCK_W columns wide and BLOCK_ROWS output rows tall of BLOCK_PLANES planes at once, and walks
+down it one row at a time, keeping a ring of the last KERNEL_SIZE row-blurred rows in registers;
+each output row is the weighted sum of the ring. Every input value leaves DRAM once, only the
+output is written, the per-thread state is KERNEL_SIZE small vectors (about 100 registers and no
+spills at the GPU tile: ``benchmarks/compile_report.py``), and the sums are the reference's
 shifted adds: a NaN/inf reaches exactly the outputs whose window holds it.
 
 The backward is the exact adjoint, walked the same way: the transpose of the 1-D reflect blur is
 the same gather with a few border weights changed, so both directions read their per-position
-weights from ``reference.blur_gather_weights`` tables (W x KS along rows, H x KS down columns).
+weights from ``reference.blur_gather_weights`` tables (W x KERNEL_SIZE along W, H x KERNEL_SIZE
+down H).
 """
 
 from __future__ import annotations
@@ -29,51 +29,63 @@ from .utils import (TL_DTYPE, blur_along_w, blur_down_h, cdiv, gather_weights, h
 
 @triton.jit
 def _gaussian_blur_kernel(
-    SRC, OUT, HW, VW,  # HW (W, KS) / VW (H, KS): reference.blur_gather_weights along W / H
-    PLANES, C, H, W,
-    s_b, s_c, s_h, s_w,  # SRC strides; OUT is contiguous (B, C, H, W)
-    KS: tl.constexpr, CH: tl.constexpr, BW: tl.constexpr, CP: tl.constexpr, ADJOINT: tl.constexpr,
-    CDT: tl.constexpr,
+    X, OUT, W_WEIGHTS, H_WEIGHTS,  # (W, KERNEL_SIZE) / (H, KERNEL_SIZE): reference.blur_gather_weights
+    N_PLANES, C, H, W,
+    s_b, s_c, s_h, s_w,  # X strides; OUT is contiguous (B, C, H, W)
+    KERNEL_SIZE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_PLANES: tl.constexpr,
+    ADJOINT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
     # grid: (row chunks * column strips, plane groups); planes are the B * C (b, c) pairs
-    R: tl.constexpr = KS // 2
-    y0, n_rows, xs = strip_coords(H, W, CH, BW)
-    plane = tl.program_id(1).to(tl.int64) * CP + tl.arange(0, CP).to(tl.int64)
-    ok = (plane < PLANES)[:, None] & (xs < W)[None, :]
-    planes = (SRC + (plane // C) * s_b + (plane % C) * s_c)[:, None]
+    RADIUS: tl.constexpr = KERNEL_SIZE // 2
+    y0, n_rows, xs = strip_coords(H, W, BLOCK_ROWS, BLOCK_W)
+    plane = tl.program_id(1).to(tl.int64) * BLOCK_PLANES + tl.arange(0, BLOCK_PLANES).to(tl.int64)
+    ok = (plane < N_PLANES)[:, None] & (xs < W)[None, :]
+    planes = (X + (plane // C) * s_b + (plane % C) * s_c)[:, None]
     out = OUT + (plane * H * W)[:, None] + xs[None, :]
-    strip = strip_invariants(planes, ok, s_h, s_w, SRC, 0, 0, xs, W, HW, KS, ADJOINT)
-    ring = ring_before(strip, y0, H, KS, False, CDT)
-    w = h_weights_at(VW, 0, KS)  # the taps; the adjoint's differ near the top and bottom rows
+    strip = strip_invariants(planes, ok, s_h, s_w, X, 0, 0, xs, W, W_WEIGHTS, KERNEL_SIZE, ADJOINT)
+    ring = ring_before(strip, y0, H, KERNEL_SIZE, False, COMPUTE_DTYPE)
+    weights = h_weights_at(H_WEIGHTS, 0, KERNEL_SIZE)  # the taps; the adjoint's differ near the top and bottom
     for i in range(n_rows):
         y = y0 + i
-        ring = ring[1:] + (blur_along_w(strip, y + R, H, KS, False, CDT),)
+        ring = ring[1:] + (blur_along_w(strip, y + RADIUS, H, KERNEL_SIZE, False, COMPUTE_DTYPE),)
         if ADJOINT:
-            w = h_weights_at(VW, y, KS)
-        tl.store(out + y.to(tl.int64) * W, blur_down_h(ring, w, KS), mask=ok)
+            weights = h_weights_at(H_WEIGHTS, y, KERNEL_SIZE)
+        tl.store(out + y.to(tl.int64) * W, blur_down_h(ring, weights, KERNEL_SIZE), mask=ok)
 
 
-# ----------------------------------------------------------------------------- launcher
+# ----------------------------------------------------------------------------- launchers
 
-def blur_launch(x: torch.Tensor, kernel_size: int, sigma: float, adjoint: bool, out_dtype: torch.dtype,
-                rows: int | None = None, block_w: int | None = None) -> torch.Tensor:
-    """Blur (or its adjoint) of (B, C, H, W) ``x`` in compute dtype; result stored as ``out_dtype``."""
+
+def _launch(x: torch.Tensor, kernel_size: int, sigma: float, adjoint: bool, out_dtype: torch.dtype,
+            rows: int | None, block_w: int | None) -> torch.Tensor:
     B, C, H, W = x.shape
-    cdt = reference.compute_dtype(x)
+    compute_dtype = reference.compute_dtype(x)
     out = torch.empty((B, C, H, W), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
     x = int32_columns(x)
-    hw = gather_weights(W, kernel_size, sigma, adjoint, x.device, cdt)
-    vw = gather_weights(H, kernel_size, sigma, adjoint, x.device, cdt)
-    CH, BW, CP, warps = row_walk_tiles(H, W, B * C, x.device, rows, block_w)
-    grid = (cdiv(H, CH) * cdiv(W, BW), cdiv(B * C, CP))
+    w_weights = gather_weights(W, kernel_size, sigma, adjoint, x.device, compute_dtype)
+    h_weights = gather_weights(H, kernel_size, sigma, adjoint, x.device, compute_dtype)
+    block_rows, block_width, block_planes, warps = row_walk_tiles(H, W, B * C, x.device, rows, block_w)
+    grid = (cdiv(H, block_rows) * cdiv(W, block_width), cdiv(B * C, block_planes))
     _gaussian_blur_kernel[grid](
-        x, out, hw, vw, B * C, C, H, W, *x.stride(),
-        KS=kernel_size, CH=CH, BW=BW, CP=CP, ADJOINT=adjoint, CDT=TL_DTYPE[cdt], num_warps=warps,
-        num_stages=1,
+        x, out, w_weights, h_weights, B * C, C, H, W, *x.stride(),
+        KERNEL_SIZE=kernel_size, BLOCK_ROWS=block_rows, BLOCK_W=block_width, BLOCK_PLANES=block_planes,
+        ADJOINT=adjoint, COMPUTE_DTYPE=TL_DTYPE[compute_dtype], num_warps=warps, num_stages=1,
     )
     return out
+
+
+def gaussian_blur_forward(x: torch.Tensor, kernel_size: int, sigma: float, rows: int | None = None,
+                          block_w: int | None = None) -> torch.Tensor:
+    """The blur of (B, C, H, W) ``x``, in (and stored as) its compute dtype."""
+    return _launch(x, kernel_size, sigma, False, reference.compute_dtype(x), rows, block_w)
+
+
+def gaussian_blur_backward(grad: torch.Tensor, kernel_size: int, sigma: float, out_dtype: torch.dtype,
+                           rows: int | None = None, block_w: int | None = None) -> torch.Tensor:
+    """The blur's adjoint applied to ``grad`` (the gradient of the input), stored as ``out_dtype``."""
+    return _launch(grad, kernel_size, sigma, True, out_dtype, rows, block_w)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -83,12 +95,12 @@ class GaussianBlurFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel_size, sigma, rows=None, block_w=None):
         ctx.params = (kernel_size, sigma, rows, block_w, x.dtype)
-        return blur_launch(x, kernel_size, sigma, False, reference.compute_dtype(x), rows, block_w)
+        return gaussian_blur_forward(x, kernel_size, sigma, rows, block_w)
 
     @staticmethod
     def backward(ctx, grad):
         kernel_size, sigma, rows, block_w, dtype = ctx.params
-        return blur_launch(grad, kernel_size, sigma, True, dtype, rows, block_w), None, None, None, None
+        return gaussian_blur_backward(grad, kernel_size, sigma, dtype, rows, block_w), None, None, None, None
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0, *, rows: int | None = None,

@@ -5,7 +5,8 @@ mass; src is torch's ``F.interpolate(mode="nearest")`` index ``min(int(dst * flo
 in - 1)`` with the product in fp32 (the identity when no size is given: the ratio is 1).
 
 Grid: (row tiles * column tiles of the output, B); each program computes its sample's threshold
-(a sweep over the mass for "mean") and writes one (BR, BC) tile of uint8, viewed as bool.
+(a sweep over the mass for "mean") and writes one (BLOCK_ROWS, BLOCK_COLS) tile of uint8, viewed
+as bool.
 """
 
 from __future__ import annotations
@@ -22,52 +23,59 @@ from .utils import cdiv, fp32_ratio, next_pow2
 @triton.jit
 def _saliency_mask_kernel(
     MASS, OUT,
-    MH, MW, N, OH, OW,
-    s_b, s_n,  # mass strides; OUT is contiguous (B, OH, OW) uint8
-    thr, scale_h, scale_w,
-    BR: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, MEAN_THR: tl.constexpr,
+    MAP_H, MAP_W, N_TOKENS, OUT_H, OUT_W,
+    s_b, s_n,  # MASS strides; OUT is contiguous (B, OUT_H, OUT_W) uint8
+    threshold, scale_h, scale_w,  # scale_*: fp32 in/out ratios of the nearest upsample
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_TOKENS: tl.constexpr, MEAN_THRESHOLD: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
-    tile = tl.program_id(0)
-    n_cb = tl.cdiv(OW, BC)
-    ys = (tile // n_cb).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
-    xs = (tile % n_cb).to(tl.int64) * BC + tl.arange(0, BC).to(tl.int64)
+    tile = tl.program_id(0)  # = row tile * column tiles + column tile
+    n_col_tiles = tl.cdiv(OUT_W, BLOCK_COLS)
+    ys = (tile // n_col_tiles).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    xs = (tile % n_col_tiles).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS).to(tl.int64)
     mass = MASS + b * s_b
-    if MEAN_THR:
-        part = tl.zeros((BN,), tl.float32)
-        for n0 in range(0, N, BN):
-            n = n0 + tl.arange(0, BN).to(tl.int64)
-            part += tl.load(mass + n * s_n, mask=n < N, other=0.0).to(tl.float32)
-        t = tl.sum(part) / N
+    if MEAN_THRESHOLD:
+        part = tl.zeros((BLOCK_TOKENS,), tl.float32)
+        for n0 in range(0, N_TOKENS, BLOCK_TOKENS):
+            tokens = n0 + tl.arange(0, BLOCK_TOKENS).to(tl.int64)
+            part += tl.load(mass + tokens * s_n, mask=tokens < N_TOKENS, other=0.0).to(tl.float32)
+        t = tl.sum(part) / N_TOKENS
     else:
-        t = thr
-    sy = tl.minimum((ys.to(tl.float32) * scale_h).to(tl.int64), MH - 1)
-    sx = tl.minimum((xs.to(tl.float32) * scale_w).to(tl.int64), MW - 1)
-    v = tl.load((mass + sy * (MW * s_n))[:, None] + (sx * s_n)[None, :]).to(tl.float32)
-    ok = (ys < OH)[:, None] & (xs < OW)[None, :]
-    tl.store((OUT + b * OH * OW + ys * OW)[:, None] + xs[None, :], (v > t).to(tl.uint8), mask=ok)
+        t = threshold
+    # nearest source token of each output, bit-exact with torch: min(int(dst * scale), in - 1)
+    src_y = tl.minimum((ys.to(tl.float32) * scale_h).to(tl.int64), MAP_H - 1)
+    src_x = tl.minimum((xs.to(tl.float32) * scale_w).to(tl.int64), MAP_W - 1)
+    v = tl.load((mass + src_y * (MAP_W * s_n))[:, None] + (src_x * s_n)[None, :]).to(tl.float32)
+    ok = (ys < OUT_H)[:, None] & (xs < OUT_W)[None, :]
+    tl.store((OUT + b * OUT_H * OUT_W + ys * OUT_W)[:, None] + xs[None, :], (v > t).to(tl.uint8), mask=ok)
 
 
 # ----------------------------------------------------------------------------- launcher
 
 
+def mask_blocks(out_h: int, out_w: int, n_tokens: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, BLOCK_TOKENS): output tiles of a few thousand cells (more under the
+    interpreter, which pays per program), and the token block of the "mean" sweep."""
+    block_cols = max(16, min(next_pow2(out_w), 256 if interpret else 128))
+    block_rows = max(1, min(next_pow2(out_h), (1 << 14 if interpret else 1 << 12) // block_cols))
+    return block_rows, block_cols, min(next_pow2(n_tokens), 1024)
+
+
 def saliency_mask(mass: torch.Tensor, map_size, threshold=1.0, size=None) -> torch.Tensor:
     """reference.saliency_mask: bool (B, h, w), or (B, *size) nearest-upsampled."""
-    B, N = mass.shape
-    MH, MW = map_size
-    OH, OW = (MH, MW) if size is None else tuple(size)
-    out = torch.empty((B, OH, OW), dtype=torch.uint8, device=mass.device)
+    B, n_tokens = mass.shape
+    map_h, map_w = map_size
+    out_h, out_w = (map_h, map_w) if size is None else tuple(size)
+    out = torch.empty((B, out_h, out_w), dtype=torch.uint8, device=mass.device)
     if out.numel() == 0:
         return out.view(torch.bool)
-    interp = mass.device.type != "cuda"
-    BC = max(16, min(next_pow2(OW), 256 if interp else 128))
-    BR = max(1, min(next_pow2(OH), (1 << 14 if interp else 1 << 12) // BC))
-    BN = min(next_pow2(N), 1024)
+    block_rows, block_cols, block_tokens = mask_blocks(out_h, out_w, n_tokens, mass.device.type != "cuda")
     mean = isinstance(threshold, str)
-    grid = (cdiv(OH, BR) * cdiv(OW, BC), B)
+    grid = (cdiv(out_h, block_rows) * cdiv(out_w, block_cols), B)
     _saliency_mask_kernel[grid](
-        mass, out, MH, MW, N, OH, OW, *mass.stride(),
-        0.0 if mean else float(threshold), fp32_ratio(MH, OH), fp32_ratio(MW, OW),
-        BR=BR, BC=BC, BN=BN, MEAN_THR=mean, num_warps=4, num_stages=1,
+        mass, out, map_h, map_w, n_tokens, out_h, out_w, *mass.stride(),
+        0.0 if mean else float(threshold), fp32_ratio(map_h, out_h), fp32_ratio(map_w, out_w),
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, BLOCK_TOKENS=block_tokens, MEAN_THRESHOLD=mean,
+        num_warps=4, num_stages=1,
     )
     return out.view(torch.bool)

@@ -23,7 +23,7 @@ from .utils import LOG2E, attention_tile_config, block_d, cdiv, dot_in_f32, inte
 
 @triton.jit
 def _token_probs_kernel(
-    Q, K, LSE, TOK, OUT,  # Q (B,H,Nq,D), K (B,H,Nk,D), LSE (B,H,Nq), TOK (B,S) any strides; OUT (B,Nq,S)
+    Q, K, LSE, TOKENS, OUT,  # Q (B,H,Nq,D), K (B,H,Nk,D), LSE (B,H,Nq), TOKENS (B,S) any strides; OUT (B,Nq,S)
     H, NQ, D, S,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -39,9 +39,9 @@ def _token_probs_kernel(
     mask_q = offs_q < NQ
     mask_d = offs_d < D
     # selected key indices of this sample; -1 (padding) and s >= S are invalid -> never loaded, output 0
-    tok = tl.load(TOK + b.to(tl.int64) * s_tb + offs_s * s_ts, mask=offs_s < S, other=-1)
-    valid = tok >= 0
-    row = tl.where(valid, tok, 0).to(tl.int64)
+    token = tl.load(TOKENS + b.to(tl.int64) * s_tb + offs_s * s_ts, mask=offs_s < S, other=-1)
+    valid = token >= 0
+    row = tl.where(valid, token, 0).to(tl.int64)
     q_base = Q + b.to(tl.int64) * s_qb
     k_base = K + b.to(tl.int64) * s_kb
     l_base = LSE + b.to(tl.int64) * s_lb
@@ -64,6 +64,15 @@ def _token_probs_kernel(
     tl.store(out_ptrs, acc, mask=mask_q[:, None] & (offs_s[None, :] < S))
 
 
+def token_probs_config(head_dim: int, n_selected: int, dot_f32: bool, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_S, num_warps, num_stages): the S selected keys in one tile, padded to a power
+    of two of at least 16 (tl.dot needs N >= 16)."""
+    block_s = max(16, next_pow2(n_selected))
+    block_q, _, warps, stages = attention_tile_config(block_d(head_dim), 64, block_s, 4, min_k=block_s,
+                                                      dot_f32=dot_f32, interpret=interpret)
+    return block_q, block_s, warps, stages
+
+
 def token_attention_probs(
     q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
@@ -76,17 +85,14 @@ def token_attention_probs(
     if q.numel() == 0 or k.numel() == 0 or tokens.numel() == 0:
         return reference.token_attention_probs(q, k, tokens, lse, scale)
     q, k = q.detach(), k.detach()
-    if lse is None:
-        lse = attention_lse(q, k, scale)
-    block_s = max(16, next_pow2(s))  # tl.dot needs N >= 16
-    block_q, _, warps, stages = attention_tile_config(block_d(d), 64, block_s, 4, min_k=block_s, dot_f32=dot_in_f32(q, k),
-                                                     interpret=interpreting(q))
+    lse = attention_lse(q, k, scale) if lse is None else lse.detach()
+    dot_f32 = dot_in_f32(q, k)
+    block_q, block_s, warps, stages = token_probs_config(d, s, dot_f32, interpreting(q))
     out = torch.empty((b, nq, s), dtype=torch.float32, device=q.device)
     _token_probs_kernel[(b, cdiv(nq, block_q))](
-        q, k, lse.detach(), tokens, out, h, nq, d, s,
+        q, k, lse, tokens, out, h, nq, d, s,
         *q.stride(), *k.stride(), *lse.stride(), *tokens.stride(),
         float(scale) * LOG2E, 1.0 / h,
-        DOT_F32=dot_in_f32(q, k), BLOCK_Q=block_q, BLOCK_S=block_s,
-        BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
+        DOT_F32=dot_f32, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
     )
     return out
