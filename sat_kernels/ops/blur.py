@@ -1,17 +1,12 @@
 """Separable Gaussian blur with reflect padding (SAG's ``gaussian_blur_2d``), in Triton.
 
-Row-walk design (shared with ``degrade.py``, helpers in ``utils.py``): a program owns a strip
-BLOCK_W columns wide and BLOCK_ROWS output rows tall of BLOCK_PLANES planes at once, and walks
-down it one row at a time, keeping a ring of the last KERNEL_SIZE row-blurred rows in registers;
-each output row is the weighted sum of the ring. Every input value leaves DRAM once, only the
-output is written, the per-thread state is KERNEL_SIZE small vectors (about 100 registers and no
-spills at the GPU tile: ``benchmarks/compile_report.py``), and the sums are the reference's
-shifted adds: a NaN/inf reaches exactly the outputs whose window holds it.
+The row walk of ``utils.py`` (shared with ``degrade.py``): a program walks a strip of BLOCK_PLANES
+planes down BLOCK_ROWS rows, blurring each input row along W and keeping the last KERNEL_SIZE of
+them in a ring; each output row is the weighted sum of the ring. The sums are the reference's
+shifted adds, so a NaN/inf reaches exactly the outputs whose window holds it.
 
-The backward is the exact adjoint, walked the same way: the transpose of the 1-D reflect blur is
-the same gather with a few border weights changed, so both directions read their per-position
-weights from ``reference.blur_gather_weights`` tables (W x KERNEL_SIZE along W, H x KERNEL_SIZE
-down H).
+The backward is the exact adjoint, walked the same way with the adjoint's gather weights (the
+transpose of the 1-D reflect blur is the same gather with a few border weights changed).
 """
 
 from __future__ import annotations

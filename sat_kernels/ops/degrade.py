@@ -281,6 +281,6 @@ def degrade_latents(x0, eps, saliency, heads, map_size, alphas_cumprod, timestep
     if torch.is_grad_enabled() and (x0.requires_grad or eps.requires_grad):
         return DegradeLatentsFunction.apply(x0, eps, saliency, heads, tuple(map_size), alphas_cumprod,
                                             timesteps, threshold, int(kernel_size), float(sigma), rows, block_w)
-    # nothing to differentiate: skip autograd's bookkeeping (~20 us a call) and the saved mask
+    # nothing to differentiate: skip autograd's bookkeeping (host time: benchmarks/RESULTS.md) and the saved mask
     return degrade_forward(x0, eps, saliency, heads, tuple(map_size), alphas_cumprod, timesteps, threshold,
                            int(kernel_size), float(sigma), False, rows, block_w)[0]
