@@ -1,4 +1,4 @@
-"""Argument checks and backend dispatch of the public API (sat_kernels.functional).
+"""Argument checks (sat_kernels.checks) and backend dispatch of the public API (sat_kernels.functional).
 
 Every bad input must raise a ValueError/TypeError naming the argument before any kernel runs,
 on both backends.
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sat_kernels
-from sat_kernels import functional
+from sat_kernels import checks, functional
 
 BACKENDS = ["torch", "triton"]
 
@@ -121,7 +121,7 @@ def test_auto_backend_runs_torch_path_on_cpu(monkeypatch):
 
 
 def test_triton_on_cpu_without_interpreter_gives_clear_error(monkeypatch):
-    monkeypatch.setattr(functional, "INTERPRETING", False)
+    monkeypatch.setattr(checks, "INTERPRETING", False)
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing sat_kernels"):
         sat_kernels.gaussian_blur(torch.randn(1, 1, 8, 8), backend="triton")
 
