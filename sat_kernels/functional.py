@@ -77,7 +77,10 @@ def token_attention_probs(
 def gaussian_blur(
     x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """(B, C, H, W) separable Gaussian blur with reflect padding; equals SAG's gaussian_blur_2d."""
+    """(B, C, H, W) separable Gaussian blur with reflect padding; equals SAG's gaussian_blur_2d.
+
+    Differentiable to any order on both backends (its backward is the adjoint blur).
+    """
     checks.check_tensor("x", x, 4, "(B, C, H, W)")
     checks.check_floating("x", x)
     checks.check_blur(kernel_size, sigma, *x.shape[-2:])
@@ -126,7 +129,7 @@ def degrade_latents(
 
     ``saliency`` is a mass (B, h*w) or self-attention probabilities (B*heads, N, N) or
     (B, heads, N, N) with ``heads=``; m is ``saliency_mask(..., threshold, size=x0's H, W)``.
-    Differentiable w.r.t. ``x0`` and ``eps``.
+    Differentiable w.r.t. ``x0`` and ``eps``, to any order on both backends.
     """
     mass, probs, map_size, threshold, alphas_cumprod, timesteps = checks.degrade_arguments(
         x0, eps, saliency, heads, map_size, alphas_cumprod, timesteps, threshold, kernel_size, sigma

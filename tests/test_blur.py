@@ -165,3 +165,37 @@ def test_torch_blur_ignores_a_callers_autocast():
         out = reference.gaussian_blur(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, reference.gaussian_blur(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- second derivatives
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_blur_gradgradcheck(backend):
+    """The backward is itself differentiable (w.r.t. the incoming gradient) on both backends."""
+    x = make((1, 2, 6, 7), torch.float64, seed=8).requires_grad_()
+    fn = lambda t: sat_kernels.gaussian_blur(t, 5, 1.3, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_blur_double_backward_equals_torch_backend(dtype):
+    """A loss holding a gradient (create_graph=True): its gradient has a term through the blur's
+    backward that a graph-less Triton backward would silently drop. Written-out oracle: with
+    L = sum(blur(x)^3) and v a fixed direction, d/dx (L + <dL/dx, v>) = 3 B^T(y^2) + 6 B^T(y * B v)
+    for y = blur(x), B the blur; both backends must equal it."""
+    x = make((1, 2, 9, 11), dtype, seed=9)
+    v = make((1, 2, 9, 11), dtype, seed=10)
+    y = reference.gaussian_blur(x.double(), 5, 1.3)
+    blur_t = lambda t: reference.gaussian_blur(t, 5, 1.3)  # noqa: E731
+    adjoint = lambda g: torch.autograd.functional.vjp(blur_t, torch.zeros_like(y), g)[1]  # noqa: E731
+    expected = 3 * adjoint(y**2) + 6 * adjoint(y * blur_t(v.double()))
+    for backend in ("torch", "triton"):
+        xt = x.clone().requires_grad_()
+        out = sat_kernels.gaussian_blur(xt, 5, 1.3, backend=backend)
+        loss = (out**3).sum()
+        (g,) = torch.autograd.grad(loss, xt, create_graph=True)
+        (total,) = torch.autograd.grad(loss + (g * v).sum(), xt)
+        assert total.dtype == dtype
+        torch.testing.assert_close(total.double(), expected, **GRAD_TOL.get(dtype, TOL[torch.float64]),
+                                   msg=lambda m, backend=backend: f"{backend}: {m}")

@@ -202,3 +202,59 @@ def test_degrade_backward_matches_autograd(dtype, layout, needs):
             torch.testing.assert_close(t.grad, r.grad, **GRAD_TOL[dtype])
         else:
             assert t.grad is None
+
+
+# ----------------------------------------------------------------------------- second derivatives
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_degrade_gradgradcheck(backend, needs):
+    """The backward is itself differentiable (w.r.t. the incoming gradient) on both backends, for
+    each set of inputs that need a gradient."""
+    shape, map_size = (1, 2, 6, 7), (2, 3)
+    x0 = latents(shape, torch.float64, seed=26).requires_grad_(needs[0])
+    eps = latents(shape, torch.float64, seed=27).requires_grad_(needs[1])
+    sal, heads, _ = saliency(1, map_size, "probs4", 1.0, seed=28)
+    ts = torch.tensor([321])
+
+    def fn(*inputs):
+        it = iter(inputs)
+        a = next(it) if needs[0] else x0
+        e = next(it) if needs[1] else eps
+        return sat_kernels.degrade_latents(a, e, sal, map_size, ALPHAS.double(), ts, 1.0, 5, 1.0, heads=heads,
+                                           backend=backend)
+
+    inputs = tuple(t for t, need in zip((x0, eps), needs) if need)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_degrade_double_backward_equals_torch_backend(needs):
+    """A loss holding the gradient (create_graph=True, as a gradient penalty does): its gradient
+    goes through the backward of the backward. With out = D(x0, eps), L = sum(out^3) and fixed
+    directions (v, u): d/d(x0, eps) (L + <dL/dx0, v> + <dL/deps, u>) = J^T(3 out^2 + 6 out * J(v, u))
+    with J the (linear) Jacobian, written here with the reference's autograd; both backends equal it."""
+    shape, map_size = (2, 2, 11, 13), (3, 4)
+    sal, heads, mass = saliency(2, map_size, "mass", 1.0, seed=29)
+    ts = timesteps(2, seed=30)
+    x0, eps = latents(shape, torch.float64, seed=31), latents(shape, torch.float64, seed=32)
+    v, u = latents(shape, torch.float64, seed=33), latents(shape, torch.float64, seed=34)
+    v, u = (v if needs[0] else torch.zeros_like(v)), (u if needs[1] else torch.zeros_like(u))
+    ref = lambda a, e: reference.degrade_latents(a, e, mass, map_size, ALPHAS.double(), ts, 1.0, 9, 1.0)  # noqa: E731
+    out = ref(x0, eps)
+    jv = torch.autograd.functional.jvp(ref, (x0, eps), (v, u))[1]
+    expected = torch.autograd.functional.vjp(ref, (x0, eps), 3 * out**2 + 6 * out * jv)[1]
+    for backend in ("torch", "triton"):
+        xt, et = x0.clone().requires_grad_(needs[0]), eps.clone().requires_grad_(needs[1])
+        inputs = tuple(t for t, need in zip((xt, et), needs) if need)
+        out = sat_kernels.degrade_latents(xt, et, sal, map_size, ALPHAS.double(), ts, 1.0, 9, 1.0, heads=heads,
+                                          backend=backend)
+        loss = (out**3).sum()
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        directions = [d for d, need in zip((v, u), needs) if need]
+        penalty = sum((g * d).sum() for g, d in zip(grads, directions))
+        totals = torch.autograd.grad(loss + penalty, inputs)
+        for total, want in zip(totals, [w for w, need in zip(expected, needs) if need]):
+            torch.testing.assert_close(total, want, **GRAD_TOL[torch.float64],
+                                       msg=lambda m, backend=backend: f"{backend}: {m}")

@@ -6,7 +6,8 @@ them in a ring; each output row is the weighted sum of the ring. The sums are th
 shifted adds, so a NaN/inf reaches exactly the outputs whose window holds it.
 
 The backward is the exact adjoint, walked the same way with the adjoint's gather weights (the
-transpose of the 1-D reflect blur is the same gather with a few border weights changed).
+transpose of the 1-D reflect blur is the same gather with a few border weights changed). Each
+direction's autograd.Function has the other as its backward, so gradients are differentiable.
 """
 
 from __future__ import annotations
@@ -87,15 +88,34 @@ def gaussian_blur_backward(grad: torch.Tensor, kernel_size: int, sigma: float, o
 
 
 class GaussianBlurFunction(torch.autograd.Function):
+    """The blur; its backward is GaussianBlurAdjointFunction, so gradients keep a graph."""
+
     @staticmethod
     def forward(ctx, x, kernel_size, sigma, rows=None, block_w=None):
-        ctx.params = (kernel_size, sigma, rows, block_w, x.dtype)
+        ctx.params = (kernel_size, sigma, x.dtype, rows, block_w)
         return gaussian_blur_forward(x, kernel_size, sigma, rows, block_w)
 
     @staticmethod
     def backward(ctx, grad):
-        kernel_size, sigma, rows, block_w, dtype = ctx.params
-        return gaussian_blur_backward(grad, kernel_size, sigma, dtype, rows, block_w), None, None, None, None
+        kernel_size, sigma, x_dtype, rows, block_w = ctx.params
+        grad_x = GaussianBlurAdjointFunction.apply(grad, kernel_size, sigma, x_dtype, rows, block_w)
+        return grad_x, None, None, None, None
+
+
+class GaussianBlurAdjointFunction(torch.autograd.Function):
+    """The blur's adjoint B^T applied to a gradient. It is linear, so its own backward is the
+    adjoint of B^T, the blur B: any order of derivative is exact, as on the torch backend."""
+
+    @staticmethod
+    def forward(ctx, grad, kernel_size, sigma, out_dtype, rows=None, block_w=None):
+        ctx.params = (kernel_size, sigma, rows, block_w)
+        return gaussian_blur_backward(grad, kernel_size, sigma, out_dtype, rows, block_w)
+
+    @staticmethod
+    def backward(ctx, grad_of_grad):
+        kernel_size, sigma, rows, block_w = ctx.params
+        # grad_of_grad has x's dtype; the blur returns its compute dtype, which is grad's
+        return GaussianBlurFunction.apply(grad_of_grad, kernel_size, sigma, rows, block_w), None, None, None, None, None
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0, *, rows: int | None = None,

@@ -19,7 +19,8 @@ down BLOCK_ROWS rows with up to 4 channels at once (a (BLOCK_C, BLOCK_W) tile: t
      eps, store.
 The backward is one launch too: d_eps = sqrt(1 - ab) g and
 d_x0 = sqrt(ab) (blur_adjoint(m g) + (1 - m) g), with m saved by the forward as a (B, H, W)
-uint8 plane (written by the same forward launch, only when x0 needs a gradient).
+uint8 plane (written by the same forward launch, only when x0 needs a gradient). The backward is
+an autograd.Function whose own backward is the forward again: gradients are differentiable.
 """
 
 from __future__ import annotations
@@ -253,6 +254,8 @@ def degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, 
 
 
 class DegradeLatentsFunction(torch.autograd.Function):
+    """The fused degrade; its backward is DegradeLatentsBackwardFunction, so gradients keep a graph."""
+
     @staticmethod
     def forward(ctx, x0, eps, saliency, heads, map_size, alphas_cumprod, timesteps, threshold,
                 kernel_size, sigma, rows=None, block_w=None):
@@ -268,9 +271,47 @@ class DegradeLatentsFunction(torch.autograd.Function):
         mask, alphas_cumprod, timesteps = ctx.saved_tensors
         kernel_size, sigma, x0_dtype, eps_dtype, rows, block_w = ctx.params
         need_x0, need_eps = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dx0, deps = degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma,
-                                     need_x0, need_eps, x0_dtype, eps_dtype, rows, block_w)
+        args = (grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0, need_eps, x0_dtype, eps_dtype,
+                rows, block_w)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients get a backward of their own
+            dx0, deps = DegradeLatentsBackwardFunction.apply(*args)
+        else:
+            dx0, deps = degrade_backward(*args)
         return (dx0, deps) + (None,) * 10
+
+
+class DegradeLatentsBackwardFunction(torch.autograd.Function):
+    """(d_x0, d_eps) = J^T g as a function of the incoming gradient g. It is linear in g, so its
+    backward is J itself: the degrade forward applied to the gradients' gradients (u, v),
+    sqrt(ab) (m * blur(u) + (1 - m) * u) + sqrt(1 - ab) v, with the saved mask as the saliency
+    (a (B, H*W) map of 0/1 at the latents' size, threshold 0.5). That goes through
+    DegradeLatentsFunction, so any order of derivative is exact, as on the torch backend."""
+
+    @staticmethod
+    def forward(ctx, grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0, need_eps, x0_dtype,
+                eps_dtype, rows=None, block_w=None):
+        ctx.set_materialize_grads(False)  # an unused gradient arrives as None: no zeros to blur
+        ctx.save_for_backward(mask, alphas_cumprod, timesteps)
+        ctx.params = (kernel_size, sigma, grad.dtype, rows, block_w)
+        return degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0, need_eps,
+                                x0_dtype, eps_dtype, rows, block_w)
+
+    @staticmethod
+    def backward(ctx, grad_of_dx0, grad_of_deps):
+        mask, alphas_cumprod, timesteps = ctx.saved_tensors
+        kernel_size, sigma, grad_dtype, rows, block_w = ctx.params
+        if grad_of_dx0 is not None:  # d_x0 was computed, so the mask was saved
+            B, _, H, W = grad_of_dx0.shape
+            grad_of_deps = torch.zeros_like(grad_of_dx0) if grad_of_deps is None else grad_of_deps
+            grad_of_grad = degrade_latents(grad_of_dx0, grad_of_deps, mask.view(B, H * W), None, (H, W),
+                                           alphas_cumprod, timesteps, 0.5, kernel_size, sigma, rows=rows,
+                                           block_w=block_w)
+        elif grad_of_deps is not None:  # only the re-noise term: sqrt(1 - ab) v
+            ab = alphas_cumprod.to(grad_dtype)[timesteps].view(-1, 1, 1, 1)
+            grad_of_grad = (1 - ab).sqrt() * grad_of_deps.to(grad_dtype)
+        else:
+            grad_of_grad = None
+        return (grad_of_grad,) + (None,) * 11
 
 
 def degrade_latents(x0, eps, saliency, heads, map_size, alphas_cumprod, timesteps, threshold=1.0,
