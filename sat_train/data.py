@@ -195,17 +195,19 @@ def check_caption(config: TrainConfig, row: int, caption) -> str | tuple[str, ..
                      "or pass --caption_column naming a text column")
 
 
-def read_records(config: TrainConfig, data_dir: Path | None = None
+def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool = False
                  ) -> tuple[list[tuple[object, str | tuple[str, ...]]], list[str]]:
     """(image, caption) records and a name per record for messages; runs before any model loads,
-    so data problems show in seconds. ``data_dir`` overrides --train_data_dir (the demo's photos)."""
+    so data problems show in seconds. ``data_dir`` overrides --train_data_dir (the demo's photos).
+    ``quiet``: the data check prints nothing (every process but the main one); errors still raise."""
     if config.dataset_name is not None and data_dir is None:
         records, names = read_hf_dataset(config)
     else:
         # the data check (datacheck.py): every problem listed in one pass, fatal ones exit 2 here
         report = scan_image_folder(Path(data_dir or config.train_data_dir), config.image_column,
                                    config.caption_column, resolution=config.resolution,
-                                   skip_small_images=config.skip_small_images, strict=config.strict_data)
+                                   skip_small_images=config.skip_small_images, strict=config.strict_data,
+                                   quiet=quiet)
         records, names = report.records, report.names
     if config.max_train_samples is not None:
         records, names = records[: config.max_train_samples], names[: config.max_train_samples]

@@ -171,10 +171,11 @@ def _check_image(path: Path, resolution: int, skip_small: bool) -> list[tuple[st
 
 def scan_image_folder(root: Path, image_column: str = "image", caption_column: str = "text", resolution: int = 512,
                       skip_small_images: bool = False, strict: bool = False, progress: bool | None = None,
-                      stream=None) -> DataReport:
+                      stream=None, quiet: bool = False) -> DataReport:
     """Checks ``root/metadata.jsonl`` and every image it names in one pass; prints the problems and a
     summary; raises UsageError (one line) when the data cannot be trained on (see the module doc).
-    ``progress=None``: a progress bar only on a terminal."""
+    ``progress=None``: a progress bar only on a terminal. ``quiet``: neither bar nor printout (the
+    processes other than the main one of a multi-process run check the same data silently)."""
     from tqdm.auto import tqdm
 
     root = Path(root)
@@ -194,7 +195,8 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
         raise UsageError(f"cannot read {meta} ({err}); it must be UTF-8 text, one JSON object per line") from None
     lines = text.splitlines()
     with_caption_column = 0
-    bar = tqdm(lines, desc="checking data", unit="line", disable=(None if progress is None else not progress),
+    show_bar = False if quiet else progress
+    bar = tqdm(lines, desc="checking data", unit="line", disable=(None if show_bar is None else not show_bar),
                leave=False)
     for number, line in enumerate(bar, start=1):
         if not line.strip():
@@ -243,7 +245,8 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
         report.names.append(f"{path} ({where})")
     bar.close()
 
-    report.print(stream)
+    if not quiet:
+        report.print(stream)
     fatal = report.fatal
     if fatal:
         first = fatal[0]
