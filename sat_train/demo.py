@@ -33,6 +33,20 @@ To train Stable Diffusion v1.5 instead:
 (YOUR_IMAGES holds the images and a metadata.jsonl with lines {{"file_name": "a.jpg", "text": "a caption"}})"""
 
 
+# The demo's mask pictures (output_dir/masks/): every 10 steps, so steps 10, 20 and 30 (the last) of its 30.
+MASK_PREVIEW_STEPS = 10
+
+
+def mask_preview_steps(config) -> int | None:
+    """How often a run writes mask pictures: ``--mask_preview_steps`` when given; in the demo without it
+    every MASK_PREVIEW_STEPS steps and at the end, so the README's first command shows where SAT blurs.
+    Not one of demo_defaults: those fill the flag itself, and the flag is an error with --guide none,
+    which has no mask to show."""
+    if config.mask_preview_steps is not None:
+        return config.mask_preview_steps
+    return MASK_PREVIEW_STEPS if config.is_demo and config.guide != "none" else None
+
+
 def demo_defaults() -> dict:
     """Settings the demo uses for every flag the user did not give."""
     return {

@@ -122,14 +122,15 @@ def loss_curve(steps: list[int], losses: list[float], width: int = 640, height: 
 
 
 class RunPictures:
-    """What the training loop draws: mask previews every ``--mask_preview_steps`` and at the end,
-    step-based validation (``validate(step)``) every ``--validation_steps``, and ``loss.png`` (with
-    its data, ``loss_history.json``) at the end. ``steps``/``losses`` hold one entry per optimizer
-    step, from step 1 after ``resume``. Only the main process writes; every call is cheap when its
-    flag is off."""
+    """What the training loop draws: mask previews every ``mask_every`` steps and at the end (the
+    run's --mask_preview_steps, or the demo's interval: demo.mask_preview_steps), step-based
+    validation (``validate(step)``) every ``--validation_steps``, and ``loss.png`` (with its data,
+    ``loss_history.json``) at the end. ``steps``/``losses`` hold one entry per optimizer step, from
+    step 1 after ``resume``. Only the main process writes; every call is cheap when its flag is off."""
 
-    def __init__(self, accelerator, config, vae, validate=None):
+    def __init__(self, accelerator, config, vae, mask_every: int | None, validate=None):
         self.accelerator, self.config, self.vae, self.validate = accelerator, config, vae, validate
+        self.mask_every = mask_every
         self.folder = Path(config.output_dir)
         self.steps: list[int] = []
         self.losses: list[float] = []
@@ -138,7 +139,7 @@ class RunPictures:
 
     def observe(self, batch, inputs, result) -> None:
         """Keeps the latest micro-batch's pictures' inputs (references only, no copies)."""
-        if self.config.mask_preview_steps and getattr(result, "mask", None) is not None:
+        if self.mask_every and getattr(result, "mask", None) is not None:
             self.last = (batch["pixel_values"], inputs.x0.detach(), result.mask)
 
     def resume(self, checkpoint: Path, step: int) -> None:
@@ -154,8 +155,7 @@ class RunPictures:
     def after_step(self, step: int, loss: float) -> None:
         self.steps.append(step)
         self.losses.append(loss)
-        every = self.config.mask_preview_steps
-        if every and step % every == 0:
+        if self.mask_every and step % self.mask_every == 0:
             self.write_mask_preview(step)
         every = self.config.validation_steps
         if every and self.config.validation_prompt and step % every == 0 and self.validate is not None:
@@ -167,14 +167,18 @@ class RunPictures:
         pixel_values, x0, mask = self.last
         image = mask_preview(pixel_values, x0, mask, self.vae, self.config.guide_kernel_size, self.config.guide_sigma)
         self.last_written = step
-        path = save_png(image, self.folder / "masks" / f"step{step:06d}.png")
+        path = save_png(image, self.masks_folder / f"step{step:06d}.png")
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("masks", np.asarray(image), step, dataformats="HWC")
         return path
 
+    @property
+    def masks_folder(self) -> Path:
+        return self.folder / "masks"
+
     def finish(self, step: int) -> None:
-        if self.config.mask_preview_steps:
+        if self.mask_every:
             self.write_mask_preview(step)
         if self.accelerator.is_main_process and self.steps:
             self.save_history(self.folder)

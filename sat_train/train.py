@@ -2,9 +2,19 @@
 checkpoints, resume, validation and the final LoRA export.
 
 Follows diffusers' examples/text_to_image/train_text_to_image_lora.py; the loss comes from a
-``guidance.Guide``. Resuming restores model, optimizer, scheduler and RNG state (accelerate's
-save_state/load_state) and the loss history (for loss.png), reseeds the shuffle per epoch (seedable
-sampler) and skips the batches already seen, so a resumed run reproduces an uninterrupted one.
+``guidance.Guide``. ``train`` runs five phases, which share one ``Run``:
+
+1. ``prepare_run``: data check, models + LoRA, data loader, optimizer, lr schedule, resume.
+2. ``train_micro_batch``: noise one micro-batch, the guide's loss, backward, optimizer step.
+3. ``record_metrics`` / ``log_step``: metrics averaged over processes, to the trackers and the bar.
+4. ``checkpoint_if_due`` / ``validate_at_epoch_end``: atomic checkpoints, validation images.
+5. ``finish_run``: the last pictures, the guide's report, the LoRA export.
+
+Resuming restores model, optimizer, scheduler and RNG state (accelerate's save_state/load_state)
+and the loss history (for loss.png), reseeds the shuffle per epoch (seedable sampler) and skips the
+batches already seen, so a resumed run reproduces an uninterrupted one. Under several processes
+(torchrun, accelerate launch) every process runs every phase; what a run says once (banner, data
+check, summary, final paths) comes from the main process only.
 """
 
 from __future__ import annotations
@@ -12,7 +22,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,7 +35,8 @@ from .data import build_dataset, collate, read_records
 from .export import LORA_WEIGHTS_NAME, export_lora, load_lora, save_lora
 from .faults import crash_hook, fsync_dir
 from .guidance import StepInputs, build_guide
-from .models import add_lora, load_components, lora_parameters
+from .models import Components, add_lora, load_components, lora_parameters
+from .pictures import RunPictures
 from .seeding import derived_generator
 
 CONFIG_NAME = "train_config.json"
@@ -86,14 +99,16 @@ def checkpoint_is_complete(folder: Path) -> bool:
     return (folder / CHECKPOINT_MARKER).is_file()
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, write_extra=None) -> Path:
-    """``accelerator.save_state`` into ``.checkpoint-N.tmp-PID``, then the COMPLETE marker, then one
+def save_checkpoint(accelerator, output_dir: Path, step: int, tag: int, write_extra=None) -> Path:
+    """``accelerator.save_state`` into ``.checkpoint-N.tmp-TAG``, then the COMPLETE marker, then one
     ``os.replace`` to ``checkpoint-N``: a crash at any point leaves either no ``checkpoint-N`` or a
     complete one (``--resume_from_checkpoint latest`` only considers folders with the marker).
-    ``write_extra(tmp_folder)`` runs on the main process before the marker (the loss history), so
-    its files are part of the same atomic checkpoint. Every process must call this (barriers)."""
+    ``tag`` (the main process's pid, main_process_pid) is the same on every process, so each one's
+    part of the state lands in the one folder that is renamed. ``write_extra(tmp_folder)`` runs on
+    the main process before the marker (the loss history), so its files are part of the same atomic
+    checkpoint. Every process must call this (barriers)."""
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    tmp = output_dir / f".checkpoint-{step}.tmp-{tag}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
@@ -195,26 +210,111 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
                       loss_weights=weights, tokens=batch.get("cac_tokens"))
 
 
+@dataclass
+class Run:
+    """What the phases of one run share: built by ``prepare_run``; the fields after ``pictures``
+    are the run's position, which the loop advances and ``resume_run`` restores."""
+
+    config: TrainConfig
+    accelerator: Any
+    components: Components  # its unet is the bare model; ``unet`` below is accelerate's wrapper
+    unet: torch.nn.Module
+    params: list[torch.nn.Parameter]  # the LoRA parameters: what the optimizer trains and clipping sees
+    optimizer: Any
+    lr_scheduler: Any
+    dataloader: Any
+    guide: Any
+    weight_dtype: torch.dtype
+    seed: int  # keys every derived random stream (seeding.py), --seed or the one torch drew
+    output_dir: Path
+    max_train_steps: int
+    steps_per_epoch: int
+    num_epochs: int
+    checkpoint_tag: int  # the main process's pid: every process saves into the same temporary folder
+    pictures: RunPictures | None = None
+    global_step: int = 0
+    first_epoch: int = 0
+    skip_batches: int = 0  # micro-batches of first_epoch the checkpoint had already trained on
+    micro_batch: int = 0  # micro-batches since the last optimizer step
+    running: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRICS, 0.0))
+    progress: Any = None  # the tqdm bar of optimizer steps
+
+
 def train(config: TrainConfig) -> Path:
     """Runs the job ``config`` describes; returns the path of the LoRA weights it wrote."""
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
+    run = prepare_run(config)
+    run.progress = tqdm(range(run.max_train_steps), initial=run.global_step, desc="steps",
+                        disable=not run.accelerator.is_local_main_process)
+    for epoch in range(run.first_epoch, run.num_epochs):
+        if run.global_step >= run.max_train_steps:
+            break
+        train_epoch(run, epoch)
+        validate_at_epoch_end(run, epoch)
+    return finish_run(run)
+
+
+# ----------------------------------------------------------------------------- 1. preparing the run
+
+
+def prepare_run(config: TrainConfig) -> Run:
+    """Data check, models with LoRA, data loader, optimizer and lr schedule (through accelerate),
+    the run's announcement, then the resume. LoRA's initial weights are drawn from the global
+    generator after set_seed, so nothing that draws may move before add_lora: resume relies on it."""
     config.validate()
     check_output_paths(config)
-    output_dir = Path(config.output_dir)
+    accelerator = start_accelerator(config)
+    # the data check runs before any model loads; every process reads the data, the main one reports
+    records, names = read_records(config, demo.DEMO_DATA_DIR if config.is_demo else None,
+                                  quiet=not accelerator.is_main_process)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    components, backend = prepare_models(config, accelerator, weight_dtype)
+    guide = build_guide(config, components.unet, components.noise_scheduler, backend)  # after set_attn_processor
+    register_lora_checkpoint_hooks(accelerator, components.unet, weight_dtype)
+    params = lora_parameters(components.unet)
+    optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes)
+    seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
+    dataset = build_dataset(config, records, names, components.tokenizer, seed=seed)
+    dataloader = torch.utils.data.DataLoader(dataset, shuffle=True, collate_fn=collate,
+                                             batch_size=config.train_batch_size,
+                                             num_workers=config.dataloader_num_workers)
+    lr_scheduler, max_train_steps = make_lr_scheduler(config, optimizer, len(dataloader), accelerator.num_processes)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
+                                                                    lr_scheduler)
+    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)  # per process, prepared
+    run = Run(config=config, accelerator=accelerator, components=components, unet=unet, params=params,
+              optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, guide=guide,
+              weight_dtype=weight_dtype, seed=seed, output_dir=Path(config.output_dir),
+              max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch,
+              num_epochs=math.ceil(max_train_steps / steps_per_epoch), checkpoint_tag=main_process_pid(accelerator))
+    run.pictures = RunPictures(accelerator, config, components.vae, mask_every=demo.mask_preview_steps(config),
+                               validate=lambda step: run_validation(accelerator, components, unet, config, None,
+                                                                    weight_dtype, step=step))
+    announce_run(run, backend, learning_rate, len(dataset))
+    resume_run(run)
+    return run
+
+
+def start_accelerator(config: TrainConfig):
+    """The Accelerator, an output folder cleared of interrupted saves (main process), the seed."""
+    from accelerate.utils import set_seed
+
     accelerator = make_accelerator(config)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output_dir)
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(Path(config.output_dir))
     if config.seed is not None:
         set_seed(config.seed)
-    records, names = read_records(config, demo.DEMO_DATA_DIR if config.is_demo else None)
+    return accelerator
+
+
+def prepare_models(config: TrainConfig, accelerator, weight_dtype):
+    """SD components (the demo's or --pretrained_model_name_or_path's), frozen, with a trainable LoRA
+    on the UNet, on the device; returns them and the attention backend their processors use."""
+    from diffusers.training_utils import cast_training_params
 
     components = demo.build_components() if config.is_demo else load_components(config)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
@@ -227,14 +327,18 @@ def train(config: TrainConfig) -> Path:
             model.to(dtype=weight_dtype)
     if weight_dtype != torch.float32:
         cast_training_params(unet, dtype=torch.float32)  # frozen weights in half precision, LoRA in fp32
-
     backend = resolve_backend(config.attention, accelerator.device)
     unet.set_attn_processor(stock_processor(backend))
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    guide = build_guide(config, unet, components.noise_scheduler, backend)  # after set_attn_processor
+    return components, backend
+
+
+def register_lora_checkpoint_hooks(accelerator, unet, weight_dtype) -> None:
+    """Checkpoints hold the LoRA (safetensors), not the whole UNet; loading puts it back in fp32."""
+    from diffusers.training_utils import cast_training_params
 
     def save_model_hook(models, weights, checkpoint_dir):
         for model in models:
@@ -251,132 +355,200 @@ def train(config: TrainConfig) -> Path:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
+
+def make_scaled_optimizer(config: TrainConfig, params, num_processes: int):
+    """The optimizer and its learning rate (--scale_lr: times accumulation x batch x processes)."""
     learning_rate = config.learning_rate
     if config.scale_lr:
-        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
-    params = lora_parameters(unet)
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * num_processes
     optimizer = make_optimizer(config, params)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
+    return optimizer, learning_rate
 
-    seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
-    dataset = build_dataset(config, records, names, components.tokenizer, seed=seed)
-    dataloader = torch.utils.data.DataLoader(dataset, shuffle=True, collate_fn=collate,
-                                             batch_size=config.train_batch_size,
-                                             num_workers=config.dataloader_num_workers)
-    batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)
+
+def make_lr_scheduler(config: TrainConfig, optimizer, batches: int, num_processes: int):
+    """The lr schedule and the run's length in optimizer steps. As diffusers' example, warmup and
+    total steps are counted over all processes (accelerate steps the scheduler once per process)."""
+    from diffusers.optimization import get_scheduler
+
+    batches_per_process = math.ceil(batches / num_processes)
     steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
     max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-    steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+                                 num_warmup_steps=config.lr_warmup_steps * num_processes,
+                                 num_training_steps=max_train_steps * num_processes)
+    return lr_scheduler, max_train_steps
 
+
+def main_process_pid(accelerator) -> int:
+    """The main process's pid, on every process (one broadcast): it names the temporary folder of a
+    checkpoint, into which every process writes its part (its random_states_N.pkl)."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([os.getpid()])[0]
+
+
+def announce_run(run: Run, backend: str, learning_rate: float, num_samples: int) -> None:
+    """train_config.json and the trackers (main process); the banner and the run summary, printed once."""
+    config, accelerator = run.config, run.accelerator
     if accelerator.is_main_process:
-        config.write_json(output_dir / CONFIG_NAME, resolved={
+        config.write_json(run.output_dir / CONFIG_NAME, resolved={
             "demo": config.is_demo, "attention_backend": backend, "learning_rate": learning_rate,
-            "max_train_steps": max_train_steps, "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision, "unet_forwards_per_step": guide.forwards_per_step})
+            "max_train_steps": run.max_train_steps, "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "unet_forwards_per_step": run.guide.forwards_per_step,
+            "mask_preview_steps": run.pictures.mask_every})
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
         accelerator.init_trackers("sat_train", config=tracker_config)
     if config.is_demo:
-        accelerator.print(demo.BANNER.format(n=len(dataset)))
-    accelerator.print(f"sat_train: guide={config.guide} ({guide.forwards_per_step} UNet forwards/step), "
-                      f"attention={backend}, {len(dataset)} samples, {max_train_steps} steps, "
+        accelerator.print(demo.BANNER.format(n=num_samples))
+    accelerator.print(f"sat_train: guide={config.guide} ({run.guide.forwards_per_step} UNet forwards/step), "
+                      f"attention={backend}, {num_samples} samples, {run.max_train_steps} steps, "
                       f"batch {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation "
-                      f"x {accelerator.num_processes} processes, output in {output_dir}")
+                      f"x {accelerator.num_processes} processes, output in {run.output_dir}")
 
-    global_step, first_epoch, skip_batches, checkpoint = 0, 0, 0, None
-    if config.resume_from_checkpoint:
-        checkpoint = find_resume_checkpoint(config)
-        if checkpoint is None:
-            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-        else:
-            accelerator.print(f"resuming from {checkpoint}")
-            # weights_only: torch's restricted unpickler for the optimizer/scheduler/RNG state (no code runs)
-            accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
-            global_step = int(checkpoint.name.split("-", 1)[1])
-            first_epoch = global_step // steps_per_epoch
-            skip_batches = (global_step % steps_per_epoch) * config.gradient_accumulation_steps
 
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    running = dict.fromkeys(METRICS, 0.0)
-    micro_batch = 0
-    from .pictures import RunPictures
+def resume_run(run: Run) -> None:
+    """--resume_from_checkpoint: model, optimizer, scheduler and RNG state (accelerate), the position
+    (step, epoch, batches to skip) from the checkpoint's name, and the loss history for loss.png."""
+    if not run.config.resume_from_checkpoint:
+        return
+    checkpoint = find_resume_checkpoint(run.config)
+    if checkpoint is None:
+        run.accelerator.print(f"no checkpoint in {run.output_dir}: starting a new run")
+        return
+    run.accelerator.print(f"resuming from {checkpoint}")
+    # weights_only: torch's restricted unpickler for the optimizer/scheduler/RNG state (no code runs)
+    run.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    run.global_step = int(checkpoint.name.split("-", 1)[1])
+    run.first_epoch = run.global_step // run.steps_per_epoch
+    # optimizer steps already taken in that epoch, in micro-batches
+    run.skip_batches = (run.global_step % run.steps_per_epoch) * run.config.gradient_accumulation_steps
+    run.pictures.resume(checkpoint, run.global_step)  # loss.png covers the whole run, not only this part
 
-    pictures = RunPictures(accelerator, config, vae, validate=lambda step: run_validation(
-        accelerator, components, unet, config, None, weight_dtype, step=step))
-    if checkpoint is not None:  # loss.png covers the whole run, not only the part after this resume
-        pictures.resume(checkpoint, global_step)
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
+
+# ----------------------------------------------------------------------------- 2. one micro-batch
+
+
+def train_epoch(run: Run, epoch: int) -> None:
+    """Every micro-batch of ``epoch`` (after those a resume skips), until the run's last step."""
+    run.unet.train()
+    run.dataloader.set_epoch(epoch)
+    batches = run.dataloader
+    if epoch == run.first_epoch and run.skip_batches:
+        batches = run.accelerator.skip_first_batches(run.dataloader, run.skip_batches)
+    for batch in batches:
+        inputs, result = train_micro_batch(run, batch)
+        record_metrics(run, result, epoch)
+        run.pictures.observe(batch, inputs, result)
+        if not run.accelerator.sync_gradients:
+            continue
+        finish_optimizer_step(run)
+        if run.global_step >= run.max_train_steps:
             break
-        unet.train()
-        dataloader.set_epoch(epoch)
-        batches = dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(dataloader, skip_batches)
-        for batch in batches:
-            with accelerator.accumulate(unet):
-                # the noise of a micro-batch is a function of where it is in the run (see seeding.py)
-                generator = derived_generator(seed, accelerator.process_index, global_step, micro_batch,
-                                              device=accelerator.device)
-                inputs = make_step_inputs(batch, components, config, weight_dtype, generator)
-                result = guide(unet, inputs)
-                accelerator.backward(result.loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            # one all-gather per micro-batch for every metric (NaN marks "not produced by this guide")
-            nan = torch.tensor(float("nan"), device=accelerator.device)
-            values = [result.loss.detach()] + [getattr(result, name) for name in METRICS[1:]]
-            local = torch.stack([nan if v is None else v.float().reshape(()) for v in values])
-            gathered = accelerator.gather(local[None]).mean(dim=0).tolist()
-            if not math.isfinite(gathered[0]):  # the same value on every process: all stop together
-                progress.close()
-                accelerator.end_training()
-                raise NonFiniteLossError(
-                    f"loss is {gathered[0]} at step {global_step + 1} (epoch {epoch}): stopping before anything "
-                    f"is saved; the last good checkpoint is {_latest_name(output_dir)}. Try a lower "
-                    "--learning_rate, --mixed_precision no, or check the data")
-            for name, value in zip(METRICS, gathered, strict=True):
-                running[name] += value / config.gradient_accumulation_steps
-            micro_batch += 1
-            pictures.observe(batch, inputs, result)
-            if not accelerator.sync_gradients:
-                continue
-            global_step, micro_batch = global_step + 1, 0
-            progress.update(1)
-            logs = {f"train/{name}": value for name, value in running.items() if not math.isnan(value)}
-            logs["train/lr"] = lr_scheduler.get_last_lr()[0]
-            accelerator.log(logs, step=global_step)
-            progress.set_postfix(loss=f"{running['loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
-            running = dict.fromkeys(METRICS, 0.0)
-            pictures.after_step(global_step, logs["train/loss"])
-            if global_step % config.checkpointing_steps == 0:
-                # atomic, see save_checkpoint; the loss history goes inside, for resume's loss.png
-                save_checkpoint(accelerator, output_dir, global_step, write_extra=pictures.save_history)
-                if accelerator.is_main_process:
-                    prune_checkpoints(output_dir, config.checkpoints_total_limit)
-            if global_step >= max_train_steps:
-                break
-        if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
-            run_validation(accelerator, components, unet, config, epoch + 1, weight_dtype)
-    progress.close()
-    pictures.finish(global_step)
-    if getattr(guide, "samples", 0):
-        accelerator.print(f"CAC: {guide.fallbacks} of {guide.samples} samples had none of --cac_words "
-                          f"({config.cac_words}) in their caption and used the SAC mask")
 
+
+def train_micro_batch(run: Run, batch):
+    """Noise, the guide's loss, backward; the optimizer steps when accelerate says the accumulation
+    is complete (inside accumulate, optimizer.step() is a no-op until then)."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.unet):
+        # the noise of a micro-batch is a function of where it is in the run (see seeding.py)
+        generator = derived_generator(run.seed, accelerator.process_index, run.global_step, run.micro_batch,
+                                      device=accelerator.device)
+        inputs = make_step_inputs(batch, run.components, run.config, run.weight_dtype, generator)
+        result = run.guide(run.unet, inputs)
+        accelerator.backward(result.loss)
+        if accelerator.sync_gradients and run.config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.params, run.config.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+    return inputs, result
+
+
+# ----------------------------------------------------------------------------- 3. logging and metrics
+
+
+def record_metrics(run: Run, result, epoch: int) -> None:
+    """Adds this micro-batch's metrics, averaged over the processes, to the step's running means;
+    stops every process together on a NaN/inf loss, before anything more is saved."""
+    accelerator = run.accelerator
+    # one all-gather per micro-batch for every metric (NaN marks "not produced by this guide")
+    nan = torch.tensor(float("nan"), device=accelerator.device)
+    values = [result.loss.detach()] + [getattr(result, name) for name in METRICS[1:]]
+    local = torch.stack([nan if v is None else v.float().reshape(()) for v in values])
+    gathered = accelerator.gather(local[None]).mean(dim=0).tolist()
+    if not math.isfinite(gathered[0]):  # the same value on every process: all stop together
+        run.progress.close()
+        accelerator.end_training()
+        raise NonFiniteLossError(
+            f"loss is {gathered[0]} at step {run.global_step + 1} (epoch {epoch}): stopping before anything "
+            f"is saved; the last good checkpoint is {_latest_name(run.output_dir)}. Try a lower "
+            "--learning_rate, --mixed_precision no, or check the data")
+    for name, value in zip(METRICS, gathered, strict=True):
+        run.running[name] += value / run.config.gradient_accumulation_steps
+    run.micro_batch += 1
+
+
+def finish_optimizer_step(run: Run) -> None:
+    """After an optimizer step: the logs, the pictures due, the checkpoint due."""
+    run.global_step, run.micro_batch = run.global_step + 1, 0
+    loss = log_step(run)
+    run.pictures.after_step(run.global_step, loss)
+    checkpoint_if_due(run)
+
+
+def log_step(run: Run) -> float:
+    """The step's means (and the lr) to the trackers and the progress bar; returns the step's loss."""
+    run.progress.update(1)
+    logs = {f"train/{name}": value for name, value in run.running.items() if not math.isnan(value)}
+    logs["train/lr"] = run.lr_scheduler.get_last_lr()[0]
+    run.accelerator.log(logs, step=run.global_step)
+    run.progress.set_postfix(loss=f"{run.running['loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
+    run.running = dict.fromkeys(METRICS, 0.0)
+    return logs["train/loss"]
+
+
+# ----------------------------------------------------------------------------- 4. checkpoints and validation
+
+
+def checkpoint_if_due(run: Run) -> None:
+    """Every --checkpointing_steps: an atomic checkpoint (see save_checkpoint) holding the loss history
+    (for resume's loss.png), then the oldest beyond --checkpoints_total_limit are removed."""
+    if run.global_step % run.config.checkpointing_steps:
+        return
+    save_checkpoint(run.accelerator, run.output_dir, run.global_step, run.checkpoint_tag,
+                    write_extra=run.pictures.save_history)
+    if run.accelerator.is_main_process:
+        prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
+
+
+def validate_at_epoch_end(run: Run, epoch: int) -> None:
+    """--validation_prompt every --validation_epochs (step-based validation is RunPictures')."""
+    config = run.config
+    if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
+        run_validation(run.accelerator, run.components, run.unet, config, epoch + 1, run.weight_dtype)
+
+
+# ----------------------------------------------------------------------------- 5. finishing
+
+
+def finish_run(run: Run) -> Path:
+    """The last mask picture and loss.png, the guide's end-of-run report, the LoRA export; the final
+    paths are printed once (main process)."""
+    accelerator = run.accelerator
+    run.progress.close()
+    run.pictures.finish(run.global_step)
+    report = getattr(run.guide, "end_of_run_summary", lambda: None)()  # e.g. CAC's fallback count
+    if report:
+        accelerator.print(report)
     accelerator.wait_for_everyone()
-    lora_path = output_dir / LORA_WEIGHTS_NAME
+    lora_path = run.output_dir / LORA_WEIGHTS_NAME
     if accelerator.is_main_process:
-        lora_path = export_lora(accelerator.unwrap_model(unet), output_dir, config.export_format)
+        lora_path = export_lora(accelerator.unwrap_model(run.unet), run.output_dir, run.config.export_format)
+        if run.pictures.last_written is not None:
+            accelerator.print(f"mask pictures: {run.pictures.masks_folder}")
         accelerator.print(f"LoRA weights: {lora_path}")
     accelerator.end_training()
     return lora_path

@@ -13,6 +13,8 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 from PIL import Image
 
 import sat_train.validation as validation_module
+from sat_train import demo
+from sat_train.cli import main, parse_config
 from sat_train.demo import build_components
 from sat_train.pictures import loss_curve, mask_preview
 from sat_train.train import train
@@ -103,3 +105,25 @@ def test_flags_are_checked():
         tiny_config("x", guide="cac", cac_words=" , ").validate()
     with pytest.raises(UsageError, match="--mask_preview_steps"):
         tiny_config("x", guide="none", mask_preview_steps=5).validate()
+
+
+def test_demo_writes_mask_pictures_without_the_flag(tmp_path, monkeypatch, capsys):
+    # the README's first command: `python -m sat_train` with no model/data flags (here 3 steps at 64 px,
+    # the demo's interval shortened from 10 to 2 steps): pictures at step 2 and the last, step 3
+    monkeypatch.setattr(demo, "MASK_PREVIEW_STEPS", 2)
+    out = tmp_path / "demo"
+    main(["--output_dir", str(out), "--max_train_steps", "3", "--resolution", "64", "--report_to", "none"])
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["step000002.png", "step000003.png"]
+    with Image.open(out / "masks" / "step000003.png") as im:
+        assert im.size == (3 * 64, 2 * 64)
+    assert f"mask pictures: {out / 'masks'}" in capsys.readouterr().out
+
+
+def test_mask_picture_interval_demo_default_and_flag():
+    assert demo.mask_preview_steps(parse_config([])) == 10  # the demo's 30 steps: 10, 20, 30
+    assert demo.demo_defaults()["max_train_steps"] == 30
+    assert demo.mask_preview_steps(parse_config(["--mask_preview_steps", "4"])) == 4  # the flag overrides
+    assert demo.mask_preview_steps(parse_config(["--guide", "none"])) is None  # no mask to show; not an error
+    real = ["--pretrained_model_name_or_path", "x", "--train_data_dir", "d"]
+    assert demo.mask_preview_steps(parse_config(real)) is None  # real runs: only with the flag
+    assert demo.mask_preview_steps(parse_config([*real, "--mask_preview_steps", "7"])) == 7

@@ -1,0 +1,72 @@
+"""The whole trainer as two CPU processes (torchrun, gloo), as README's multi-process command runs it:
+what a run says once (banner, data check, run summary, final paths) is printed once, one LoRA file,
+checkpoints that hold every process's state, and a second two-process run resumed from ``latest``
+ends with exactly the weights and loss history of the uninterrupted two-process run.
+(tests/test_train_ddp.py checks the guide's gradients under raw DDP.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from train_helpers import LORA_FILE, REPO
+
+# the demo model and photos at 64 px: 6 photos, batch 2 → 3 batches, 2 per process (accelerate evens
+# them out), so 2 optimizer steps per epoch; checkpoint-2 ends epoch 0
+FLAGS = ["--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+         "--seed", "0", "--report_to", "none", "--random_flip", "--guide", "sac", "--max_train_steps", "4",
+         "--checkpointing_steps", "2"]
+
+
+def torchrun(out, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    env.pop("SAT_TEST_KILL_AT", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "sat_train", *FLAGS, "--output_dir", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def lines_starting(proc: subprocess.CompletedProcess, prefix: str) -> list[str]:
+    return [line for line in proc.stdout.splitlines() if line.startswith(prefix)]
+
+
+def test_two_processes_speak_once_and_resume_to_the_uninterrupted_result(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    straight = tmp_path / "straight"
+    proc = torchrun(straight)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for prefix in ("=== sat_train DEMO", "data check ", "sat_train: guide=sac", "mask pictures: ", "LoRA weights: "):
+        assert len(lines_starting(proc, prefix)) == 1, (prefix, proc.stdout)
+    assert "x 2 processes" in lines_starting(proc, "sat_train: guide=sac")[0]
+    assert json.loads((straight / "train_config.json").read_text())["resolved"]["num_processes"] == 2
+    assert [p.name for p in straight.glob("*.safetensors")] == [LORA_FILE]
+    assert not [p.name for p in straight.iterdir() if p.name.startswith(".")]  # no process left a temporary
+    for step in (2, 4):  # each process's part of the state is inside the one renamed folder
+        saved = {p.name for p in (straight / f"checkpoint-{step}").iterdir()}
+        assert {"COMPLETE", LORA_FILE, "random_states_0.pkl", "random_states_1.pkl"} <= saved, saved
+
+    # as if the first run had stopped after checkpoint-2: a second two-process run takes it up
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    proc = torchrun(resumed, "--resume_from_checkpoint", "latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines_starting(proc, "resuming from ") == [f"resuming from {resumed / 'checkpoint-2'}"], proc.stdout
+    expected, got = load_file(straight / LORA_FILE), load_file(resumed / LORA_FILE)
+    assert expected.keys() == got.keys() and len(expected) > 0
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    at_step_2 = load_file(straight / "checkpoint-2" / LORA_FILE)
+    assert any(not torch.equal(at_step_2[k], expected[k]) for k in expected), "steps 3-4 must change the LoRA"
+    history = json.loads((resumed / "loss_history.json").read_text())
+    assert history == json.loads((straight / "loss_history.json").read_text()) and history["steps"] == [1, 2, 3, 4]
