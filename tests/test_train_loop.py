@@ -49,8 +49,14 @@ def test_resume_from_latest_matches_uninterrupted_run(tmp_path):
     expected_history = read_history(tmp_path / "straight")
     assert expected_history["steps"] == [1, 2, 3, 4, 5, 6]
     assert read_history(interrupted / "checkpoint-4") == {k: v[:4] for k, v in expected_history.items()}
-    resumed = train(tiny_config(interrupted, max_train_steps=6, checkpointing_steps=2,
-                                checkpoints_total_limit=1, resume_from_checkpoint="latest"))
+    resume_config = tiny_config(interrupted, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=1,
+                                resume_from_checkpoint="latest")
+    # the preparing phase alone: 6 photos / batch 2 = 3 steps an epoch, so step 4 is epoch 1 after 1 batch
+    run = train_module.prepare_run(resume_config)
+    assert (run.global_step, run.steps_per_epoch, run.first_epoch, run.skip_batches) == (4, 3, 1, 1)
+    assert run.pictures.steps == [1, 2, 3, 4]
+    run.accelerator.end_training()
+    resumed = train(resume_config)
     expected, got = load_file(straight), load_file(resumed)
     assert expected.keys() == got.keys() and len(expected) > 0
     for key in expected:
