@@ -25,8 +25,6 @@ from .config import TrainConfig, UsageError
 from .datacheck import scan_image_folder, to_rgb
 from .seeding import derived_generator
 
-METADATA = "metadata.jsonl"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_STREAM = 1  # extra key of derived_generator: the caption pick draws apart from the crop/flip draws
 
 
@@ -75,7 +73,6 @@ class CaptionedImages(Dataset):
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
         self.epoch = epoch
-
 
     def __len__(self) -> int:
         return len(self.records)
