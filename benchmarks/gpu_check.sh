@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | t
 python3 -c "import torch, triton, diffusers, flash_colreduce as f; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'flash_colreduce', f.__version__)" 2>&1 | tee -a "$OUT/log.txt"
 
 timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/log.txt"
-timeout 60 python3 benchmarks/compile_report.py --arch 90 2>&1 | tee -a "$OUT/log.txt"
+timeout 120 python3 benchmarks/compile_report.py --arch 90 --jobs 16 2>&1 | tee -a "$OUT/log.txt"
 
 # -k: the CUDA parametrizations and the CUDA-only bandwidth rows. Kernels first (a minute or two),
 # then the full-size SD v1.5 step; rows.txt keeps every finished row even if a limit cuts a run off.
