@@ -26,8 +26,16 @@ setup(
     packages=find_packages(include=["sat_kernels", "sat_kernels.*", "sat_train", "sat_train.*"]),
     package_data={"sat_train": ["assets/demo_data/*"]},
     # torch: install the build for your machine first (CPU: pip install torch==2.13.0);
-    # a bare requirement would pull a multi-GB CUDA build on CPU-only machines.
-    install_requires=["torch>=2.1", "triton>=3.0; platform_system == 'Linux'", "numpy>=1.24"],
+    # a bare requirement would pull a multi-GB CUDA build on CPU-only machines. 2.4 is the first
+    # with torch.is_autocast_enabled(device_type), which the torch path uses to ignore autocast.
+    # triton 3.5 is the first release that runs every kernel, compiled for sm_90 and interpreted:
+    # before 3.3 there is no tl.gather (degrade's token lookup) and no tuples (the blur's ring of
+    # rows); 3.3 and 3.4 reject a load whose mask is wider than its pointer (the degrade backward's
+    # (1, BW) mask plane under a (CP, BW) mask), and 3.3's compiler also crashes on the degrade
+    # forward. CUDA torch pins one triton (2.9: 3.5.0, 2.11: 3.6.0, 2.13: 3.7.1), so with a CUDA
+    # build this needs torch >= 2.9. Triton's interpreter (TRITON_INTERPRET=1) before 3.7 fails
+    # under NumPy >= 2.4: run the CPU kernel tests on 3.5/3.6 with numpy<2.4.
+    install_requires=["torch>=2.4", "triton>=3.5; platform_system == 'Linux'", "numpy>=1.24"],
     extras_require={
         "train": TRAIN,
         "test": TEST,
