@@ -368,8 +368,9 @@ def make_scaled_optimizer(config: TrainConfig, params, num_processes: int):
 
 
 def make_lr_scheduler(config: TrainConfig, optimizer, batches: int, num_processes: int):
-    """The lr schedule and the run's length in optimizer steps. As diffusers' example, warmup and
-    total steps are counted over all processes (accelerate steps the scheduler once per process)."""
+    """The lr schedule and the run's length in optimizer steps. As in diffusers' example, warmup and
+    total steps are multiplied by the processes: accelerate's prepared scheduler advances that many
+    steps per optimizer step."""
     from diffusers.optimization import get_scheduler
 
     batches_per_process = math.ceil(batches / num_processes)
