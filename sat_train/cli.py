@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -54,6 +55,17 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return config.validate()
 
 
+def _say_error(message: str, same_on_every_process: bool) -> None:
+    """One line on stderr. Under torchrun/accelerate launch every process raises a usage error or a
+    NaN-loss stop alike, so only the main one (RANK 0) prints those; any other error may be one
+    process's own, so each prints it, naming its rank."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if same_on_every_process and rank != 0:
+        return
+    prefix = f"[rank {rank}] " if world > 1 and not same_on_every_process else ""
+    print(f"{prefix}sat-train: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as err:
         if debug:
             raise
-        print(f"sat-train: error: {err}", file=sys.stderr)
+        _say_error(str(err), same_on_every_process=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("sat-train: interrupted", file=sys.stderr)
@@ -76,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
         from .train import NonFiniteLossError
 
         if isinstance(err, NonFiniteLossError):
-            print(f"sat-train: error: {err}", file=sys.stderr)
+            _say_error(str(err), same_on_every_process=True)
         else:
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            print(f"sat-train: error: {type(err).__name__}: {first} (run with --debug for the traceback)",
-                  file=sys.stderr)
+            _say_error(f"{type(err).__name__}: {first} (run with --debug for the traceback)",
+                       same_on_every_process=False)
         sys.exit(1)
 
 

@@ -148,7 +148,7 @@ class TrainConfig:
         None, "Also validate every N optimizer steps (PNGs in output_dir/validation/).", type=int)
     mask_preview_steps: int | None = _opt(
         None, "Every N steps (and at the end) write a PNG grid to output_dir/masks/: image, its SAC/CAC mask, "
-        "the blurred-degraded image (needs --guide sac or cac).", type=int)
+        "the blurred-degraded image (needs --guide sac or cac). Unset: off, except the demo, every 10 steps.", type=int)
     export_format: str = _opt(
         "diffusers", "LoRA file format: diffusers (pytorch_lora_weights.safetensors), kohya "
         "(pytorch_lora_weights_kohya.safetensors: lora_unet_* keys for A1111/ComfyUI), or both.",

@@ -123,7 +123,7 @@ class MidBlockSaliency:
             predict(unet, s.noisy, s)
         return self.take(s, threshold)
 
-    def summary(self) -> str | None:
+    def summary(self, total=int) -> str | None:
         return None
 
 
@@ -166,11 +166,12 @@ class CaptionWordSaliency:
             predict(unet, s.noisy, s)
         return self.take(s, threshold)
 
-    def summary(self) -> str | None:
-        if not self.samples:
+    def summary(self, total=int) -> str | None:
+        """The fallback count; ``total`` sums a count over processes (every process must call this)."""
+        fallbacks, samples = total(self.fallbacks), total(self.samples)
+        if not samples:
             return None
-        return (f"CAC: {self.fallbacks} of {self.samples} samples had none of {self.words} in their caption "
-                "and used the SAC mask")
+        return f"CAC: {fallbacks} of {samples} samples had none of {self.words} in their caption and used the SAC mask"
 
 
 # ----------------------------------------------------------------------------- the step
@@ -215,7 +216,9 @@ class Guide:
         loss = weighted_mse(pred, s.target, s.loss_weights)
         return StepResult(loss=loss, pred_loss=loss.detach())
 
-    def end_of_run_summary(self) -> str | None:
+    def end_of_run_summary(self, total=int) -> str | None:
+        """What the guide has to say once a run ends (None: nothing); ``total`` sums a count over
+        processes, and every process must call this."""
         return None
 
 
@@ -273,8 +276,8 @@ class SATGuide(Guide):
                 cac_fallback=None if g.saliency.fallback is None else g.saliency.fallback.float().mean(),
             )
 
-    def end_of_run_summary(self) -> str | None:
-        return self.saliency.summary()
+    def end_of_run_summary(self, total=int) -> str | None:
+        return self.saliency.summary(total)
 
 
 def build_guide(config, unet, noise_scheduler, attention_backend: str) -> Guide:

@@ -541,7 +541,8 @@ def finish_run(run: Run) -> Path:
     accelerator = run.accelerator
     run.progress.close()
     run.pictures.finish(run.global_step)
-    report = getattr(run.guide, "end_of_run_summary", lambda: None)()  # e.g. CAC's fallback count
+    report = run.guide.end_of_run_summary(total=lambda count: int(  # e.g. CAC's fallbacks, summed over processes
+        accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum").item()))
     if report:
         accelerator.print(report)
     accelerator.wait_for_everyone()

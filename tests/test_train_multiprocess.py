@@ -70,3 +70,18 @@ def test_two_processes_speak_once_and_resume_to_the_uninterrupted_result(tmp_pat
     assert any(not torch.equal(at_step_2[k], expected[k]) for k in expected), "steps 3-4 must change the LoRA"
     history = json.loads((resumed / "loss_history.json").read_text())
     assert history == json.loads((straight / "loss_history.json").read_text()) and history["steps"] == [1, 2, 3, 4]
+
+
+def test_two_processes_report_run_totals_and_errors_once(tmp_path):
+    """CAC's fallback report counts every process's samples (2 steps x batch 2 x 2 processes = 8),
+    and a usage error, which every process raises alike, is printed once."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    proc = torchrun(tmp_path / "cac", "--guide", "cac", "--cac_words", "astronaut", "--max_train_steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = lines_starting(proc, "CAC: ")
+    assert len(report) == 1 and " of 8 samples had none of --cac_words (astronaut)" in report[0], proc.stdout
+    proc = torchrun(tmp_path / "bad", "--resolution", "32")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "sat-train: error:" in line]
+    assert len(errors) == 1 and "--resolution 32" in errors[0], proc.stderr[-3000:]
