@@ -5,6 +5,8 @@ adjoint) against gradcheck / autograd of the reference.
 
 import pytest
 import torch
+# the external oracle is part of the test extra: if diffusers moves it, fail loudly instead of skipping
+from diffusers.pipelines.deprecated.stable_diffusion_sag import pipeline_stable_diffusion_sag as sag
 
 import sat_kernels
 from sat_kernels import reference
@@ -87,7 +89,6 @@ def test_blur_float64_stays_float64():
 @pytest.mark.parametrize("shape,kernel_size,sigma", [((2, 4, 32, 32), 9, 1.0), ((1, 3, 17, 23), 5, 2.0)])
 def test_blur_matches_diffusers_sag(backend, shape, kernel_size, sigma):
     """External oracle: SAG's own 81-tap grouped conv2d blur."""
-    sag = pytest.importorskip("diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag")
     x = make(shape, seed=2)
     expected = sag.gaussian_blur_2d(x, kernel_size, sigma)
     out = sat_kernels.gaussian_blur(x, kernel_size, sigma, backend=backend)
@@ -98,7 +99,6 @@ def test_blur_matches_diffusers_sag(backend, shape, kernel_size, sigma):
 def test_torch_blur_paths_match_diffusers_sag(path, monkeypatch):
     """The torch path blurs with two matrix products up to _MATMUL_BLUR_MAX_SIDE and with shifted
     multiply-adds beyond it: both equal SAG's conv2d, in float64 too (with its taps cast)."""
-    sag = pytest.importorskip("diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag")
     x = make((1, 2, 13, 9), torch.float64, layout="transposed", seed=4)
     if path == "shifted":
         monkeypatch.setattr(reference, "_MATMUL_BLUR_MAX_SIDE", 12)
