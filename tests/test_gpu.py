@@ -140,3 +140,25 @@ def test_sac_step_cuda_matches_torch_kernels(recompute):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for name, grad in grads_ref.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_double_backward_cuda():
+    """create_graph=True through the compiled blur and degrade (their backwards are autograd
+    Functions too) gives the torch backend's second-order gradients."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x0 = torch.randn(2, 4, 32, 32, device="cuda", generator=gen)
+    eps = torch.randn(2, 4, 32, 32, device="cuda", generator=gen)
+    v, u = torch.randn(2, 2, 4, 32, 32, device="cuda", generator=gen)
+    mass = 2 * torch.rand(2, 16, device="cuda", generator=gen)
+    alphas = torch.linspace(0.9999, 0.005, 1000, device="cuda")
+    t = torch.tensor([10, 900], device="cuda")
+    results = []
+    for backend in ("triton", "torch"):
+        a, e = x0.clone().requires_grad_(), eps.clone().requires_grad_()
+        out = sat_kernels.degrade_latents(a, e, mass, (4, 4), alphas, t, backend=backend)
+        blurred = sat_kernels.gaussian_blur(a, backend=backend)
+        loss = (out**3).sum() + (blurred**3).sum()
+        ga, ge = torch.autograd.grad(loss, (a, e), create_graph=True)
+        results.append(torch.autograd.grad(loss + (ga * v).sum() + (ge * u).sum(), (a, e)))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
