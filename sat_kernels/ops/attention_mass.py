@@ -37,6 +37,18 @@ def _split_range(split, n_split, total):
 
 
 @triton.jit
+def _store_head_mean(acc, OUT, split, b, NK, offs_k, mask_k, inv_heads, ACC_2D: tl.constexpr):
+    """Row (split, b) of OUT: this program's key-tile column sums (acc, reduced over its query rows
+    first when ACC_2D) times 1 / heads."""
+    if ACC_2D:
+        col = tl.sum(acc, axis=0)
+    else:
+        col = acc
+    out = OUT + (split * tl.num_programs(0) + b).to(tl.int64) * NK
+    tl.store(out + offs_k, col * inv_heads, mask=mask_k)
+
+
+@triton.jit
 def _attention_mass_probs_kernel(
     PROBS, OUT,  # PROBS: (B, H, Nq, Nk) any strides; OUT: (SPLIT_H * SPLIT_Q, B, Nk) fp32 contiguous
     H, NQ, NK,
@@ -66,12 +78,7 @@ def _attention_mass_probs_kernel(
                 acc += tile
             else:
                 acc += tl.sum(tile, axis=0)  # column sums of this query tile
-    if ACC_2D:
-        col = tl.sum(acc, axis=0)
-    else:
-        col = acc
-    out = OUT + (split * tl.num_programs(0) + b).to(tl.int64) * NK
-    tl.store(out + offs_k, col * inv_heads, mask=mask_k)
+    _store_head_mean(acc, OUT, split, b, NK, offs_k, mask_k, inv_heads, ACC_2D)
 
 
 @triton.jit
@@ -167,12 +174,7 @@ def _attention_mass_qk_kernel(
                 acc += p
             else:
                 acc += tl.sum(p, axis=0)  # column sums over this query tile
-    if ACC_2D:
-        col = tl.sum(acc, axis=0)
-    else:
-        col = acc
-    out = OUT + (split * tl.num_programs(0) + b).to(tl.int64) * NK
-    tl.store(out + offs_k, col * inv_heads, mask=mask_k)
+    _store_head_mean(acc, OUT, split, b, NK, offs_k, mask_k, inv_heads, ACC_2D)
 
 
 # ----------------------------------------------------------------------------- launchers

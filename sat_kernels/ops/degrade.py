@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .. import reference
 from .utils import (TL_DTYPE, blur_along_w, blur_down_h, cdiv, fp32_ratio, gather_weights, h_weights_at, int32_columns,
-                    next_pow2, ring_before, row_walk_tiles, strip_coords, strip_invariants)
+                    next_pow2, ring_before, row_walk_tiles, strip_coords, strip_invariants, token_mean)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -97,11 +97,7 @@ def _degrade_fwd_kernel(
         hot = (mass > t).to(COMPUTE_DTYPE)
     else:
         if MEAN_THRESHOLD:
-            part = tl.zeros((BLOCK_TOKENS,), tl.float32)
-            for n0 in range(0, N_TOKENS, BLOCK_TOKENS):
-                tokens = n0 + tl.arange(0, BLOCK_TOKENS).to(tl.int64)
-                part += tl.load(sal + tokens * ss_k, mask=tokens < N_TOKENS, other=0.0).to(tl.float32)
-            t = tl.sum(part) / N_TOKENS
+            t = token_mean(sal, ss_k, N_TOKENS, BLOCK_TOKENS)
         else:
             t = threshold
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, fp32_ratio, next_pow2
+from .utils import cdiv, fp32_ratio, next_pow2, token_mean
 
 # ----------------------------------------------------------------------------- kernel
 
@@ -35,11 +35,7 @@ def _saliency_mask_kernel(
     xs = (tile % n_col_tiles).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS).to(tl.int64)
     mass = MASS + b * s_b
     if MEAN_THRESHOLD:
-        part = tl.zeros((BLOCK_TOKENS,), tl.float32)
-        for n0 in range(0, N_TOKENS, BLOCK_TOKENS):
-            tokens = n0 + tl.arange(0, BLOCK_TOKENS).to(tl.int64)
-            part += tl.load(mass + tokens * s_n, mask=tokens < N_TOKENS, other=0.0).to(tl.float32)
-        t = tl.sum(part) / N_TOKENS
+        t = token_mean(mass, s_n, N_TOKENS, BLOCK_TOKENS)
     else:
         t = threshold
     # nearest source token of each output, bit-exact with torch: min(int(dst * scale), in - 1)

@@ -1,6 +1,7 @@
 """What more than one op file uses (Liger-Kernel's ``ops/utils.py``): plain-int launch arithmetic,
-the row walk's ``@triton.jit`` helpers and tile choice (``blur.py``, ``degrade.py``), and the
-``tl.dot`` tile choice of the attention statistics (``attention_mass.py``, ``token_probs.py``).
+the "mean" threshold's sweep (``degrade.py``, ``saliency_mask.py``), the row walk's
+``@triton.jit`` helpers and tile choice (``blur.py``, ``degrade.py``), and the ``tl.dot`` tile
+choice of the attention statistics (``attention_mass.py``, ``token_probs.py``).
 
 The row walk: a program owns a strip BLOCK_W columns wide and BLOCK_ROWS output rows tall of
 BLOCK_PLANES planes at once, a (BLOCK_PLANES, BLOCK_W) tile whose first axis is the planes. It
@@ -52,6 +53,20 @@ def fp32_ratio(src: int, dst: int) -> float:
 
 # the kernels' compute dtype (reference.compute_dtype) as a Triton constexpr
 TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+# ----------------------------------------------------------------------------- saliency: jit helpers
+
+
+@triton.jit
+def token_mean(values, stride, n_tokens, BLOCK_TOKENS: tl.constexpr):
+    """The fp32 mean of the n_tokens values at ``values + i * stride`` (the "mean" threshold of a
+    mass), swept in blocks of BLOCK_TOKENS."""
+    part = tl.zeros((BLOCK_TOKENS,), tl.float32)
+    for n0 in range(0, n_tokens, BLOCK_TOKENS):
+        tokens = n0 + tl.arange(0, BLOCK_TOKENS).to(tl.int64)
+        part += tl.load(values + tokens * stride, mask=tokens < n_tokens, other=0.0).to(tl.float32)
+    return tl.sum(part) / n_tokens
+
 
 # ----------------------------------------------------------------------------- row walk: jit helpers
 
