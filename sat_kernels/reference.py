@@ -6,12 +6,11 @@ return float32 (float64 for float64 inputs, so gradcheck can run). Inputs of any
 are read in that compute dtype.
 
 The blur is two matrix products, ``blur(x) = B_H @ x @ B_W^T``, with each 1-D blur (reflect
-padding included) written out as an n x n matrix. On CPU a GEMM beats every stencil: at SD's
-64x64 latents it is 3-4x faster than nine shifted multiply-adds per axis and than SAG's 81-tap
-grouped conv2d (two 1-D ``F.conv2d`` calls are a trap: 6x slower at batch 32). Its work grows with
-the side, so past ``_MATMUL_BLUR_MAX_SIDE`` the shifted multiply-adds take over; they also take
-non-finite inputs, which a product would smear over the whole plane (0 * NaN), so a NaN or inf
-only reaches the outputs whose window holds it, as in SAG's convolution.
+padding included) written out as an n x n matrix: on CPU a GEMM beats the stencils (shifted
+multiply-adds, SAG's grouped conv2d, two 1-D ``F.conv2d``; benchmarks/RESULTS.md has the timings).
+Its work grows with the side, so past ``_MATMUL_BLUR_MAX_SIDE`` the shifted multiply-adds take
+over; they also take non-finite inputs, which a product would smear over the whole plane
+(0 * NaN), so a NaN or inf only reaches the outputs whose window holds it, as in SAG's convolution.
 """
 
 from __future__ import annotations
@@ -23,12 +22,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Largest score block (elements) the chunked q.k^T loops hold at once: 4 Mi fp32 = 16 MiB. On a
-# 2-core CPU this chunk (64 query rows at SD's 64x64 layer, B=2, 8 heads) ran fastest: bigger
-# blocks fall out of cache (1024 rows: 1.7x slower), and the 1 GiB materialized map is 3.9x slower.
+# Largest score block (elements) the chunked q.k^T loops hold at once: 4 Mi fp32 = 16 MiB, the
+# fastest chunk measured (bigger blocks fall out of cache; benchmarks/RESULTS.md).
 _MAX_BLOCK_ELEMENTS = 1 << 22
-# Longest side blurred by matrix products: a row costs 2n flops per element instead of 2 * taps;
-# at 512 the product was still 1.3x faster than the shifted adds on a 2-core CPU.
+# Longest side blurred by matrix products: a row costs 2n flops per element instead of 2 * taps,
+# and the product stops winning past about this side (benchmarks/RESULTS.md).
 _MATMUL_BLUR_MAX_SIDE = 512
 
 
