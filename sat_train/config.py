@@ -23,6 +23,8 @@ GUIDE_CAPTURES = ("inline", "separate")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# diffusers' train_text_to_image_lora.py offers torchvision's InterpolationMode names, lowercased
+INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
 
 
 class UsageError(Exception):
@@ -36,6 +38,9 @@ def _opt(default, help: str, **argparse_kwargs):
 def _threshold(value: str) -> float | str:
     return value if value == "mean" else float(value)
 
+
+# suffixes read as images (the data check's and the kohya-style folder reader's)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 # SD v1.5's VAE (and the demo's) turns a px x px image into px/8 x px/8 latents.
 VAE_SCALE_FACTOR = 8
@@ -68,13 +73,26 @@ class TrainConfig:
     dataset_name: str | None = _opt(None, "Hugging Face dataset name or path (needs `pip install datasets`).")
     dataset_config_name: str | None = _opt(None, "Config of --dataset_name.")
     train_data_dir: str | None = _opt(
-        None, "Image folder with metadata.jsonl lines {\"file_name\": ..., \"text\": ...}.")
+        None, "Image folder with metadata.jsonl lines {\"file_name\": ..., \"text\": ...}, or (without "
+        "metadata.jsonl) kohya-style N_name/ subfolders: images seen N times an epoch, each with a same-stem "
+        "caption file (--caption_extension).")
+    caption_extension: str = _opt(
+        ".caption", "Kohya-style folders: suffix of each image's caption file (img001.jpg -> img001.caption); "
+        "\"txt\" is read as \".txt\".")
     image_column: str = _opt("image", "Image column (imagefolder: the file_name key of metadata.jsonl).")
     caption_column: str = _opt("text", "Caption column.")
     max_train_samples: int | None = _opt(None, "Use only the first N samples (debugging).", type=int)
     resolution: int = _opt(512, "Training resolution (square).", type=int)
     center_crop: bool = _opt(False, "Center crop instead of random crop.")
     random_flip: bool = _opt(False, "Random horizontal flip.")
+    image_interpolation_mode: str = _opt("lanczos", "Filter of every image resize.", choices=INTERPOLATION_MODES)
+    shuffle_caption: bool = _opt(False, "Shuffle a caption's comma-separated tags, anew each epoch.")
+    keep_tokens: int = _opt(
+        0, "With --shuffle_caption / --caption_tag_dropout_rate: the first N tags stay in front, never dropped.",
+        type=int)
+    caption_dropout_rate: float = _opt(0.0, "Probability that a sample trains with an empty caption.", type=float)
+    caption_tag_dropout_rate: float = _opt(
+        0.0, "Probability that each tag (after the --keep_tokens ones) is left out of the caption.", type=float)
     dataloader_num_workers: int = _opt(0, "Data loading worker processes.", type=int)
     strict_data: bool = _opt(False, "Stop (exit 2) on any bad sample the data check finds, instead of "
                              "skipping it and counting it in the summary.")
@@ -187,6 +205,7 @@ class TrainConfig:
             raise UsageError("--strict_data and --skip_small_images act on the image-folder data check, which "
                              "--dataset_name does not run (its images are decoded per sample); drop them, or "
                              "give the folder as --train_data_dir without --dataset_name")
+        self._check_caption_flags()
         if self.guide == "cac" and not self.cac_word_list:
             raise UsageError("--cac_words is empty: give comma-separated words, e.g. face,eyes,hair")
         if self.max_train_steps is not None and self.max_train_steps < 1:
@@ -202,6 +221,26 @@ class TrainConfig:
             raise UsageError("--enable_xformers_memory_efficient_attention conflicts with "
                              f"--attention_backend {self.attention_backend}")
         return self
+
+    def _check_caption_flags(self) -> None:
+        for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:  # also rejects nan
+                raise UsageError(f"--{name} is a probability: give a value in [0, 1], got {getattr(self, name)}")
+        if self.keep_tokens < 0:
+            raise UsageError(f"--keep_tokens must be >= 0 (tags kept in front), got {self.keep_tokens}")
+        if self.keep_tokens and not (self.shuffle_caption or self.caption_tag_dropout_rate):
+            raise UsageError("--keep_tokens keeps tags in front of shuffled or dropped ones: add --shuffle_caption "
+                             "or --caption_tag_dropout_rate, or drop --keep_tokens")
+        suffix = self.caption_suffix
+        if suffix in (".", "") or any(c in suffix for c in "/\\") or suffix.lower() in IMAGE_SUFFIXES:
+            raise UsageError(f"--caption_extension {self.caption_extension!r} cannot name caption files: give a "
+                             "suffix such as .txt or .caption")
+
+    @property
+    def caption_suffix(self) -> str:
+        """--caption_extension with its leading dot ("txt" -> ".txt", as the user surely meant)."""
+        ext = self.caption_extension.strip()
+        return ext if ext.startswith(".") or not ext else "." + ext
 
     def _check_latents_fit_the_blur(self) -> None:
         """The blur reflect-pads the latents by kernel_size // 2, which needs latents wider than that:

@@ -1,4 +1,5 @@
-"""Training data: an image folder with metadata.jsonl, or a Hugging Face dataset → batches of
+"""Training data: an image folder with metadata.jsonl, a kohya-style folder (``N_name/`` subfolders,
+same-stem caption files; see datacheck.scan_kohya_folder), or a Hugging Face dataset → batches of
 ``pixel_values`` (B, 3, R, R) in [-1, 1] and ``input_ids`` (B, model_max_length).
 
 The image folder reader is our own (the ``datasets`` package is optional): each line of
@@ -9,6 +10,9 @@ With ``--dataset_name`` (as in diffusers' train_text_to_image_lora.py) the "trai
 ``datasets.load_dataset`` is read: captions up front (checked, before any model loads), images
 lazily per sample (see DatasetRow). A caption column holding lists of captions gives each sample
 one of them, drawn anew each epoch as diffusers does, from (seed, epoch, index) alone.
+
+Kohya's caption flags (--shuffle_caption, --keep_tokens, --caption_dropout_rate,
+--caption_tag_dropout_rate; CaptionAugment) act on every caption source, drawn the same way.
 """
 
 from __future__ import annotations
@@ -26,24 +30,31 @@ from .datacheck import scan_image_folder, to_rgb
 from .seeding import derived_generator
 
 CAPTION_STREAM = 1  # extra key of derived_generator: the caption pick draws apart from the crop/flip draws
+CAPTION_AUGMENT_STREAM = 2  # ... and kohya's caption dropout / tag shuffle / tag dropout apart from both
+
+# --image_interpolation_mode → PIL filter, as torchvision maps InterpolationMode for PIL images
+PIL_FILTERS = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR,
+               "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
 
 
 class ImageTransform:
-    """Resize the short side to ``resolution`` (bilinear), crop a square, maybe flip, scale to [-1, 1].
+    """Resize the short side to ``resolution`` (``interpolation``: a --image_interpolation_mode name),
+    crop a square, maybe flip, scale to [-1, 1].
 
     The same steps as the diffusers example's torchvision pipeline, without torchvision. Random
     crops and flips draw from the ``generator`` passed in, never from the global one.
     """
 
-    def __init__(self, resolution: int, center_crop: bool, random_flip: bool):
+    def __init__(self, resolution: int, center_crop: bool, random_flip: bool, interpolation: str = "lanczos"):
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.resample = PIL_FILTERS[interpolation]
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         image = to_rgb(image)  # grayscale, 16-bit, RGBA, CMYK, palette → 8-bit RGB
         w, h = image.size
         scale = self.resolution / min(w, h)
         size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
-        image = image.resize(size, Image.BILINEAR)
+        image = image.resize(size, self.resample)
         w, h = image.size
         if self.center_crop:
             top, left = (h - self.resolution) // 2, (w - self.resolution) // 2
@@ -57,6 +68,42 @@ class ImageTransform:
         return pixels.float().div(127.5).sub(1.0)
 
 
+@dataclass(frozen=True)
+class CaptionAugment:
+    """Kohya's caption flags, applied to a sample's caption with draws from its own generator.
+
+    Order as in kohya-ss/sd-scripts: the whole caption is dropped with ``dropout_rate``; otherwise,
+    when shuffling or dropping tags, the caption is split at commas, the first ``keep_tokens`` tags
+    stay in front, the rest are shuffled (``shuffle``) and each left out with ``tag_dropout_rate``,
+    and the tags are joined with ", ". The generator always makes the same three draws (one uniform,
+    a permutation and one uniform per movable tag), so each result is a function of the caption and
+    the generator's seed alone.
+    """
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout_rate: float = 0.0
+    tag_dropout_rate: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout_rate > 0 or self.tag_dropout_rate > 0
+
+    def __call__(self, caption: str, generator: torch.Generator) -> str:
+        drop_caption = torch.rand((), generator=generator).item() < self.dropout_rate
+        tags = [tag.strip() for tag in caption.split(",")]
+        fixed, movable = tags[: self.keep_tokens], tags[self.keep_tokens:]
+        order = torch.randperm(len(movable), generator=generator).tolist()
+        keep = (torch.rand(len(movable), generator=generator) >= self.tag_dropout_rate).tolist()
+        if drop_caption:
+            return ""
+        if not (self.shuffle or self.tag_dropout_rate > 0):
+            return caption
+        if self.shuffle:
+            movable = [movable[i] for i in order]
+        return ", ".join(fixed + [tag for tag, kept in zip(movable, keep) if kept])
+
+
 class CaptionedImages(Dataset):
     """(image, caption) records → {"pixel_values", "input_ids"}; images are opened lazily.
 
@@ -66,9 +113,9 @@ class CaptionedImages(Dataset):
     """
 
     def __init__(self, records: list[tuple[object, str | tuple[str, ...]]], transform: ImageTransform, tokenizer,
-                 describe, seed: int = 0):
+                 describe, seed: int = 0, augment: CaptionAugment = CaptionAugment()):
         self.records, self.transform, self.tokenizer, self.describe = records, transform, tokenizer, describe
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.augment = seed, 0, augment
         self.cac_word_ids: list[tuple[int, ...]] | None = None  # set by build_dataset for --guide cac
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
@@ -86,6 +133,8 @@ class CaptionedImages(Dataset):
         if not isinstance(caption, str):  # several captions (a --dataset_name list column): one per epoch
             pick = derived_generator(self.seed, self.epoch, index, CAPTION_STREAM)
             caption = caption[int(torch.randint(0, len(caption), (), generator=pick).item())]
+        if self.augment.active:  # the caption as the text encoder sees it; CAC's words are found in it below
+            caption = self.augment(caption, derived_generator(self.seed, self.epoch, index, CAPTION_AUGMENT_STREAM))
         item = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
         if self.cac_word_ids is not None:  # --guide cac: where the chosen words sit in the caption
             item["cac_tokens"] = torch.tensor(
@@ -204,7 +253,7 @@ def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool 
         report = scan_image_folder(Path(data_dir or config.train_data_dir), config.image_column,
                                    config.caption_column, resolution=config.resolution,
                                    skip_small_images=config.skip_small_images, strict=config.strict_data,
-                                   quiet=quiet)
+                                   quiet=quiet, caption_suffix=config.caption_suffix)
         records, names = report.records, report.names
     if config.max_train_samples is not None:
         records, names = records[: config.max_train_samples], names[: config.max_train_samples]
@@ -212,10 +261,13 @@ def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool 
 
 
 def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0) -> CaptionedImages:
-    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
+    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip,
+                               config.image_interpolation_mode)
+    augment = CaptionAugment(shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens,
+                             dropout_rate=config.caption_dropout_rate, tag_dropout_rate=config.caption_tag_dropout_rate)
     # names.__getitem__, not a lambda: spawn/forkserver data loader workers (the Linux default from
     # Python 3.14) receive the dataset by pickle
-    dataset = CaptionedImages(records, transform, tokenizer, describe=names.__getitem__, seed=seed)
+    dataset = CaptionedImages(records, transform, tokenizer, describe=names.__getitem__, seed=seed, augment=augment)
     if config.guide == "cac":
         dataset.cac_word_ids = word_token_ids(tokenizer, config.cac_word_list)
     return dataset

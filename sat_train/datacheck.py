@@ -18,11 +18,16 @@ skipped
 kept, with a note (warnings)
     an empty caption (trained unconditionally); a grayscale / palette / RGBA / CMYK / 16-bit image
     (converted to RGB by ``to_rgb``); an image smaller than ``--resolution`` (upscaled).
+
+A folder without ``metadata.jsonl`` but with subfolders is read kohya-style (``scan_kohya_folder``:
+``N_name/img.jpg`` + ``img.caption``, each image N times an epoch), with the same three kinds and
+one summary; there a problem's place is the path of its file or folder.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,10 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .config import UsageError
+from .config import IMAGE_SUFFIXES, UsageError
 
 METADATA = "metadata.jsonl"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SHOWN_PER_KIND = 20  # at most this many lines per kind of problem are printed; the summary counts all
 
 
@@ -82,7 +86,15 @@ class DataReport:
     records: list[tuple[Path, str]] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    lines: int = 0
+    lines: int = 0  # metadata.jsonl lines read; kohya-style folders: images found
+    kohya: bool = False  # read from N_name/ subfolders (records repeat each image N times)
+    usable_images: int = 0  # kohya-style: images kept, each counted once
+
+    def add(self, where, kind: str, message: str, fatal: bool = False, skipped: bool = False,
+            strict: bool = False) -> None:
+        if skipped and strict:  # fatal instead of skipped: counted once, under "fatal"
+            fatal, skipped, message = True, False, message + " (--strict_data)"
+        self.problems.append(Problem(str(where), kind, message, fatal, skipped))
 
     @property
     def skipped(self) -> list[Problem]:
@@ -109,7 +121,12 @@ class DataReport:
         parts = [counted(self.skipped, "skipped"), counted(self.fatal, "fatal")]
         if self.warnings:
             parts.append(counted(self.warnings, "warnings"))
-        return f"data check {self.root}: {len(self.records)} usable samples of {self.lines} lines, " + ", ".join(parts)
+        if self.kohya:
+            found = (f"{self.usable_images} usable images of {self.lines} images "
+                     f"({len(self.records)} samples an epoch with repeats)")
+        else:
+            found = f"{len(self.records)} usable samples of {self.lines} lines"
+        return f"data check {self.root}: {found}, " + ", ".join(parts)
 
     def print(self, stream=None) -> None:
         """Every problem with its file and line (at most SHOWN_PER_KIND per kind), then the summary."""
@@ -138,6 +155,21 @@ def _resolve_inside(root: Path, name: str) -> Path | str:
     if real != real_root and real_root not in real.parents:
         return f"file_name {name!r} leaves the data folder ({real}); images must lie inside {root}"
     return path
+
+
+def _print_and_raise_fatal(report: DataReport, quiet: bool, stream) -> None:
+    if not quiet:
+        report.print(stream)
+    fatal = report.fatal
+    if fatal:
+        more = f" (and {len(fatal) - 1} more problems listed above)" if len(fatal) > 1 else ""
+        raise UsageError(f"{fatal[0]}{more}")
+
+
+def _leaves(real_root: Path, path: Path) -> bool:
+    """Whether ``path`` (a symlink, or under one) resolves outside the data folder."""
+    real = path.resolve()
+    return real != real_root and real_root not in real.parents
 
 
 def _check_image(path: Path, resolution: int, skip_small: bool) -> list[tuple[str, str, bool]]:
@@ -171,7 +203,7 @@ def _check_image(path: Path, resolution: int, skip_small: bool) -> list[tuple[st
 
 def scan_image_folder(root: Path, image_column: str = "image", caption_column: str = "text", resolution: int = 512,
                       skip_small_images: bool = False, strict: bool = False, progress: bool | None = None,
-                      stream=None, quiet: bool = False) -> DataReport:
+                      stream=None, quiet: bool = False, caption_suffix: str = ".caption") -> DataReport:
     """Checks ``root/metadata.jsonl`` and every image it names in one pass; prints the problems and a
     summary; raises UsageError (one line) when the data cannot be trained on (see the module doc).
     ``progress=None``: a progress bar only on a terminal. ``quiet``: neither bar nor printout (the
@@ -182,11 +214,16 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
     if not root.is_dir():
         raise UsageError(f"--train_data_dir {root} is not a folder")
     meta = root / METADATA
+    if not meta.is_file() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        return scan_kohya_folder(root, caption_suffix, resolution=resolution, skip_small_images=skip_small_images,
+                                 strict=strict, progress=progress, stream=stream, quiet=quiet)
     if not meta.is_file():
         images = [p.name for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES][:3]
         hint = f" (found images such as {', '.join(images)})" if images else " (and no images)"
         raise UsageError(f"{root} has no {METADATA}{hint}: write one line per image, "
-                         f'e.g. {{"file_name": "photo.jpg", "{caption_column}": "a photo of a face"}}')
+                         f'e.g. {{"file_name": "photo.jpg", "{caption_column}": "a photo of a face"}}, '
+                         f"or put the images in kohya-style N_name/ subfolders with same-stem {caption_suffix} "
+                         "caption files")
     image_key = image_column if image_column != "image" else "file_name"
     report = DataReport(root)
     try:
@@ -205,9 +242,7 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
         where = f"{meta}:{number}"
 
         def problem(kind, message, fatal=False, skipped=False, where=where):
-            if skipped and strict:  # fatal instead of skipped: counted once, under "fatal"
-                fatal, skipped, message = True, False, message + " (--strict_data)"
-            report.problems.append(Problem(where, kind, message, fatal, skipped))
+            report.add(where, kind, message, fatal, skipped, strict)
 
         try:
             row = json.loads(line)
@@ -245,13 +280,7 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
         report.names.append(f"{path} ({where})")
     bar.close()
 
-    if not quiet:
-        report.print(stream)
-    fatal = report.fatal
-    if fatal:
-        first = fatal[0]
-        more = f" (and {len(fatal) - 1} more problems listed above)" if len(fatal) > 1 else ""
-        raise UsageError(f"{first}{more}")
+    _print_and_raise_fatal(report, quiet, stream)
     if report.lines and not with_caption_column:
         raise UsageError(f'{meta}: no line has the caption column "{caption_column}"; add it or pass '
                          f"--caption_column (first line: {next(str(p) for p in report.problems)})")
@@ -260,3 +289,140 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
             raise UsageError(f"{meta} lists no images: add one line per image")
         raise UsageError(f"no usable samples in {root}: all {report.lines} skipped, first: {report.problems[0]}")
     return report
+
+
+# ----------------------------------------------------------------------------- kohya-style folders
+
+# "10_sks woman" → 10 repeats (kohya-ss/sd-scripts' DreamBooth layout); a bare "10" repeats too
+REPEATS_PREFIX = re.compile(r"^(\d+)(?:_|$)")
+OTHER_CAPTION_SUFFIXES = (".txt", ".caption", ".tags")  # named in the hint when --caption_extension misses
+
+
+def read_caption_file(path: Path) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, why it cannot be read). The caption is the file's first line, stripped,
+    as kohya reads it; a UTF-8 byte-order mark is dropped."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        return None, (f"caption file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                      f"{err.start}); save it as UTF-8")
+    except OSError as err:
+        return None, f"cannot read caption file {path} ({err.strerror or err})"
+    lines = text.splitlines()
+    return (lines[0].strip() if lines else ""), None
+
+
+def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: int = 512,
+                      skip_small_images: bool = False, strict: bool = False, progress: bool | None = None,
+                      stream=None, quiet: bool = False) -> DataReport:
+    """Checks a kohya-style folder: ``root/N_name/img.jpg`` + ``img{caption_suffix}``, each image a
+    record N times. Problems are kept, printed and raised as scan_image_folder does; ``where`` is the
+    path of the file or folder concerned.
+
+    fatal: a subfolder, image or caption file that resolves outside ``root`` (symlink); a ``0_name``
+    folder; no usable image. skipped: an image without its caption file, an unreadable or non-UTF-8
+    caption file, an unreadable image (as in metadata.jsonl folders). warnings: a subfolder without
+    an ``N_`` prefix (counted once), an empty subfolder, a nested folder or a file that is neither image
+    nor caption (ignored), a caption file without its image, images in ``root`` itself (ignored), an
+    empty or multi-line caption, converted or upscaled images."""
+    from tqdm.auto import tqdm
+
+    report = DataReport(root, kohya=True)
+    real_root = root.resolve()
+
+    def problem(where, kind, message, fatal=False, skipped=False):
+        report.add(where, kind, message, fatal, skipped, strict)
+
+    images: list[tuple[Path, int]] = []  # (image, repeats) in folder, then name order
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints, ...
+            continue
+        if entry.is_dir():
+            if _leaves(real_root, entry):
+                problem(entry, "escapes-folder", f"folder {entry} leaves the data folder ({entry.resolve()}); "
+                                                 f"images must lie inside {root}", fatal=True)
+                continue
+            images += _kohya_subfolder_images(entry, caption_suffix, problem)
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+            problem(entry, "outside-subfolder", f"image {entry} is not in an N_name subfolder: ignored (move it "
+                                                f"into e.g. {root / ('1_' + entry.stem)})")
+
+    show_bar = False if quiet else progress
+    bar = tqdm(images, desc="checking data", unit="image", disable=(None if show_bar is None else not show_bar),
+               leave=False)
+    for path, repeats in bar:
+        report.lines += 1
+        if _leaves(real_root, path):
+            problem(path, "escapes-folder", f"image {path} leaves the data folder ({path.resolve()}); images "
+                                            f"must lie inside {root}", fatal=True)
+            continue
+        caption_path = path.with_suffix(caption_suffix)
+        caption = None
+        if not caption_path.is_file():
+            others = [path.with_suffix(s).name for s in OTHER_CAPTION_SUFFIXES
+                      if s != caption_suffix and path.with_suffix(s).is_file()]
+            hint = (f" (found {others[0]}: pass --caption_extension {Path(others[0]).suffix})" if others
+                    else f" (or pass --caption_extension naming your captions' suffix)")
+            problem(path, "no-caption", f"image {path} has no caption file {caption_path.name}; add it{hint}",
+                    skipped=True)
+        elif _leaves(real_root, caption_path):
+            problem(caption_path, "escapes-folder", f"caption file {caption_path} leaves the data folder "
+                                                    f"({caption_path.resolve()})", fatal=True)
+            continue
+        else:
+            caption, why = read_caption_file(caption_path)
+            if why is not None:
+                problem(caption_path, "bad-caption", why, skipped=True)
+            elif not caption:
+                problem(caption_path, "empty-caption", f"caption file {caption_path} is empty: {path.name} "
+                                                       "trains unconditionally")
+        findings = _check_image(path, resolution, skip_small_images)
+        for kind, message, skip in findings:
+            problem(path, kind, message, skipped=skip)
+        if caption is None or any(skip for _, _, skip in findings):
+            continue
+        report.usable_images += 1
+        report.records += [(path, caption)] * repeats
+        report.names += [f"{path} (x{repeats} an epoch)"] * repeats
+    bar.close()
+
+    _print_and_raise_fatal(report, quiet, stream)
+    if not report.records:
+        if not report.lines:
+            raise UsageError(f"{root} has no {METADATA} and its subfolders hold no images: put them in kohya-style "
+                             f"N_name/ subfolders (e.g. {root / '10_name' / 'img001.jpg'} + img001{caption_suffix})"
+                             f", or write a {METADATA}")
+        raise UsageError(f"no usable samples in {root}: all {report.lines} images skipped, first: "
+                         f"{report.skipped[0]}")
+    return report
+
+
+def _kohya_subfolder_images(folder: Path, caption_suffix: str, problem) -> list[tuple[Path, int]]:
+    """The images of one ``N_name`` folder with their repeat count; notes on everything else in it."""
+    match = REPEATS_PREFIX.match(folder.name)
+    if match is None:
+        repeats = 1
+        problem(folder, "no-repeats", f"folder {folder} has no repeat-count prefix (kohya-style N_name, e.g. "
+                                      f"10_{folder.name}): its images count once an epoch")
+    else:
+        repeats = int(match.group(1))
+        if repeats < 1:
+            problem(folder, "bad-repeats", f"folder {folder} repeats its images {repeats} times an epoch; "
+                                           "rename it with N >= 1 (or move it out of the data folder)", fatal=True)
+            return []
+    entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
+    images = [e for e in entries if e.suffix.lower() in IMAGE_SUFFIXES and not e.is_dir()]
+    stems = {e.stem for e in images}
+    for entry in entries:
+        if entry.is_dir():
+            problem(entry, "nested-folder", f"{entry} is a folder inside {folder.name}/: ignored (subfolders are "
+                                            "not read; move its images up or into their own N_name folder)")
+        elif entry.suffix == caption_suffix:
+            if entry.stem not in stems:
+                problem(entry, "orphan-caption", f"caption file {entry} has no image of the same stem: ignored")
+        elif entry.suffix.lower() not in IMAGE_SUFFIXES:
+            problem(entry, "not-image", f"{entry} is neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) nor "
+                                        f"a {caption_suffix} caption: ignored")
+    if not images:
+        problem(folder, "empty-folder", f"folder {folder} holds no images: nothing of it is trained")
+    return [(image, repeats) for image in images]

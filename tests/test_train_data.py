@@ -18,7 +18,8 @@ def test_center_crop_pixels_and_tokens_match_pil(tmp_path):
     image.save(tmp_path / "wide.png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "wide.png", "words": "a face"}) + "\n")
     config = tiny_config(tmp_path / "out", train_data_dir=str(tmp_path), pretrained_model_name_or_path="x",
-                         caption_column="words", resolution=20, center_crop=True, random_flip=False)
+                         caption_column="words", resolution=20, center_crop=True, random_flip=False,
+                         image_interpolation_mode="bilinear")
     tokenizer = build_tokenizer()
     records, names = read_records(config)
     sample = build_dataset(config, records, names, tokenizer)[0]
