@@ -107,8 +107,8 @@ class CaptionAugment:
 class CaptionedImages(Dataset):
     """(image, caption) records → {"pixel_values", "input_ids"}; images are opened lazily.
 
-    The random crop/flip of sample ``index``, and its pick when the record holds several captions,
-    are functions of (seed, epoch, index) alone, so they do not depend on prefetching, worker
+    The random crop/flip of sample ``index``, its pick when the record holds several captions, and
+    kohya's caption shuffle/dropout are functions of (seed, epoch, index) alone, so they do not depend on prefetching, worker
     processes, or where a resumed run restarts.
     """
 
@@ -125,21 +125,28 @@ class CaptionedImages(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        source, caption = self.records[index]
+        source, _ = self.records[index]
         try:
             pixels = self.transform(open_image(source), derived_generator(self.seed, self.epoch, index))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
-        if not isinstance(caption, str):  # several captions (a --dataset_name list column): one per epoch
-            pick = derived_generator(self.seed, self.epoch, index, CAPTION_STREAM)
-            caption = caption[int(torch.randint(0, len(caption), (), generator=pick).item())]
-        if self.augment.active:  # the caption as the text encoder sees it; CAC's words are found in it below
-            caption = self.augment(caption, derived_generator(self.seed, self.epoch, index, CAPTION_AUGMENT_STREAM))
-        item = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+        # the caption as the text encoder sees it; CAC's words are found in it below
+        item = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [self.caption(index)])[0]}
         if self.cac_word_ids is not None:  # --guide cac: where the chosen words sit in the caption
             item["cac_tokens"] = torch.tensor(
                 word_token_positions(self.tokenizer, item["input_ids"], self.cac_word_ids), dtype=torch.long)
         return item
+
+    def caption(self, index: int) -> str:
+        """Sample ``index``'s caption this epoch: one of several (a --dataset_name list column), then
+        kohya's caption flags; both drawn from (seed, epoch, index)."""
+        caption = self.records[index][1]
+        if not isinstance(caption, str):
+            pick = derived_generator(self.seed, self.epoch, index, CAPTION_STREAM)
+            caption = caption[int(torch.randint(0, len(caption), (), generator=pick).item())]
+        if self.augment.active:
+            caption = self.augment(caption, derived_generator(self.seed, self.epoch, index, CAPTION_AUGMENT_STREAM))
+        return caption
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
