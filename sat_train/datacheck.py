@@ -321,7 +321,7 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
 
     fatal: a subfolder, image or caption file that resolves outside ``root`` (symlink); a ``0_name``
     folder; no usable image. skipped: an image without its caption file, an unreadable or non-UTF-8
-    caption file, an unreadable image (as in metadata.jsonl folders). warnings: a subfolder without
+    caption file, an unreadable image (as in metadata.jsonl folders), a subfolder that cannot be listed. warnings: a subfolder without
     an ``N_`` prefix (counted once), an empty subfolder, a nested folder or a file that is neither image
     nor caption (ignored), a caption file without its image, images in ``root`` itself (ignored), an
     empty or multi-line caption, converted or upscaled images."""
@@ -410,7 +410,12 @@ def _kohya_subfolder_images(folder: Path, caption_suffix: str, problem) -> list[
             problem(folder, "bad-repeats", f"folder {folder} repeats its images {repeats} times an epoch; "
                                            "rename it with N >= 1 (or move it out of the data folder)", fatal=True)
             return []
-    entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
+    try:
+        entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
+    except OSError as err:  # no permission to list it: its images cannot be trained
+        problem(folder, "unreadable", f"cannot list folder {folder} ({err.strerror or err}); fix its permissions",
+                skipped=True)
+        return []
     images = [e for e in entries if e.suffix.lower() in IMAGE_SUFFIXES and not e.is_dir()]
     stems = {e.stem for e in images}
     for entry in entries:

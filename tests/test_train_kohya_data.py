@@ -286,6 +286,28 @@ def test_every_kohya_problem_named_with_its_path(tmp_path):
                          "1 not-image, 1 orphan-caption, 1 outside-subfolder)")
 
 
+def test_a_folder_that_cannot_be_listed_is_skipped_by_name(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    write_sample(root / "1_ok", "a", "a face")
+    write_sample(root / "2_locked", "b", "b")
+    locked, real_iterdir = root / "2_locked", type(root).iterdir
+
+    def iterdir(self):  # as chmod 000 does for a user other than root (the tests may run as root)
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(type(root), "iterdir", iterdir)
+    report = scan_image_folder(root, resolution=64, progress=False, stream=io.StringIO(), caption_suffix=".txt")
+    assert [(p.name, c) for p, c in report.records] == [("a.png", "a face")]
+    assert [(os.path.basename(p.where), p.kind, p.skipped) for p in report.problems] == [
+        ("2_locked", "unreadable", True)]
+    assert "cannot list folder" in report.problems[0].message and "Permission denied" in report.problems[0].message
+    with pytest.raises(UsageError, match=r"2_locked.*--strict_data"):
+        scan_image_folder(root, resolution=64, progress=False, stream=io.StringIO(), caption_suffix=".txt",
+                          strict=True)
+
+
 def no_model(*args, **kwargs):
     raise AssertionError("a model was loaded despite fatal data problems")
 
