@@ -166,9 +166,12 @@ def _print_and_raise_fatal(report: DataReport, quiet: bool, stream) -> None:
         raise UsageError(f"{fatal[0]}{more}")
 
 
-def _leaves(real_root: Path, path: Path) -> bool:
-    """Whether ``path`` (a symlink, or under one) resolves outside the data folder."""
-    real = path.resolve()
+def _leaves(real_root: Path, path: Path) -> bool | None:
+    """Whether ``path`` (a symlink, or under one) resolves outside the data folder; None for a symlink loop."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python < 3.13's "Symlink loop"
+        return None
     return real != real_root and real_root not in real.parents
 
 
@@ -298,18 +301,18 @@ REPEATS_PREFIX = re.compile(r"^(\d+)(?:_|$)")
 OTHER_CAPTION_SUFFIXES = (".txt", ".caption", ".tags")  # named in the hint when --caption_extension misses
 
 
-def read_caption_file(path: Path) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, why it cannot be read). The caption is the file's first line, stripped,
-    as kohya reads it; a UTF-8 byte-order mark is dropped."""
+def read_caption_file(path: Path) -> tuple[str | None, str | None, int]:
+    """(caption, None, lines) or (None, why it cannot be read, 0). The caption is the file's first line,
+    stripped, as kohya reads it; a UTF-8 byte-order mark is dropped; ``lines`` counts non-blank lines."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         return None, (f"caption file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
-                      f"{err.start}); save it as UTF-8")
+                      f"{err.start}); save it as UTF-8"), 0
     except OSError as err:
-        return None, f"cannot read caption file {path} ({err.strerror or err})"
+        return None, f"cannot read caption file {path} ({err.strerror or err})", 0
     lines = text.splitlines()
-    return (lines[0].strip() if lines else ""), None
+    return (lines[0].strip() if lines else ""), None, sum(bool(line.strip()) for line in lines)
 
 
 def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: int = 512,
@@ -352,17 +355,24 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
                leave=False)
     for path, repeats in bar:
         report.lines += 1
-        if _leaves(real_root, path):
+        leaves = _leaves(real_root, path)
+        if leaves is None:
+            problem(path, "unreadable", f"image {path} is a symlink loop; fix or remove it", skipped=True)
+            continue
+        if leaves:
             problem(path, "escapes-folder", f"image {path} leaves the data folder ({path.resolve()}); images "
                                             f"must lie inside {root}", fatal=True)
             continue
         caption_path = path.with_suffix(caption_suffix)
         caption = None
-        if not caption_path.is_file():
+        if _leaves(real_root, caption_path) is None:
+            problem(caption_path, "bad-caption", f"caption file {caption_path} is a symlink loop; fix or remove it",
+                    skipped=True)
+        elif not caption_path.is_file():
             others = [path.with_suffix(s).name for s in OTHER_CAPTION_SUFFIXES
                       if s != caption_suffix and path.with_suffix(s).is_file()]
             hint = (f" (found {others[0]}: pass --caption_extension {Path(others[0]).suffix})" if others
-                    else f" (or pass --caption_extension naming your captions' suffix)")
+                    else " (or pass --caption_extension naming your captions' suffix)")
             problem(path, "no-caption", f"image {path} has no caption file {caption_path.name}; add it{hint}",
                     skipped=True)
         elif _leaves(real_root, caption_path):
@@ -370,12 +380,15 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
                                                     f"({caption_path.resolve()})", fatal=True)
             continue
         else:
-            caption, why = read_caption_file(caption_path)
+            caption, why, lines = read_caption_file(caption_path)
             if why is not None:
                 problem(caption_path, "bad-caption", why, skipped=True)
             elif not caption:
                 problem(caption_path, "empty-caption", f"caption file {caption_path} is empty: {path.name} "
                                                        "trains unconditionally")
+            if caption and lines > 1:
+                problem(caption_path, "multi-line-caption", f"caption file {caption_path} has {lines} lines: "
+                                                            "only the first is the caption")
         findings = _check_image(path, resolution, skip_small_images)
         for kind, message, skip in findings:
             problem(path, kind, message, skipped=skip)

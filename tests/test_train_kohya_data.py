@@ -74,9 +74,9 @@ def test_repeats_and_captions_from_subfolders(tmp_path):
                       for text, n in (("sks woman, portrait", 3), ("a man", 1), ("a face", 1))}
 
     report = scan_image_folder(root, resolution=64, progress=False, stream=io.StringIO(), caption_suffix=".txt")
-    assert kinds_by_path(report) == {"faces": {"no-repeats"}}
+    assert kinds_by_path(report) == {"faces": {"no-repeats"}, "a.txt": {"multi-line-caption"}}
     assert report.summary() == (f"data check {root}: 3 usable images of 3 images (5 samples an epoch with "
-                                "repeats), 0 skipped, 0 fatal, 1 warnings (1 no-repeats)")
+                                "repeats), 0 skipped, 0 fatal, 2 warnings (1 multi-line-caption, 1 no-repeats)")
 
 
 def test_metadata_jsonl_wins_over_subfolders(tmp_path):
@@ -306,6 +306,21 @@ def test_a_folder_that_cannot_be_listed_is_skipped_by_name(tmp_path, monkeypatch
     with pytest.raises(UsageError, match=r"2_locked.*--strict_data"):
         scan_image_folder(root, resolution=64, progress=False, stream=io.StringIO(), caption_suffix=".txt",
                           strict=True)
+
+
+def test_symlink_loops_are_skipped_by_name(tmp_path):
+    root = tmp_path / "data"
+    folder = root / "1_ok"
+    write_sample(folder, "a", "a face")
+    (folder / "loop.png").symlink_to(folder / "loop2.png")
+    (folder / "loop2.png").symlink_to(folder / "loop.png")
+    photo().save(folder / "c.png")
+    (folder / "c.txt").symlink_to(folder / "c.txt")
+    report = scan_image_folder(root, resolution=64, progress=False, stream=io.StringIO(), caption_suffix=".txt")
+    assert [(p.name, c) for p, c in report.records] == [("a.png", "a face")]
+    assert kinds_by_path(report) == {"loop.png": {"unreadable"}, "loop2.png": {"unreadable"},
+                                     "c.txt": {"bad-caption"}}
+    assert all(p.skipped and "symlink loop" in p.message for p in report.problems)
 
 
 def no_model(*args, **kwargs):
