@@ -435,8 +435,8 @@ def _kohya_subfolder_images(folder: Path, caption_suffix: str, problem) -> list[
         if entry.is_dir():
             problem(entry, "nested-folder", f"{entry} is a folder inside {folder.name}/: ignored (subfolders are "
                                             "not read; move its images up or into their own N_name folder)")
-        elif entry.suffix == caption_suffix:
-            if entry.stem not in stems:
+        elif entry.name.endswith(caption_suffix):  # endswith, not .suffix: --caption_extension .wd14.txt works
+            if entry.name[: -len(caption_suffix)] not in stems:
                 problem(entry, "orphan-caption", f"caption file {entry} has no image of the same stem: ignored")
         elif entry.suffix.lower() not in IMAGE_SUFFIXES:
             problem(entry, "not-image", f"{entry} is neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) nor "

@@ -79,6 +79,16 @@ def test_repeats_and_captions_from_subfolders(tmp_path):
                                 "repeats), 0 skipped, 0 fatal, 2 warnings (1 multi-line-caption, 1 no-repeats)")
 
 
+def test_a_caption_extension_of_two_dots(tmp_path):
+    root = tmp_path / "data"
+    write_sample(root / "2_x", "img.001", "tagged", caption_suffix=".wd14.txt")
+    (root / "2_x" / "img.001.txt").write_text("another captioner's file")
+    (root / "2_x" / "lost.wd14.txt").write_text("no image")
+    report = scan_image_folder(root, resolution=64, progress=False, stream=io.StringIO(), caption_suffix=".wd14.txt")
+    assert [(p.name, c) for p, c in report.records] == [("img.001.png", "tagged")] * 2
+    assert kinds_by_path(report) == {"img.001.txt": {"not-image"}, "lost.wd14.txt": {"orphan-caption"}}
+
+
 def test_metadata_jsonl_wins_over_subfolders(tmp_path):
     root = tmp_path / "data"
     write_sample(root / "5_x", "ignored", "not read")
