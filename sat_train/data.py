@@ -108,8 +108,8 @@ class CaptionedImages(Dataset):
     """(image, caption) records → {"pixel_values", "input_ids"}; images are opened lazily.
 
     The random crop/flip of sample ``index``, its pick when the record holds several captions, and
-    kohya's caption shuffle/dropout are functions of (seed, epoch, index) alone, so they do not depend on prefetching, worker
-    processes, or where a resumed run restarts.
+    kohya's caption shuffle/dropout are functions of (seed, epoch, index) alone, so they do not
+    depend on prefetching, worker processes, or where a resumed run restarts.
     """
 
     def __init__(self, records: list[tuple[object, str | tuple[str, ...]]], transform: ImageTransform, tokenizer,
