@@ -323,11 +323,12 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
     path of the file or folder concerned.
 
     fatal: a subfolder, image or caption file that resolves outside ``root`` (symlink); a ``0_name``
-    folder; no usable image. skipped: an image without its caption file, an unreadable or non-UTF-8
-    caption file, an unreadable image (as in metadata.jsonl folders), a subfolder that cannot be listed. warnings: a subfolder without
-    an ``N_`` prefix (counted once), an empty subfolder, a nested folder or a file that is neither image
-    nor caption (ignored), a caption file without its image, images in ``root`` itself (ignored), an
-    empty or multi-line caption, converted or upscaled images."""
+    folder; no usable image.
+    skipped: an image without its caption file, an unreadable or non-UTF-8 caption file, an
+    unreadable image (as in metadata.jsonl folders), a symlink loop, a subfolder that cannot be listed.
+    warnings: a subfolder without an ``N_`` prefix (counted once), an empty subfolder, a nested folder
+    or a file that is neither image nor caption (ignored), a caption file without its image, images in
+    ``root`` itself (ignored), an empty or multi-line caption, converted or upscaled images."""
     from tqdm.auto import tqdm
 
     report = DataReport(root, kohya=True)
