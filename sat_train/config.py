@@ -120,7 +120,11 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm.", type=float)
     allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     # --- LoRA
-    rank: int = _opt(4, "LoRA rank (alpha = rank).", type=int)
+    rank: int = _opt(4, "LoRA rank (kohya: --network_dim).", type=int, aliases=("--network_dim",))
+    lora_alpha: float | None = _opt(
+        None, "LoRA alpha: the update B·A is scaled by alpha / rank (kohya: --network_alpha; kohya's own default "
+        "is 1). Unset: the rank (scale 1).", type=float, aliases=("--network_alpha",))
+    lora_dropout: float = _opt(0.0, "Dropout probability on the LoRA branch's input while training.", type=float)
     # --- SAT guidance
     guide: str = _opt("sac", "Training guidance: none (plain LoRA), sac (self-attention control) or cac "
                       "(cross-attention control on the --cac_words of each caption).", choices=GUIDES)
@@ -206,6 +210,7 @@ class TrainConfig:
                              "--dataset_name does not run (its images are decoded per sample); drop them, or "
                              "give the folder as --train_data_dir without --dataset_name")
         self._check_caption_flags()
+        self._check_lora_flags()
         if self.guide == "cac" and not self.cac_word_list:
             raise UsageError("--cac_words is empty: give comma-separated words, e.g. face,eyes,hair")
         if self.max_train_steps is not None and self.max_train_steps < 1:
@@ -235,6 +240,18 @@ class TrainConfig:
         if suffix in (".", "") or any(c in suffix for c in "/\\") or suffix.lower() in IMAGE_SUFFIXES:
             raise UsageError(f"--caption_extension {self.caption_extension!r} cannot name caption files: give a "
                              "suffix such as .txt or .caption")
+
+    def _check_lora_flags(self) -> None:
+        if self.lora_alpha is not None and not 0.0 < self.lora_alpha < float("inf"):  # also rejects nan
+            raise UsageError(f"--lora_alpha must be > 0 (the LoRA update is scaled by alpha / rank), got "
+                             f"{self.lora_alpha}; leave it out for alpha = rank")
+        if not 0.0 <= self.lora_dropout < 1.0:  # also rejects nan
+            raise UsageError(f"--lora_dropout is a probability: give a value in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def resolved_lora_alpha(self) -> float:
+        """--lora_alpha, or the rank when it is unset (scale alpha / rank = 1, as before the flag existed)."""
+        return float(self.rank) if self.lora_alpha is None else float(self.lora_alpha)
 
     @property
     def caption_suffix(self) -> str:

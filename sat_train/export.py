@@ -19,9 +19,17 @@ def unet_lora_state_dict(unet) -> dict:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
+def unet_lora_adapter_metadata(unet) -> dict:
+    """The adapter's peft LoraConfig (rank, lora_alpha, lora_dropout, target modules), as diffusers'
+    training examples record it: ``load_lora_weights`` builds its LoraConfig from it, so the scale
+    alpha / rank is the trained one (a file without it is read as alpha = rank)."""
+    return unet.peft_config["default"].to_dict()
+
+
 def save_lora(unet, output_dir: str | os.PathLike) -> Path:
     """Writes ``output_dir/pytorch_lora_weights.safetensors`` atomically (temp folder + os.replace),
-    so an interrupted save never leaves a truncated file where a good one was."""
+    so an interrupted save never leaves a truncated file where a good one was. Its safetensors header
+    carries the adapter metadata (``lora_adapter_metadata``, keys prefixed ``unet.``)."""
     from diffusers import StableDiffusionPipeline
 
     output_dir = Path(output_dir)
@@ -29,6 +37,7 @@ def save_lora(unet, output_dir: str | os.PathLike) -> Path:
     final = output_dir / LORA_WEIGHTS_NAME
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
         StableDiffusionPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=unet_lora_state_dict(unet),
+                                                  unet_lora_adapter_metadata=unet_lora_adapter_metadata(unet),
                                                   safe_serialization=True)
         if not output_dir.name.startswith(".checkpoint-"):  # the final file, not a checkpoint's copy
             crash_hook("lora:mid")  # test-only (sat_train/faults.py)
@@ -43,13 +52,26 @@ def load_lora(unet, folder: str | os.PathLike) -> None:
     from peft.utils import set_peft_model_state_dict
 
     # use_safetensors=True: never falls back to unpickling a .bin (diffusers does when it is left unset)
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHTS_NAME,
-                                                            use_safetensors=True)
+    state_dict, _, metadata = StableDiffusionPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHTS_NAME,
+                                                                      use_safetensors=True, return_lora_metadata=True)
+    check_same_alpha(unet, metadata, folder)
     unet_state = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"checkpoint {folder} has LoRA keys this model lacks: {unexpected[:3]}...")
+
+
+def check_same_alpha(unet, metadata: dict | None, folder) -> None:
+    """A checkpoint resumed under another --lora_alpha would load its A, B at the wrong scale and
+    silently train a different model; files written before alpha was recorded carry no metadata."""
+    from .config import UsageError
+
+    saved = (metadata or {}).get("unet.lora_alpha")
+    current = unet.peft_config["default"].lora_alpha
+    if saved is not None and float(saved) != float(current):
+        raise UsageError(f"{folder} was trained with --lora_alpha {float(saved):g}, this run has {float(current):g}: "
+                         "resume with the same --lora_alpha (and --rank)")
 
 
 # ----------------------------------------------------------------------------- kohya

@@ -72,12 +72,13 @@ def check_model_source(source: str) -> None:
                          "stable-diffusion-v1-5/stable-diffusion-v1-5)")
 
 
-def add_lora(unet: torch.nn.Module, rank: int) -> None:
-    """Adds a trainable LoRA (alpha = rank, B = 0 so the model starts unchanged) to the attention projections."""
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
+    """Adds a trainable LoRA (B = 0 so the model starts unchanged) to the attention projections; each
+    projection becomes W x + (alpha / rank) B A dropout(x), with alpha = rank when it is None."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGET_MODULES))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
+                                init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
 
 
 def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -37,9 +37,10 @@ from .faults import crash_hook, fsync_dir
 from .guidance import StepInputs, build_guide
 from .models import Components, add_lora, load_components, lora_parameters
 from .pictures import RunPictures
-from .seeding import derived_generator
+from .seeding import derived_generator, seeded_global_rng
 
 CONFIG_NAME = "train_config.json"
+DROPOUT_STREAM = 1  # last key of the LoRA dropout stream; (seed, process, step, micro-batch) alone keys the noise
 METRICS = ("loss", "pred_loss", "guide_delta", "mask_coverage", "cac_fallback")
 CHECKPOINT_MARKER = "COMPLETE"
 
@@ -320,7 +321,7 @@ def prepare_models(config: TrainConfig, accelerator, weight_dtype):
         model.requires_grad_(False)
     if config.prediction_type is not None:
         components.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
-    add_lora(unet, config.rank)
+    add_lora(unet, config.rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
     for model in (unet, vae, text_encoder):
         model.to(accelerator.device)
         if weight_dtype != torch.float32:
@@ -398,6 +399,7 @@ def announce_run(run: Run, backend: str, learning_rate: float, num_samples: int)
             "demo": config.is_demo, "attention_backend": backend, "learning_rate": learning_rate,
             "max_train_steps": run.max_train_steps, "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "unet_forwards_per_step": run.guide.forwards_per_step,
+            "lora_alpha": config.resolved_lora_alpha,
             "mask_preview_steps": run.pictures.mask_every})
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
         accelerator.init_trackers("sat_train", config=tracker_config)
@@ -458,7 +460,12 @@ def train_micro_batch(run: Run, batch):
         generator = derived_generator(run.seed, accelerator.process_index, run.global_step, run.micro_batch,
                                       device=accelerator.device)
         inputs = make_step_inputs(batch, run.components, run.config, run.weight_dtype, generator)
-        result = run.guide(run.unet, inputs)
+        if run.config.lora_dropout > 0:  # dropout's masks keyed like the noise, not by the draws before
+            with seeded_global_rng(run.seed, accelerator.process_index, run.global_step, run.micro_batch,
+                                   DROPOUT_STREAM, device=accelerator.device):
+                result = run.guide(run.unet, inputs)
+        else:
+            result = run.guide(run.unet, inputs)
         accelerator.backward(result.loss)
         if accelerator.sync_gradients and run.config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(run.params, run.config.max_grad_norm)
