@@ -77,6 +77,7 @@ class Saliency:
     fallback: torch.Tensor | None = None  # CAC: (B,) bool, the samples without chosen words (SAC map)
 
     def _per_sample(self, of_map) -> torch.Tensor:
+        """``of_map(m)`` of every map, each sample's row taken from the map that decides it."""
         out = None
         for m in self.maps:
             value = of_map(m)
