@@ -30,7 +30,7 @@ import torch
 
 from . import demo
 from .capture import resolve_backend, stock_processor
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, build_optimizer
 from .data import build_dataset, collate, read_records
 from .export import LORA_WEIGHTS_NAME, export_lora, load_lora, save_lora
 from .faults import crash_hook, fsync_dir
@@ -167,16 +167,9 @@ def check_output_paths(config: TrainConfig) -> None:
 
 
 def make_optimizer(config: TrainConfig, params):
-    if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                           weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    """--optimizer (or --use_8bit_adam) on ``params`` at --learning_rate, with its arguments
+    (config.optimizer_kwargs: the --adam_* flags for the AdamWs, then --optimizer_args)."""
+    return build_optimizer(config, params, lr=config.learning_rate)
 
 
 def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, generator=None) -> StepInputs:
@@ -379,7 +372,8 @@ def make_lr_scheduler(config: TrainConfig, optimizer, batches: int, num_processe
     max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * num_processes,
-                                 num_training_steps=max_train_steps * num_processes)
+                                 num_training_steps=max_train_steps * num_processes,
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
     return lr_scheduler, max_train_steps
 
 
