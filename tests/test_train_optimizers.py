@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from sat_train.cli import main, parse_config
 from sat_train.config import UsageError, parse_optimizer_args
 from sat_train.train import make_lr_scheduler, make_optimizer, make_scaled_optimizer, train
-from train_helpers import LORA_FILE, tiny_config
+from train_helpers import tiny_config
 
 train_module = importlib.import_module("sat_train.train")  # the module (sat_train.train is also a function)
 
