@@ -415,6 +415,7 @@ def resume_run(run: Run) -> None:
         run.accelerator.print(f"no checkpoint in {run.output_dir}: starting a new run")
         return
     run.accelerator.print(f"resuming from {checkpoint}")
+    check_same_optimizer(run, checkpoint)
     # weights_only: torch's restricted unpickler for the optimizer/scheduler/RNG state (no code runs)
     run.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
     run.global_step = int(checkpoint.name.split("-", 1)[1])
@@ -422,6 +423,25 @@ def resume_run(run: Run) -> None:
     # optimizer steps already taken in that epoch, in micro-batches
     run.skip_batches = (run.global_step % run.steps_per_epoch) * run.config.gradient_accumulation_steps
     run.pictures.resume(checkpoint, run.global_step)  # loss.png covers the whole run, not only this part
+
+
+def check_same_optimizer(run: Run, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose optimizer state another --optimizer saved: torch's load_state_dict
+    would take its param groups as they are, and the first step would crash on a missing setting
+    (or train with the other algorithm's state). Each optimizer class has its own set of group
+    settings (lr, betas, eps, ... vs lr, beta2_decay, d, ...), so differing sets mean another class."""
+    from accelerate.utils import OPTIMIZER_NAME
+
+    path = checkpoint / f"{OPTIMIZER_NAME}.bin"
+    if not path.is_file():
+        return  # accelerate's load_state names the missing file itself
+    saved_groups = torch.load(path, map_location="cpu", weights_only=True)["param_groups"]
+    saved = {key for group in saved_groups for key in group} - {"params"}
+    current = {key for group in run.optimizer.param_groups for key in group} - {"params"}
+    if saved != current:
+        raise UsageError(f"{checkpoint} was saved by another optimizer (its settings: {', '.join(sorted(saved))}), "
+                         f"not this run's --optimizer {run.config.optimizer_name}: resume with the --optimizer "
+                         "(and --use_8bit_adam) of the run that saved it")
 
 
 # ----------------------------------------------------------------------------- 2. one micro-batch

@@ -221,3 +221,14 @@ def test_resume_with_adafactor_matches_uninterrupted_run(tmp_path):
     assert expected.keys() == got.keys() and len(expected) > 0
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("first, then", [("adafactor", "adamw"), ("adamw", "lion")])
+def test_resume_under_another_optimizer_is_refused(first, then, tmp_path):
+    if "lion" in (first, then):
+        lion_class()
+    train(tiny_config(tmp_path, max_train_steps=2, checkpointing_steps=2, optimizer=first))
+    # the saved optimizer state belongs to another algorithm: loading it would crash or train wrongly
+    with pytest.raises(UsageError, match=f"checkpoint-2 was saved by another optimizer.*--optimizer {then}"):
+        train(tiny_config(tmp_path, max_train_steps=4, checkpointing_steps=2, optimizer=then,
+                          resume_from_checkpoint="latest"))
