@@ -12,9 +12,13 @@ TRAIN = [
     "tensorboard>=2.15",
     "tqdm>=4.66",
 ]
-# datasets: --dataset_name is optional for users (install it yourself), but its tests need the real library
+# --optimizer prodigy / lion / adamw8bit: optional for users (the extras below)
+PRODIGY, LION, BNB = ["prodigyopt>=1.0"], ["lion-pytorch>=0.2"], ["bitsandbytes>=0.43"]
+# datasets: --dataset_name is optional for users (install it yourself), but its tests need the real library;
+# prodigyopt and lion-pytorch are small pure-Python wheels, so their tests compare against the real ones
+# (bitsandbytes is a large native build: its tests run where it is installed, else skip)
 TEST = TRAIN + ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "scikit-image>=0.22",
-                "datasets>=3.0"]
+                "datasets>=3.0"] + PRODIGY + LION
 
 setup(
     name="sat",
@@ -41,6 +45,9 @@ setup(
         "test": TEST,
         "bench": TEST + ["matplotlib>=3.7"],
         "xformers": ["xformers>=0.0.28"],
+        "prodigy": PRODIGY,
+        "lion": LION,
+        "bnb": BNB,
     },
     entry_points={"console_scripts": ["sat-train=sat_train.cli:main"]},
 )

@@ -30,7 +30,7 @@ import torch
 
 from . import demo
 from .capture import resolve_backend, stock_processor
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, build_optimizer
 from .data import build_dataset, collate, read_records
 from .export import LORA_WEIGHTS_NAME, export_lora, load_lora, save_lora
 from .faults import crash_hook, fsync_dir
@@ -167,16 +167,9 @@ def check_output_paths(config: TrainConfig) -> None:
 
 
 def make_optimizer(config: TrainConfig, params):
-    if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                           weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    """--optimizer (or --use_8bit_adam) on ``params`` at --learning_rate, with its arguments
+    (config.optimizer_kwargs: the --adam_* flags for the AdamWs, then --optimizer_args)."""
+    return build_optimizer(config, params, lr=config.learning_rate)
 
 
 def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, generator=None) -> StepInputs:
@@ -379,7 +372,8 @@ def make_lr_scheduler(config: TrainConfig, optimizer, batches: int, num_processe
     max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * num_processes,
-                                 num_training_steps=max_train_steps * num_processes)
+                                 num_training_steps=max_train_steps * num_processes,
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
     return lr_scheduler, max_train_steps
 
 
@@ -421,6 +415,7 @@ def resume_run(run: Run) -> None:
         run.accelerator.print(f"no checkpoint in {run.output_dir}: starting a new run")
         return
     run.accelerator.print(f"resuming from {checkpoint}")
+    check_same_optimizer(run, checkpoint)
     # weights_only: torch's restricted unpickler for the optimizer/scheduler/RNG state (no code runs)
     run.accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
     run.global_step = int(checkpoint.name.split("-", 1)[1])
@@ -428,6 +423,25 @@ def resume_run(run: Run) -> None:
     # optimizer steps already taken in that epoch, in micro-batches
     run.skip_batches = (run.global_step % run.steps_per_epoch) * run.config.gradient_accumulation_steps
     run.pictures.resume(checkpoint, run.global_step)  # loss.png covers the whole run, not only this part
+
+
+def check_same_optimizer(run: Run, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose optimizer state another --optimizer saved: torch's load_state_dict
+    would take its param groups as they are, and the first step would crash on a missing setting
+    (or train with the other algorithm's state). Each optimizer class has its own set of group
+    settings (lr, betas, eps, ... vs lr, beta2_decay, d, ...), so differing sets mean another class."""
+    from accelerate.utils import OPTIMIZER_NAME
+
+    path = checkpoint / f"{OPTIMIZER_NAME}.bin"
+    if not path.is_file():
+        return  # accelerate's load_state names the missing file itself
+    saved_groups = torch.load(path, map_location="cpu", weights_only=True)["param_groups"]
+    saved = {key for group in saved_groups for key in group} - {"params"}
+    current = {key for group in run.optimizer.param_groups for key in group} - {"params"}
+    if saved != current:
+        raise UsageError(f"{checkpoint} was saved by another optimizer (its settings: {', '.join(sorted(saved))}), "
+                         f"not this run's --optimizer {run.config.optimizer_name}: resume with the --optimizer "
+                         "(and --use_8bit_adam) of the run that saved it")
 
 
 # ----------------------------------------------------------------------------- 2. one micro-batch
