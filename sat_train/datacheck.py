@@ -204,40 +204,51 @@ def _check_image(path: Path, resolution: int, skip_small: bool) -> list[tuple[st
     return findings
 
 
+def _checking_bar(items, unit: str, progress: bool | None, quiet: bool):
+    """tqdm over ``items``: on a terminal when ``progress`` is None, never when ``quiet``."""
+    from tqdm.auto import tqdm
+
+    show = False if quiet else progress
+    return tqdm(items, desc="checking data", unit=unit, disable=(None if show is None else not show), leave=False)
+
+
 def scan_image_folder(root: Path, image_column: str = "image", caption_column: str = "text", resolution: int = 512,
                       skip_small_images: bool = False, strict: bool = False, progress: bool | None = None,
                       stream=None, quiet: bool = False, caption_suffix: str = ".caption") -> DataReport:
-    """Checks ``root/metadata.jsonl`` and every image it names in one pass; prints the problems and a
-    summary; raises UsageError (one line) when the data cannot be trained on (see the module doc).
-    ``progress=None``: a progress bar only on a terminal. ``quiet``: neither bar nor printout (the
-    processes other than the main one of a multi-process run check the same data silently)."""
-    from tqdm.auto import tqdm
-
+    """Checks ``root/metadata.jsonl`` and every image it names in one pass (or, without it, a
+    kohya-style folder: scan_kohya_folder); prints the problems and a summary; raises UsageError (one
+    line) when the data cannot be trained on (see the module doc). ``progress=None``: a progress bar
+    only on a terminal. ``quiet``: neither bar nor printout (the processes other than the main one of
+    a multi-process run check the same data silently)."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"--train_data_dir {root} is not a folder")
     meta = root / METADATA
-    if not meta.is_file() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+    if meta.is_file():
+        return _scan_metadata_folder(root, meta, image_column, caption_column, resolution, skip_small_images, strict,
+                                     progress, stream, quiet)
+    if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         return scan_kohya_folder(root, caption_suffix, resolution=resolution, skip_small_images=skip_small_images,
                                  strict=strict, progress=progress, stream=stream, quiet=quiet)
-    if not meta.is_file():
-        images = [p.name for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES][:3]
-        hint = f" (found images such as {', '.join(images)})" if images else " (and no images)"
-        raise UsageError(f"{root} has no {METADATA}{hint}: write one line per image, "
-                         f'e.g. {{"file_name": "photo.jpg", "{caption_column}": "a photo of a face"}}, '
-                         f"or put the images in kohya-style N_name/ subfolders with same-stem {caption_suffix} "
-                         "caption files")
+    images = [p.name for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES][:3]
+    hint = f" (found images such as {', '.join(images)})" if images else " (and no images)"
+    raise UsageError(f"{root} has no {METADATA}{hint}: write one line per image, "
+                     f'e.g. {{"file_name": "photo.jpg", "{caption_column}": "a photo of a face"}}, '
+                     f"or put the images in kohya-style N_name/ subfolders with same-stem {caption_suffix} "
+                     "caption files")
+
+
+def _scan_metadata_folder(root: Path, meta: Path, image_column: str, caption_column: str, resolution: int,
+                          skip_small_images: bool, strict: bool, progress: bool | None, stream,
+                          quiet: bool) -> DataReport:
     image_key = image_column if image_column != "image" else "file_name"
     report = DataReport(root)
     try:
         text = meta.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read {meta} ({err}); it must be UTF-8 text, one JSON object per line") from None
-    lines = text.splitlines()
     with_caption_column = 0
-    show_bar = False if quiet else progress
-    bar = tqdm(lines, desc="checking data", unit="line", disable=(None if show_bar is None else not show_bar),
-               leave=False)
+    bar = _checking_bar(text.splitlines(), "line", progress, quiet)
     for number, line in enumerate(bar, start=1):
         if not line.strip():
             continue
@@ -247,40 +258,12 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
         def problem(kind, message, fatal=False, skipped=False, where=where):
             report.add(where, kind, message, fatal, skipped, strict)
 
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problem("not-json", f"not valid JSON ({err.msg}); each line must be one JSON object", fatal=True)
-            continue
-        if not isinstance(row, dict):
-            problem("not-json", f"a JSON {type(row).__name__}, not an object; each line must be one JSON object",
-                    fatal=True)
-            continue
-        if image_key not in row or not isinstance(row[image_key], str):
-            problem("no-file-name", f'no "{image_key}" string naming the image file', fatal=True)
-            continue
-        path = _resolve_inside(root, row[image_key])
-        if isinstance(path, str):
-            problem("escapes-folder", path, fatal=True)
-            continue
-        caption = row.get(caption_column)
-        if caption_column in row:
-            with_caption_column += 1
-        if caption is None:
-            problem("no-caption", f'{row[image_key]}: no caption column "{caption_column}" (columns: '
-                                  f'{", ".join(sorted(row))}); add it or pass --caption_column', skipped=True)
-        elif not isinstance(caption, str):
-            problem("bad-caption", f'{row[image_key]}: caption "{caption_column}" must be a string, got '
-                                   f"{caption!r}", skipped=True)
-        elif not caption.strip():
-            problem("empty-caption", f"{row[image_key]}: empty caption, trained unconditionally")
-        findings = _check_image(path, resolution, skip_small_images)
-        for kind, message, skip in findings:
-            problem(kind, message, skipped=skip)
-        if caption is None or not isinstance(caption, str) or any(skip for _, _, skip in findings):
-            continue
-        report.records.append((path, caption))
-        report.names.append(f"{path} ({where})")
+        record, has_caption_column = _metadata_record(line, root, image_key, caption_column, resolution,
+                                                      skip_small_images, problem)
+        with_caption_column += has_caption_column
+        if record is not None:
+            report.records.append(record)
+            report.names.append(f"{record[0]} ({where})")
     bar.close()
 
     _print_and_raise_fatal(report, quiet, stream)
@@ -292,6 +275,43 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
             raise UsageError(f"{meta} lists no images: add one line per image")
         raise UsageError(f"no usable samples in {root}: all {report.lines} skipped, first: {report.problems[0]}")
     return report
+
+
+def _metadata_record(line: str, root: Path, image_key: str, caption_column: str, resolution: int,
+                     skip_small_images: bool, problem) -> tuple[tuple[Path, str] | None, bool]:
+    """(the (image, caption) record of one metadata.jsonl line, or None; whether the line names its
+    image and has the caption column). Every problem found goes to ``problem``."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        problem("not-json", f"not valid JSON ({err.msg}); each line must be one JSON object", fatal=True)
+        return None, False
+    if not isinstance(row, dict):
+        problem("not-json", f"a JSON {type(row).__name__}, not an object; each line must be one JSON object",
+                fatal=True)
+        return None, False
+    if image_key not in row or not isinstance(row[image_key], str):
+        problem("no-file-name", f'no "{image_key}" string naming the image file', fatal=True)
+        return None, False
+    path = _resolve_inside(root, row[image_key])
+    if isinstance(path, str):
+        problem("escapes-folder", path, fatal=True)
+        return None, False
+    caption = row.get(caption_column)
+    if caption is None:
+        problem("no-caption", f'{row[image_key]}: no caption column "{caption_column}" (columns: '
+                              f'{", ".join(sorted(row))}); add it or pass --caption_column', skipped=True)
+    elif not isinstance(caption, str):
+        problem("bad-caption", f'{row[image_key]}: caption "{caption_column}" must be a string, got '
+                               f"{caption!r}", skipped=True)
+    elif not caption.strip():
+        problem("empty-caption", f"{row[image_key]}: empty caption, trained unconditionally")
+    findings = _check_image(path, resolution, skip_small_images)
+    for kind, message, skip in findings:
+        problem(kind, message, skipped=skip)
+    if not isinstance(caption, str) or any(skip for _, _, skip in findings):
+        return None, caption_column in row
+    return (path, caption), True
 
 
 # ----------------------------------------------------------------------------- kohya-style folders
@@ -329,8 +349,6 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
     warnings: a subfolder without an ``N_`` prefix (counted once), an empty subfolder, a nested folder
     or a file that is neither image nor caption (ignored), a caption file without its image, images in
     ``root`` itself (ignored), an empty or multi-line caption, converted or upscaled images."""
-    from tqdm.auto import tqdm
-
     report = DataReport(root, kohya=True)
     real_root = root.resolve()
 
@@ -351,9 +369,7 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
             problem(entry, "outside-subfolder", f"image {entry} is not in an N_name subfolder: ignored (move it "
                                                 f"into e.g. {root / ('1_' + entry.stem)})")
 
-    show_bar = False if quiet else progress
-    bar = tqdm(images, desc="checking data", unit="image", disable=(None if show_bar is None else not show_bar),
-               leave=False)
+    bar = _checking_bar(images, "image", progress, quiet)
     for path, repeats in bar:
         report.lines += 1
         leaves = _leaves(real_root, path)
@@ -364,32 +380,9 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
             problem(path, "escapes-folder", f"image {path} leaves the data folder ({path.resolve()}); images "
                                             f"must lie inside {root}", fatal=True)
             continue
-        caption_path = path.with_suffix(caption_suffix)
-        caption = None
-        if _leaves(real_root, caption_path) is None:
-            problem(caption_path, "bad-caption", f"caption file {caption_path} is a symlink loop; fix or remove it",
-                    skipped=True)
-        elif not caption_path.is_file():
-            others = [path.with_suffix(s).name for s in OTHER_CAPTION_SUFFIXES
-                      if s != caption_suffix and path.with_suffix(s).is_file()]
-            hint = (f" (found {others[0]}: pass --caption_extension {Path(others[0]).suffix})" if others
-                    else " (or pass --caption_extension naming your captions' suffix)")
-            problem(path, "no-caption", f"image {path} has no caption file {caption_path.name}; add it{hint}",
-                    skipped=True)
-        elif _leaves(real_root, caption_path):
-            problem(caption_path, "escapes-folder", f"caption file {caption_path} leaves the data folder "
-                                                    f"({caption_path.resolve()})", fatal=True)
+        caption, escapes = _kohya_caption(path, caption_suffix, real_root, problem)
+        if escapes:
             continue
-        else:
-            caption, why, lines = read_caption_file(caption_path)
-            if why is not None:
-                problem(caption_path, "bad-caption", why, skipped=True)
-            elif not caption:
-                problem(caption_path, "empty-caption", f"caption file {caption_path} is empty: {path.name} "
-                                                       "trains unconditionally")
-            if caption and lines > 1:
-                problem(caption_path, "multi-line-caption", f"caption file {caption_path} has {lines} lines: "
-                                                            "only the first is the caption")
         findings = _check_image(path, resolution, skip_small_images)
         for kind, message, skip in findings:
             problem(path, kind, message, skipped=skip)
@@ -409,6 +402,38 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
         raise UsageError(f"no usable samples in {root}: all {report.lines} images skipped, first: "
                          f"{report.skipped[0]}")
     return report
+
+
+def _kohya_caption(path: Path, caption_suffix: str, real_root: Path, problem) -> tuple[str | None, bool]:
+    """(the caption of image ``path`` from its same-stem caption file, or None when there is none to
+    train on; whether that file leaves the data folder, a fatal problem). Problems go to ``problem``."""
+    caption_path = path.with_suffix(caption_suffix)
+    if _leaves(real_root, caption_path) is None:
+        problem(caption_path, "bad-caption", f"caption file {caption_path} is a symlink loop; fix or remove it",
+                skipped=True)
+        return None, False
+    if not caption_path.is_file():
+        others = [path.with_suffix(s).name for s in OTHER_CAPTION_SUFFIXES
+                  if s != caption_suffix and path.with_suffix(s).is_file()]
+        hint = (f" (found {others[0]}: pass --caption_extension {Path(others[0]).suffix})" if others
+                else " (or pass --caption_extension naming your captions' suffix)")
+        problem(path, "no-caption", f"image {path} has no caption file {caption_path.name}; add it{hint}",
+                skipped=True)
+        return None, False
+    if _leaves(real_root, caption_path):
+        problem(caption_path, "escapes-folder", f"caption file {caption_path} leaves the data folder "
+                                                f"({caption_path.resolve()})", fatal=True)
+        return None, True
+    caption, why, lines = read_caption_file(caption_path)
+    if why is not None:
+        problem(caption_path, "bad-caption", why, skipped=True)
+    elif not caption:
+        problem(caption_path, "empty-caption", f"caption file {caption_path} is empty: {path.name} "
+                                               "trains unconditionally")
+    if caption and lines > 1:
+        problem(caption_path, "multi-line-caption", f"caption file {caption_path} has {lines} lines: "
+                                                    "only the first is the caption")
+    return caption, False
 
 
 def _kohya_subfolder_images(folder: Path, caption_suffix: str, problem) -> list[tuple[Path, int]]:
