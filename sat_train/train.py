@@ -30,12 +30,13 @@ import torch
 
 from . import demo
 from .capture import resolve_backend, stock_processor
-from .config import TrainConfig, UsageError, build_optimizer
+from .config import TrainConfig, UsageError
 from .data import build_dataset, collate, read_records
 from .export import LORA_WEIGHTS_NAME, export_lora, load_lora, save_lora
 from .faults import crash_hook, fsync_dir
 from .guidance import StepInputs, build_guide
 from .models import Components, add_lora, load_components, lora_parameters
+from .optimizers import build_optimizer
 from .pictures import RunPictures
 from .seeding import derived_generator, seeded_global_rng
 
@@ -168,7 +169,7 @@ def check_output_paths(config: TrainConfig) -> None:
 
 def make_optimizer(config: TrainConfig, params):
     """--optimizer (or --use_8bit_adam) on ``params`` at --learning_rate, with its arguments
-    (config.optimizer_kwargs: the --adam_* flags for the AdamWs, then --optimizer_args)."""
+    (optimizers.optimizer_kwargs: the --adam_* flags for the AdamWs, then --optimizer_args)."""
     return build_optimizer(config, params, lr=config.learning_rate)
 
 

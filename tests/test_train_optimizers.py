@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from sat_train.cli import main, parse_config
-from sat_train.config import UsageError, parse_optimizer_args
+from sat_train.config import UsageError
+from sat_train.optimizers import parse_optimizer_args
 from sat_train.train import make_lr_scheduler, make_optimizer, make_scaled_optimizer, train
 from train_helpers import tiny_config
 
