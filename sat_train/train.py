@@ -19,6 +19,7 @@ check, summary, final paths) comes from the main process only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -475,11 +476,11 @@ def train_micro_batch(run: Run, batch):
         generator = derived_generator(run.seed, accelerator.process_index, run.global_step, run.micro_batch,
                                       device=accelerator.device)
         inputs = make_step_inputs(batch, run.components, run.config, run.weight_dtype, generator)
-        if run.config.lora_dropout > 0:  # dropout's masks keyed like the noise, not by the draws before
-            with seeded_global_rng(run.seed, accelerator.process_index, run.global_step, run.micro_batch,
-                                   DROPOUT_STREAM, device=accelerator.device):
-                result = run.guide(run.unet, inputs)
-        else:
+        # LoRA dropout's masks keyed like the noise, not by the draws before (default runs: no dropout)
+        dropout_rng = (seeded_global_rng(run.seed, accelerator.process_index, run.global_step, run.micro_batch,
+                                         DROPOUT_STREAM, device=accelerator.device)
+                       if run.config.lora_dropout > 0 else contextlib.nullcontext())
+        with dropout_rng:
             result = run.guide(run.unet, inputs)
         accelerator.backward(result.loss)
         if accelerator.sync_gradients and run.config.max_grad_norm > 0:
