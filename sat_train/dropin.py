@@ -42,10 +42,7 @@ class SATCaptureHandle:
 
     def remove(self) -> None:
         """Removes the hooks (the processors stay; call unet.set_attn_processor to replace them)."""
-        mid = self.saliency.mid if isinstance(self.saliency, CaptionWordSaliency) else self.saliency
-        mid.capture.remove()
-        if isinstance(self.saliency, CaptionWordSaliency):
-            self.saliency.cross.remove()
+        self.saliency.remove_hooks()
 
 
 def _bare(model):

@@ -127,6 +127,9 @@ class MidBlockSaliency:
     def summary(self, total=int) -> str | None:
         return None
 
+    def remove_hooks(self) -> None:
+        self.capture.remove()
+
 
 class CaptionWordSaliency:
     """CAC: the highest-resolution cross-attention probabilities of the caption's chosen words
@@ -173,6 +176,11 @@ class CaptionWordSaliency:
         if not samples:
             return None
         return f"CAC: {fallbacks} of {samples} samples had none of {self.words} in their caption and used the SAC mask"
+
+    def remove_hooks(self) -> None:
+        self.mid.remove_hooks()
+        if self.cross is not None:
+            self.cross.remove()
 
 
 # ----------------------------------------------------------------------------- the step
