@@ -25,8 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .buckets import assign_buckets
 from .config import TrainConfig, UsageError
-from .datacheck import scan_image_folder, to_rgb
+from .datacheck import SmallImageRule, scan_image_folder, to_rgb
 from .seeding import derived_generator
 
 CAPTION_STREAM = 1  # extra key of derived_generator: the caption pick draws apart from the crop/flip draws
@@ -38,30 +39,35 @@ PIL_FILTERS = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "biline
 
 
 class ImageTransform:
-    """Resize the short side to ``resolution`` (``interpolation``: a --image_interpolation_mode name),
-    crop a square, maybe flip, scale to [-1, 1].
+    """Resize to cover a target size (``interpolation``: a --image_interpolation_mode name), crop it,
+    maybe flip, scale to [-1, 1].
 
-    The same steps as the diffusers example's torchvision pipeline, without torchvision. Random
-    crops and flips draw from the ``generator`` passed in, never from the global one.
+    The target is ``resolution`` (an int: a square, as the diffusers example's torchvision pipeline
+    does it, without torchvision; or (width, height)), or the ``size`` passed per call (the sample's
+    aspect-ratio bucket). Random crops and flips draw from the ``generator`` passed in, never from the
+    global one; ``center_crop`` crops the middle.
     """
 
-    def __init__(self, resolution: int, center_crop: bool, random_flip: bool, interpolation: str = "lanczos"):
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+    def __init__(self, resolution: int | tuple[int, int], center_crop: bool, random_flip: bool,
+                 interpolation: str = "lanczos"):
+        self.size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        self.center_crop, self.random_flip = center_crop, random_flip
         self.resample = PIL_FILTERS[interpolation]
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
+        target_w, target_h = size or self.size
         image = to_rgb(image)  # grayscale, 16-bit, RGBA, CMYK, palette → 8-bit RGB
         w, h = image.size
-        scale = self.resolution / min(w, h)
-        size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
-        image = image.resize(size, self.resample)
+        scale = max(target_w / w, target_h / h)  # the smallest resize that covers the target
+        image = image.resize((max(target_w, round(w * scale)), max(target_h, round(h * scale))), self.resample)
         w, h = image.size
         if self.center_crop:
-            top, left = (h - self.resolution) // 2, (w - self.resolution) // 2
+            top, left = (h - target_h) // 2, (w - target_w) // 2
         else:
-            top = int(torch.randint(0, h - self.resolution + 1, (), generator=generator).item())
-            left = int(torch.randint(0, w - self.resolution + 1, (), generator=generator).item())
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            top = int(torch.randint(0, h - target_h + 1, (), generator=generator).item())
+            left = int(torch.randint(0, w - target_w + 1, (), generator=generator).item())
+        image = image.crop((left, top, left + target_w, top + target_h))
         if self.random_flip and torch.rand((), generator=generator).item() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -117,6 +123,7 @@ class CaptionedImages(Dataset):
         self.records, self.transform, self.tokenizer, self.describe = records, transform, tokenizer, describe
         self.seed, self.epoch, self.augment = seed, 0, augment
         self.cac_word_ids: list[tuple[int, ...]] | None = None  # set by build_dataset for --guide cac
+        self.buckets: list[tuple[int, int]] | None = None  # each sample's (W, H) bucket; set for --enable_bucket
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
         self.epoch = epoch
@@ -127,7 +134,8 @@ class CaptionedImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         source, _ = self.records[index]
         try:
-            pixels = self.transform(open_image(source), derived_generator(self.seed, self.epoch, index))
+            pixels = self.transform(open_image(source), derived_generator(self.seed, self.epoch, index),
+                                    self.target_size(index))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
         # the caption as the text encoder sees it; CAC's words are found in it below
@@ -136,6 +144,10 @@ class CaptionedImages(Dataset):
             item["cac_tokens"] = torch.tensor(
                 word_token_positions(self.tokenizer, item["input_ids"], self.cac_word_ids), dtype=torch.long)
         return item
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of sample ``index``'s pixels: its bucket with --enable_bucket, else --resolution."""
+        return self.buckets[index] if self.buckets is not None else self.transform.size
 
     def caption(self, index: int) -> str:
         """Sample ``index``'s caption this epoch: one of several (a --dataset_name list column), then
@@ -257,9 +269,13 @@ def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool 
         records, names = read_hf_dataset(config)
     else:
         # the data check (datacheck.py): every problem listed in one pass, fatal ones exit 2 here
+        (width, height), size_flag = config.small_image_size
+        no_upscale = config.enable_bucket and config.bucket_no_upscale
+        small = SmallImageRule(width, height, size_flag,
+                               "--bucket_no_upscale" if no_upscale else "--skip_small_images")
         report = scan_image_folder(Path(data_dir or config.train_data_dir), config.image_column,
-                                   config.caption_column, resolution=config.resolution,
-                                   skip_small_images=config.skip_small_images, strict=config.strict_data,
+                                   config.caption_column, resolution=small,
+                                   skip_small_images=config.skip_small_images or no_upscale, strict=config.strict_data,
                                    quiet=quiet, caption_suffix=config.caption_suffix)
         records, names = report.records, report.names
     if config.max_train_samples is not None:
@@ -268,7 +284,7 @@ def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool 
 
 
 def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0) -> CaptionedImages:
-    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip,
+    transform = ImageTransform(config.resolution_wh, config.center_crop, config.random_flip,
                                config.image_interpolation_mode)
     augment = CaptionAugment(shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens,
                              dropout_rate=config.caption_dropout_rate, tag_dropout_rate=config.caption_tag_dropout_rate)
@@ -277,7 +293,28 @@ def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0)
     dataset = CaptionedImages(records, transform, tokenizer, describe=names.__getitem__, seed=seed, augment=augment)
     if config.guide == "cac":
         dataset.cac_word_ids = word_token_ids(tokenizer, config.cac_word_list)
+    if config.enable_bucket:
+        dataset.buckets = assign_buckets(config, image_sizes(records, names))
     return dataset
+
+
+def image_sizes(records, names) -> list[tuple[int, int]]:
+    """(width, height) of every record's image: file headers only (PIL opens lazily), each file once
+    however often kohya's repeats list it; a --dataset_name row is decoded (its size is not stored apart)."""
+    sizes: dict[object, tuple[int, int]] = {}
+    found = []
+    for index, (source, _) in enumerate(records):
+        key = source if isinstance(source, (str, Path, DatasetRow)) else id(source)
+        if key not in sizes:
+            try:
+                image = open_image(source)
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                raise UsageError(f"cannot read image {names[index]}: {err}; fix or remove it") from err
+            sizes[key] = image.size
+            if isinstance(source, (str, Path)):
+                image.close()
+        found.append(sizes[key])
+    return found
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

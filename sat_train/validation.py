@@ -24,7 +24,7 @@ def generate_images(components, unet, config, device, weight_dtype) -> list:
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     with torch.no_grad(), autocast:
         images = [pipeline(config.validation_prompt, num_inference_steps=INFERENCE_STEPS, generator=generator,
-                           height=config.resolution, width=config.resolution).images[0]
+                           width=config.resolution_wh[0], height=config.resolution_wh[1]).images[0]
                   for _ in range(config.num_validation_images)]
     unet.train(was_training)
     return images
