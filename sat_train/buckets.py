@@ -96,11 +96,11 @@ def assign_buckets(config, sizes: list[tuple[int, int]]) -> list[tuple[int, int]
 
 
 def bucket_table_text(buckets: list[tuple[int, int]]) -> str:
-    """One line per bucket in use: ``bucket WxH: N images`` (repeats counted), largest aspect ratio last."""
+    """A heading, then one line per bucket in use: ``bucket WxH: N images`` (repeats counted), widest last."""
     counts = Counter(buckets)
-    lines = [f"  bucket {w}x{h}: {n} images" for (w, h), n in sorted(counts.items(), key=lambda kv: kv[0][0] / kv[0][1])]
-    return f"aspect-ratio buckets ({len(counts)} in use, {len(buckets)} samples an epoch with repeats):\n" + \
-        "\n".join(lines)
+    by_ratio = sorted(counts.items(), key=lambda item: item[0][0] / item[0][1])
+    lines = [f"aspect-ratio buckets ({len(counts)} in use, {len(buckets)} samples an epoch with repeats):"]
+    return "\n".join(lines + [f"  bucket {w}x{h}: {n} images" for (w, h), n in by_ratio])
 
 
 class EpochSetting:

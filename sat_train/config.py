@@ -325,11 +325,12 @@ class TrainConfig:
         if self.enable_bucket:
             side = min(min(bucket) for bucket in self.bucket_resolutions)
             if side // VAE_SCALE_FACTOR <= radius:
+                latents = side // VAE_SCALE_FACTOR
                 raise UsageError(
-                    f"--min_bucket_reso {self.min_bucket_reso} gives buckets {side} px wide ({side // VAE_SCALE_FACTOR} "
+                    f"--min_bucket_reso {self.min_bucket_reso} gives buckets {side} px wide ({latents} "
                     f"latents), too small for --guide_kernel_size {self.guide_kernel_size} (the blur needs latents "
                     f"wider than {radius}): use --min_bucket_reso >= {smallest} or --guide_kernel_size <= "
-                    f"{max(1, 2 * (side // VAE_SCALE_FACTOR) - 1)}")
+                    f"{max(1, 2 * latents - 1)}")
             return
         width, height = self.resolution_wh
         latent_side = min(width, height) // VAE_SCALE_FACTOR

@@ -366,3 +366,33 @@ def test_data_check_small_means_below_min_bucket_reso(tmp_path):
     skipping = bucket_config(tmp_path, bucket_no_upscale=True)
     records, _ = read_records(skipping.validate(), quiet=True)
     assert sorted(p.name for p, _ in records) == ["im1.png", "im2.png"]
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def test_two_processes_train_whole_bucket_batches_in_step(tmp_path):
+    """torchrun, 2 CPU processes (gloo): 4 single-bucket batches an epoch, 2 per rank, so 2 steps an
+    epoch on each; unequal counts would leave one rank waiting in DDP's all-reduce (the run would hang
+    or fail). The bucket table is printed once."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    write_folder(tmp_path / "data")
+    save_components(build_components(), tmp_path / "model")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    env.pop("SAT_TEST_KILL_AT", None)
+    out = tmp_path / "out"
+    flags = ["--pretrained_model_name_or_path", str(tmp_path / "model"), "--train_data_dir", str(tmp_path / "data"),
+             "--caption_extension", ".txt", "--enable_bucket", "--resolution", "64", "--min_bucket_reso", "48",
+             "--max_bucket_reso", "128", "--bucket_reso_steps", "16", "--train_batch_size", "2", "--seed", "0",
+             "--report_to", "none", "--guide", "sac", "--max_train_steps", "4", "--output_dir", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "sat_train", *flags], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("aspect-ratio buckets (3 in use") == 1
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("sat_train: guide=sac")]
+    assert len(summary) == 1 and "4 steps" in summary[0] and "x 2 processes" in summary[0]
+    assert (out / LORA_FILE).is_file()
