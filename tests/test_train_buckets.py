@@ -249,6 +249,22 @@ def test_dataset_target_sizes_follow_the_buckets(tmp_path):
     assert square.buckets is None and square.target_size(3) == (64, 64)
 
 
+
+def test_no_upscale_dataset_buckets_and_skips(tmp_path):
+    """--bucket_no_upscale: 56x56 (at most the 64x64 area) trains at its own size rounded down to 16,
+    48x48, a bucket the table does not hold; 40x90 is below --min_bucket_reso 48: skipped."""
+    write_folder(tmp_path / "data", {"1_a": [(56, 56), (64, 64), (40, 90), (60, 100)]})
+    config = bucket_config(tmp_path, bucket_no_upscale=True, center_crop=True, random_flip=False)
+    records, names = read_records(config.validate(), quiet=True)
+    assert sorted(p.name for p, _ in records) == ["im0.png", "im1.png", "im3.png"]
+    dataset = build_dataset(config, records, names, build_tokenizer())
+    got = {path.name: dataset.target_size(i) for i, (path, _) in enumerate(records)}
+    assert got == {"im0.png": (48, 48), "im1.png": (64, 64), "im3.png": (48, 80)}  # 60x100 > area: shrunk
+    index = [p.name for p, _ in records].index("im0.png")
+    with Image.open(records[index][0]) as image:  # 56 -> 48 both ways: a plain downscale, nothing cropped
+        expected = np.asarray(image.convert("RGB").resize((48, 48), Image.LANCZOS))
+    np.testing.assert_array_equal(as_pixels(dataset[index]["pixel_values"]), expected)
+
 @pytest.mark.parametrize("guide", ["none", "sac", "cac"])
 def test_bucketed_run_end_to_end(tmp_path, capsys, guide):
     write_folder(tmp_path / "data")
