@@ -18,7 +18,7 @@ from sat_kernels import reference
 from sat_train.capture import MidBlockCapture, mid_block_self_attention, stock_processor
 from sat_train.guidance import StepInputs
 from sat_train.pictures import MASK_COLOR, mask_preview
-from test_degrade import ALPHAS, latents, sag_self, saliency
+from test_degrade import latents, sag_self, saliency
 from test_train_cac import TOKENS, cac_guide, materialized_cac_map
 from test_train_guidance import sac_guide
 from train_helpers import ProbsStoringProcessor, lora_grads, lora_unet

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sat_train.buckets import BucketBatchSampler, assign_bucket, make_buckets, own_size_bucket
-from sat_train.cli import main, parse_config
+from sat_train.cli import build_parser, main, parse_config
 from sat_train.config import TrainConfig, UsageError
 from sat_train.data import ImageTransform, build_dataset, collate, read_records
 from sat_train.datacheck import scan_image_folder
@@ -359,8 +359,7 @@ def test_bad_resolution_and_bucket_flags_exit_2_with_one_line(tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
     with pytest.raises(UsageError):  # the same check when TrainConfig is built in code
-        TrainConfig(**{**vars(parse_config.__globals__["build_parser"]().parse_args(flags)),
-                       "output_dir": str(tmp_path)}).validate()
+        TrainConfig(**{**vars(build_parser().parse_args(flags)), "output_dir": str(tmp_path)}).validate()
 
 
 # ----------------------------------------------------------------------------- data check
