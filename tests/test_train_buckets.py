@@ -265,6 +265,26 @@ def test_no_upscale_dataset_buckets_and_skips(tmp_path):
         expected = np.asarray(image.convert("RGB").resize((48, 48), Image.LANCZOS))
     np.testing.assert_array_equal(as_pixels(dataset[index]["pixel_values"]), expected)
 
+
+def test_dataset_name_rows_get_buckets_too(tmp_path, monkeypatch):
+    """--dataset_name: each row's size is read by decoding it once; the buckets follow kohya's rule."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    rng = np.random.default_rng(1)
+    sizes = [(64, 64), (60, 100), (100, 60)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    table = datasets.Dataset.from_dict({"image": images, "text": ["a face"] * 3})
+    table.cast_column("image", datasets.Image()).to_parquet(folder / "train.parquet")
+    config = bucket_config(tmp_path, train_data_dir=None, dataset_name=str(folder), cache_dir=str(tmp_path / "c"))
+    records, names = read_records(config.validate(), quiet=True)
+    dataset = build_dataset(config, records, names, build_tokenizer())
+    assert dataset.buckets == [kohya_select(size, config.bucket_resolutions) for size in sizes]
+    assert dataset.buckets == [(64, 64), (48, 80), (80, 48)]
+    assert dataset[1]["pixel_values"].shape == (3, 80, 48)
+
 @pytest.mark.parametrize("guide", ["none", "sac", "cac"])
 def test_bucketed_run_end_to_end(tmp_path, capsys, guide):
     write_folder(tmp_path / "data")
