@@ -105,7 +105,8 @@ class TrainConfig:
     dataloader_num_workers: int = _opt(0, "Data loading worker processes.", type=int)
     strict_data: bool = _opt(False, "Stop (exit 2) on any bad sample the data check finds, instead of "
                              "skipping it and counting it in the summary.")
-    skip_small_images: bool = _opt(False, "Skip images smaller than --resolution instead of upscaling them.")
+    skip_small_images: bool = _opt(False, "Skip images smaller than --resolution (with --enable_bucket: than "
+                                   "--min_bucket_reso) instead of upscaling them.")
     # --- aspect-ratio buckets (kohya-ss/sd-scripts' flags; the math is in buckets.py)
     enable_bucket: bool = _opt(
         False, "Aspect-ratio buckets: each image trains at the bucket (about --resolution^2 pixels, sides multiples "
