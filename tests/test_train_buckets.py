@@ -60,8 +60,9 @@ def test_bucket_table_properties(resolution, low, high, steps):
 def test_sd_buckets_hold_the_portrait_shapes_of_the_issue():
     table = make_buckets((512, 512), 256, 1024, 64)
     assert {(512, 512), (384, 640), (640, 384), (448, 576), (256, 1024)} <= set(table)
-    assert assign_bucket((2000, 3000), table) == (384, 640)  # 2:3 portrait (ratio 0.667; 384/640 = 0.6,
-    assert assign_bucket((3000, 4000), table) == (448, 576)  # 448/576 = 0.778); 3:4 -> 0.75
+    # 2:3 (0.667) lies nearest 384x640 (0.6; next: 448x576, 0.778); 3:4 (0.75) nearest 448x576
+    assert assign_bucket((2000, 3000), table) == (384, 640)
+    assert assign_bucket((3000, 4000), table) == (448, 576)
 
 
 # ----------------------------------------------------------------------------- assignment
