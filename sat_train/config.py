@@ -25,6 +25,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "adafactor")
 # diffusers' train_text_to_image_lora.py offers torchvision's InterpolationMode names, lowercased
+SAVE_PRECISIONS = ("float", "fp16", "bf16")  # --save_precision, kohya's names
 INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
 
 
@@ -183,8 +184,18 @@ class TrainConfig:
         "the blurred-degraded image (needs --guide sac or cac). Unset: off, except the demo, every 10 steps.", type=int)
     export_format: str = _opt(
         "diffusers", "LoRA file format: diffusers (pytorch_lora_weights.safetensors), kohya "
-        "(pytorch_lora_weights_kohya.safetensors: lora_unet_* keys for A1111/ComfyUI), or both.",
+        "(pytorch_lora_weights_kohya.safetensors: lora_unet_* keys for A1111/ComfyUI), or both. kohya and both "
+        "also put the kohya file in every checkpoint-N/, to try each step's LoRA in A1111/ComfyUI.",
         choices=EXPORT_FORMATS)
+    # --- exported files and config files (kohya-ss/sd-scripts' flags)
+    save_precision: str = _opt(
+        "float", "dtype of the exported LoRA files (the final ones and the checkpoints' kohya copies): float "
+        "(fp32), fp16 or bf16. The checkpoints' diffusers file, which resume reads, stays float.",
+        choices=SAVE_PRECISIONS)
+    training_comment: str | None = _opt(None, "Free text stored in the kohya file as ss_training_comment.")
+    config_file: str | None = _opt(
+        None, "JSON or TOML file of settings (keys: these flags' names without --; TOML tables are merged), e.g. "
+        "a run's train_config.json to rerun it; flags on the command line override it.")
     debug: bool = _opt(False, "Show full tracebacks instead of one-line errors.")
 
     @property
