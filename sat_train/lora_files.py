@@ -77,7 +77,6 @@ def kohya_training_metadata(config, steps: int, epoch: int) -> dict[str, str]:
         "ss_network_dropout": config.lora_dropout,
         "ss_base_model_version": "sd_v1",
         "ss_v2": False,
-        "ss_sd_model_name": os.path.basename(model.rstrip("/\\")) if model and os.path.exists(model) else model,
         "ss_resolution": (config.resolution, config.resolution),
         "ss_steps": steps,
         "ss_epoch": epoch,
@@ -103,6 +102,8 @@ def kohya_training_metadata(config, steps: int, epoch: int) -> dict[str, str]:
         "ss_keep_tokens": config.keep_tokens,
         "ss_flip_aug": config.random_flip,
     }
+    if model is not None:  # sd-scripts: a local model's folder name, else the hub id
+        values["ss_sd_model_name"] = os.path.basename(model.rstrip("/\\")) if os.path.exists(model) else model
     return {k: str(v) for k, v in values.items()}
 
 
