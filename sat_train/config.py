@@ -195,7 +195,8 @@ class TrainConfig:
     training_comment: str | None = _opt(None, "Free text stored in the kohya file as ss_training_comment.")
     config_file: str | None = _opt(
         None, "JSON or TOML file of settings (keys: these flags' names without --; TOML tables are merged), e.g. "
-        "a run's train_config.json to rerun it; flags on the command line override it.")
+        "a run's train_config.json to rerun it; flags on the command line override it (the command "
+        "line reads it; TrainConfig(config_file=...) in Python does not).")
     debug: bool = _opt(False, "Show full tracebacks instead of one-line errors.")
 
     @property

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .faults import crash_hook
-from .lora_files import cast_state_dict, precision_overflow, write_safetensors_atomically
+from .lora_files import cast_state_dict, precision_dtype, precision_overflow, write_safetensors_atomically
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -111,6 +111,8 @@ def save_lora_kohya(unet, output_dir: str | os.PathLike, precision: str = "float
 def export_precision_problem(unet, export_format: str, precision: str) -> str | None:
     """What keeps the LoRA from being exported in ``precision`` (a tensor beyond its range), or None.
     Both formats hold the same values (A, B, alpha), so one state dict answers for both."""
+    if precision_dtype(precision) is None:  # float: saved as trained, nothing to check (or to build)
+        return None
     state = kohya_state_dict(unet) if export_format == "kohya" else unet_lora_state_dict(unet)
     return precision_overflow(state, precision)
 
