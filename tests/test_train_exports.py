@@ -158,6 +158,7 @@ def test_fp16_overflow_is_a_one_line_error_and_the_float_checkpoint_stays(tmp_pa
     assert not list(tmp_path.glob(".*tmp*")) and not list(tmp_path.glob(".lora-*"))
     checkpoint = tmp_path / "checkpoint-1"
     assert (checkpoint / "COMPLETE").is_file() and str(checkpoint) in lines[0]
+    assert not (checkpoint / KOHYA_WEIGHTS_NAME).exists(), "the checkpoint's kohya copy is left out, not overflowed"
     saved = load_file(checkpoint / LORA_WEIGHTS_NAME)
     assert max(t.abs().max().item() for t in saved.values()) > 65504 and all(
         t.dtype == torch.float32 for t in saved.values())
@@ -201,7 +202,7 @@ def test_config_file_toml_tables_and_json_types_under_the_command_line(tmp_path)
     toml = tmp_path / "run.toml"
     toml.write_text('rank = 8\nguide_threshold = "mean"\n[training]\nlearning_rate = 0.002\nrandom_flip = false\n'
                     'optimizer_args = ["weight_decay=0.02", "betas=(0.9,0.99)"]\n', encoding="utf-8")
-    config = parse_config(["--config_file", str(toml), "--rank", "2"])
+    config = parse_config(["--config_file", str(tmp_path / "run"), "--rank", "2"])  # NAME means NAME.toml (kohya)
     assert (config.rank, config.learning_rate, config.guide_threshold) == (2, 0.002, "mean")  # the flag wins
     assert config.random_flip is False  # over the demo's default (on)
     assert tuple(config.optimizer_args) == ("weight_decay=0.02", "betas=(0.9,0.99)")
