@@ -37,8 +37,9 @@ def save_lora(unet, output_dir: str | os.PathLike, precision: str = "float") -> 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / LORA_WEIGHTS_NAME
+    layers = cast_state_dict(unet_lora_state_dict(unet), precision)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=cast_state_dict(unet_lora_state_dict(unet), precision),
+        StableDiffusionPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=layers,
                                                   unet_lora_adapter_metadata=unet_lora_adapter_metadata(unet),
                                                   safe_serialization=True)
         if not output_dir.name.startswith(".checkpoint-"):  # the final file, not a checkpoint's copy

@@ -67,8 +67,9 @@ def safetensors_hashes(state: dict, metadata: dict[str, str]) -> tuple[str, str]
     return model_hash, legacy_hash
 
 
-def kohya_training_metadata(config, steps: int, epoch: int) -> dict[str, str]:
-    """The ``ss_*`` keys sd-scripts' train_network.py writes that this trainer has an equivalent of."""
+def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int) -> dict[str, str]:
+    """The ``ss_*`` keys sd-scripts' train_network.py writes that this trainer has an equivalent of
+    (``max_train_steps``: the run's length, also when --num_train_epochs set it)."""
     model = config.pretrained_model_name_or_path
     values = {
         "ss_network_module": "networks.lora",
@@ -80,7 +81,7 @@ def kohya_training_metadata(config, steps: int, epoch: int) -> dict[str, str]:
         "ss_resolution": (config.resolution, config.resolution),
         "ss_steps": steps,
         "ss_epoch": epoch,
-        "ss_max_train_steps": config.max_train_steps,
+        "ss_max_train_steps": max_train_steps,
         "ss_output_name": Path(config.output_dir).name,
         "ss_training_comment": config.training_comment,
         "ss_learning_rate": config.learning_rate,
@@ -142,11 +143,11 @@ def sat_metadata(config) -> dict[str, str]:
     return {k: str(v) for k, v in values.items()}
 
 
-def kohya_file_metadata(state: dict, config, steps: int, epoch: int, prediction_type: str = "epsilon",
-                        timestamp: float | None = None) -> dict[str, str]:
+def kohya_file_metadata(state: dict, config, steps: int, epoch: int, max_train_steps: int,
+                        prediction_type: str = "epsilon", timestamp: float | None = None) -> dict[str, str]:
     """Everything the kohya file's header carries; ``state`` is the state dict as it will be saved
     (after --save_precision), which the hashes cover."""
-    metadata = {"format": "pt", **kohya_training_metadata(config, steps, epoch),
+    metadata = {"format": "pt", **kohya_training_metadata(config, steps, epoch, max_train_steps),
                 **modelspec_metadata(config, prediction_type, time.time() if timestamp is None else timestamp),
                 **sat_metadata(config)}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)

@@ -574,6 +574,7 @@ def kohya_describer(run: Run):
     """state → the kohya file's metadata at the run's current step (lora_files.kohya_file_metadata)."""
     return functools.partial(kohya_file_metadata, config=run.config, steps=run.global_step,
                              epoch=math.ceil(run.global_step / run.steps_per_epoch),
+                             max_train_steps=run.max_train_steps,
                              prediction_type=run.components.noise_scheduler.config.prediction_type)
 
 

@@ -87,6 +87,7 @@ def check_kohya_metadata(metadata: dict, run_name: str) -> None:
     expected = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "8.0",
                 "ss_base_model_version": "sd_v1", "ss_resolution": "(64, 64)", "ss_output_name": run_name,
                 "ss_training_comment": "face LoRA, try 1", "ss_v2": "False", "ss_seed": "0",
+                "ss_max_train_steps": "2", "ss_epoch": "1",
                 "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-v1/lora",
                 "modelspec.implementation": "diffusers", "modelspec.title": run_name,
                 "modelspec.resolution": "64x64", "modelspec.prediction_type": "epsilon",
