@@ -51,7 +51,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if given.get("config_file"):
         from .config_file import config_file_settings
 
-        given = {**config_file_settings(given["config_file"], build_parser), **given}
+        given = {**config_file_settings(given["config_file"]), **given}
     config = TrainConfig(**given)
     if config.is_demo:
         from .demo import demo_defaults

@@ -24,9 +24,11 @@ from .config import TrainConfig, UsageError
 IGNORED_KEYS = ("resolved", "config_file")  # train_config.json's derived block; the file's own origin
 
 
-def config_file_settings(path: str, build_parser) -> dict:
-    """The file's settings as TrainConfig keyword arguments; ``build_parser(parser_class)`` is
-    cli.build_parser, whose flags convert and check each value."""
+def config_file_settings(path: str) -> dict:
+    """The file's settings as TrainConfig keyword arguments, each value converted and checked by its
+    flag's own argparse type and choices (cli.build_parser)."""
+    from .cli import build_parser
+
     raw = flatten_tables(read_settings_file(path), path)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in raw:
@@ -36,8 +38,10 @@ def config_file_settings(path: str, build_parser) -> dict:
     bool_fields = {name for name, hint in typing.get_type_hints(TrainConfig).items() if hint is bool}
     settings, words = {}, []
     for key, value in raw.items():
-        if value is None or key in bool_fields:
-            settings[key] = check_bool(key, value, path) if key in bool_fields else None
+        if key in bool_fields:  # store_true flags cannot say false; a file can
+            settings[key] = check_bool(key, value, path)
+        elif value is None:  # JSON null (TOML has none): the setting unset
+            settings[key] = None
         else:
             words += flag_words(key, value, path)
     try:
@@ -86,7 +90,7 @@ def flag_words(key: str, value, path: str) -> list[str]:
         if any(isinstance(item, (list, dict)) for item in value):
             raise UsageError(f"--config_file {path}: {key} holds nested lists or tables; give flat values")
         return [f"--{key}", *(as_word(item) for item in value)]
-    if isinstance(value, (dict, bool)) or value is None:
+    if isinstance(value, (dict, bool)):
         raise UsageError(f"--config_file {path}: {key} = {value!r} is not a value of --{key}; see --help")
     return [f"--{key}={as_word(value)}"]
 
