@@ -8,6 +8,7 @@ import datetime
 import hashlib
 import json
 import re
+import shutil
 import signal
 
 import pytest
@@ -128,17 +129,24 @@ def test_save_precision_casts_both_exported_files(tmp_path, precision, dtype):
         assert torch.equal(kohya[kohya_name(f"unet.{name}.lora.up.weight")], up)
 
 
-def test_fp16_checkpoints_keep_a_float_file_for_resume(tmp_path):
-    train(tiny_config(tmp_path, max_train_steps=1, checkpointing_steps=1, export_format="kohya",
-                      save_precision="fp16"))
-    checkpoint = tmp_path / "checkpoint-1"
-    float_state = load_file(checkpoint / LORA_WEIGHTS_NAME)
+def test_fp16_checkpoints_keep_a_float_file_and_resume_stays_exact(tmp_path):
+    run = tmp_path / "run"
+    settings = dict(max_train_steps=2, checkpointing_steps=1, export_format="kohya", save_precision="fp16")
+    train(tiny_config(run, **settings))
+    float_state = load_file(run / "checkpoint-2" / LORA_WEIGHTS_NAME)
     assert {t.dtype for t in float_state.values()} == {torch.float32}
-    for folder in (checkpoint, tmp_path):
+    for folder in (run / "checkpoint-2", run):
         kohya = load_file(folder / KOHYA_WEIGHTS_NAME)
         assert {t.dtype for t in kohya.values()} == {torch.float16}
         for key, value in float_state.items():
             assert torch.equal(kohya[kohya_name(key)], value.to(torch.float16))
+    # resumed from step 1's checkpoint (its float file), the run ends exactly where the uninterrupted one did
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "checkpoint-1", resumed / "checkpoint-1")
+    train(tiny_config(resumed, resume_from_checkpoint="latest", **settings))
+    again = load_file(resumed / "checkpoint-2" / LORA_WEIGHTS_NAME)
+    assert all(torch.equal(again[k], float_state[k]) for k in float_state)
 
 
 def test_fp16_overflow_is_a_one_line_error_and_the_float_checkpoint_stays(tmp_path, capsys):
