@@ -144,11 +144,11 @@ def sat_metadata(config) -> dict[str, str]:
 
 
 def kohya_file_metadata(state: dict, config, steps: int, epoch: int, max_train_steps: int,
-                        prediction_type: str = "epsilon", timestamp: float | None = None) -> dict[str, str]:
+                        prediction_type: str = "epsilon") -> dict[str, str]:
     """Everything the kohya file's header carries; ``state`` is the state dict as it will be saved
     (after --save_precision), which the hashes cover."""
     metadata = {"format": "pt", **kohya_training_metadata(config, steps, epoch, max_train_steps),
-                **modelspec_metadata(config, prediction_type, time.time() if timestamp is None else timestamp),
+                **modelspec_metadata(config, prediction_type, time.time()),
                 **sat_metadata(config)}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
     return metadata
