@@ -35,6 +35,7 @@ DEFAULT_STEPS = 30  # kohya's defaults for a line without --s / --l
 DEFAULT_CFG_SCALE = 7.5
 MAX_STEPS = 1000  # kohya clamps --s to 1..1000
 SAG_BLUR_RADIUS = 4  # SAG blurs with a 9-wide kernel, reflect-padded by 4: latents must be wider than that
+PNDM_MIN_STEPS = 4  # diffusers' PNDMScheduler takes its 4 Runge-Kutta warm-up timesteps from the schedule
 COMMENT = "#"
 # kohya options for other model families (flux, sd3, controlnet): named in the error rather than "unknown"
 OTHER_MODELS_OPTIONS = ("g", "cn", "ctr", "rcfg", "fs")
@@ -162,7 +163,12 @@ OPTION_FIELDS = {"n": "negative_prompt", "w": "width", "h": "height", "s": "step
 
 
 def check_sample_prompt(prompt: SamplePrompt) -> None:
-    """What needs the run's defaults filled in (``with_defaults``): SAG's sampler and its smallest size."""
+    """What needs the run's defaults filled in (``with_defaults``): PNDM's fewest steps, SAG's sampler and
+    its smallest size."""
+    if prompt.sampler == "pndm" and prompt.steps < PNDM_MIN_STEPS:
+        raise UsageError(f"{prompt.source}: the pndm sampler needs --s >= {PNDM_MIN_STEPS} (diffusers' PNDM "
+                         f"starts with {PNDM_MIN_STEPS} Runge-Kutta steps), got {prompt.steps}; raise --s or pick "
+                         "another sampler")
     if prompt.sag_scale <= 0:
         return
     if prompt.sampler != SAG_SAMPLER:

@@ -88,6 +88,7 @@ def test_malformed_line_is_named_by_file_and_line(tmp_path, line, message):
     ("a face --sag 0.5", {"sample_sampler": "dpmsolver++"}, ":1: --sag samples with its own DDIM sampler"),
     ("a face --sag 0.5 --w 32 --h 32", {}, ":1: --sag needs images of at least 40 px"),
     ("a face --sag 0.5", {"resolution": 32, "guide": "none"}, ":1: --sag needs images of at least 40 px"),
+    ("a face --s 3", {"sample_sampler": "pndm"}, ":1: the pndm sampler needs --s >= 4"),
     ("# only a comment\n\n", {}, "has no prompt lines"),
     ("a face", {"sample_every_n_steps": 0}, "--sample_every_n_steps must be >= 1"),
     ("a face", {"sample_every_n_steps": None}, "is never sampled"),
