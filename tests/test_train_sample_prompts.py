@@ -181,6 +181,19 @@ def test_each_sampler_equals_diffusers_pipeline_with_its_scheduler(lora_componen
         assert np.abs(no_negative.astype(int) - theirs).max() > 0
 
 
+def test_mixed_precision_samples_under_autocast(lora_components):
+    components = lora_components
+    prompt = parse_prompt_line("a face --s 2 --d 4 --w 32 --h 32", "test:1").with_defaults(64, "ddim")
+    ours = generate_images(components, components.unet, prompt, torch.Generator().manual_seed(4), torch.bfloat16)[0]
+    common = dict(prompt="a face", negative=None, steps=2, cfg=7.5, seed=4, width=32, height=32)
+    scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = reference_images(components, scheduler, **common)
+    np.testing.assert_array_equal(np.asarray(ours), theirs)
+    full_precision = reference_images(components, scheduler, **common)
+    assert np.abs(full_precision.astype(int) - theirs).max() > 0  # autocast shows in the image
+
+
 def test_sag_line_equals_diffusers_sag_pipeline_and_keeps_the_processors(lora_components):
     components = lora_components
     prompt = parse_prompt_line("a portrait of a woman, face --sag 1.0 --s 3 --d 5 --w 64 --h 64 --n dark",
