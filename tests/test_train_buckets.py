@@ -357,6 +357,21 @@ def test_resolution_width_height(tmp_path):
     assert transform(gradient_image(200, 100)).shape == (3, 96, 64)  # no buckets: every image W x H
 
 
+def test_resolution_width_height_reaches_samples_and_kohya_metadata(tmp_path):
+    from sat_train.lora_files import kohya_training_metadata, modelspec_metadata
+    from sat_train.validation import validation_prompt
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a face\na face --w 32 --h 40\n")
+    config = parse_config(["--resolution", "64,96", "--guide", "none", "--output_dir", str(tmp_path / "out"),
+                           "--validation_prompt", "a face", "--sample_prompts", str(prompts), "--sample_at_first"])
+    assert (validation_prompt(config).width, validation_prompt(config).height) == (64, 96)
+    assert [(p.width, p.height) for p in config.sample_prompt_list] == [(64, 96), (32, 40)]
+    kohya = kohya_training_metadata(config, steps=1, epoch=1, max_train_steps=1)
+    assert kohya["ss_resolution"] == "(64, 96)" and kohya["ss_enable_bucket"] == "False"
+    assert modelspec_metadata(config, "epsilon", 0.0)["modelspec.resolution"] == "64x96"
+
+
 @pytest.mark.parametrize("flags,fragment", [
     (["--resolution", "64,"], "--resolution '64,'"),
     (["--resolution", "0,64"], "--resolution '0,64'"),
