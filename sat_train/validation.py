@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .latent_cache import vae_on_device
+
 INFERENCE_STEPS = 30  # as diffusers' LoRA example
 
 
@@ -22,7 +24,8 @@ def generate_images(components, unet, config, device, weight_dtype) -> list:
     was_training = unet.training
     unet.eval()
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
-    with torch.no_grad(), autocast:
+    # vae_on_device: a latent cache keeps the VAE on the CPU while training
+    with torch.no_grad(), autocast, vae_on_device(components.vae, device):
         images = [pipeline(config.validation_prompt, num_inference_steps=INFERENCE_STEPS, generator=generator,
                            height=config.resolution, width=config.resolution).images[0]
                   for _ in range(config.num_validation_images)]
