@@ -110,7 +110,10 @@ def cache_entry(dataset: CaptionedImages, index: int, center: ImageTransform, fi
     source = dataset.records[index][0]
     target = tuple(dataset.target_size(index))
     try:
-        size = open_image(source).size
+        image = open_image(source)
+        size = image.size
+        if image is not source:  # a file opened here (only its header was read): close it now
+            image.close()
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read image {dataset.describe(index)}: {err}; fix or remove it") from err
     key = {**fingerprint, "image": image_identity(source), "target_size": list(target),
@@ -208,13 +211,14 @@ def build_disk_cache(folder: Path, entries: list[CacheEntry], encode, fingerprin
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp"):  # a crash's temporaries
         stale.unlink(missing_ok=True)
-    reason = explain_rebuild(folder, fingerprint)
+    summary = {**fingerprint, "target size": [list(size) for size in sorted({e.target_size for e in entries})]}
+    reason = explain_rebuild(folder, summary)
     if reason:
         say(reason)
     missing = [e for e in entries if read_entry(folder / e.name, e, fingerprint["flips"]) is None]
     for entry, params in encode(missing):
         write_entry(folder, entry, params)
-    manifest = {"fingerprint": fingerprint, "files": {e.name: json.loads(e.key)["image"] for e in entries}}
+    manifest = {"fingerprint": summary, "files": {e.name: json.loads(e.key)["image"] for e in entries}}
     write_atomically(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True).encode())
     fsync_dir(folder)
     say(f"latent cache: {len(missing)} images encoded, {len(entries) - len(missing)} reused, in {folder}")

@@ -200,8 +200,10 @@ def test_disk_cache_is_rebuilt_where_it_no_longer_fits(tmp_path, model_and_data,
 
     # another resolution, then another VAE: everything encoded again, the log says why
     encoded_rows.clear()
+    capsys.readouterr()
     train(disk_config(out, model, data, resolution=32))
     assert sum(encoded_rows) == 2 * NUM_IMAGES
+    assert "was made for another target size: rebuilding it" in capsys.readouterr().out
     build_components(seed=1).vae.save_pretrained(model / "vae")
     encoded_rows.clear()
     capsys.readouterr()
