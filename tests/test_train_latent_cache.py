@@ -286,3 +286,35 @@ def test_killed_while_caching_then_while_training_resumes_to_the_uninterrupted_r
     assert f"resuming from {out / 'checkpoint-2'}" in proc.stdout
     assert f"latent cache: 0 images encoded, {NUM_IMAGES} reused" in proc.stdout
     assert_same_lora(out / LORA_FILE, expected, rtol=0, atol=0)
+
+
+def test_dataset_name_rows_are_cached_and_reused(tmp_path, encoded_rows, monkeypatch):
+    """--dataset_name rows (keyed by the dataset's fingerprint and row): cached as their uncached center
+    crops, and a second build over the same dataset encodes nothing."""
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # a local parquet folder: never the network
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (80, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    table = datasets.Dataset.from_dict({"image": images, "text": ["a face", "eyes", "hair"]})
+    (tmp_path / "rows").mkdir()
+    table.cast_column("image", datasets.Image()).to_parquet(tmp_path / "rows" / "train.parquet")
+    settings = dict(pretrained_model_name_or_path="unused", dataset_name=str(tmp_path / "rows"),
+                    cache_dir=str(tmp_path / "hf-cache"), random_flip=False)
+    config = tiny_config(tmp_path / "out", cache_latents_to_disk=True, **settings)
+    vae = build_components().vae
+    for build in (1, 2):
+        encoded_rows.clear()
+        records, names = read_records(config)
+        dataset = build_dataset(config, records, names, build_tokenizer())
+        cache_latents(config, quiet_accelerator(), vae, dataset, torch.float32)
+        assert sum(encoded_rows) == (3 if build == 1 else 0)
+    uncached_config = tiny_config(tmp_path / "out", center_crop=True, **settings)
+    uncached = build_dataset(uncached_config, *read_records(uncached_config), build_tokenizer())
+    for index in range(3):
+        with torch.no_grad():
+            expected = vae.encode(uncached[index]["pixel_values"][None]).latent_dist.parameters[0]
+        torch.testing.assert_close(dataset[index][LATENT_PARAMS], expected, rtol=1e-4, atol=1e-5)
