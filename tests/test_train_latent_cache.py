@@ -318,3 +318,31 @@ def test_dataset_name_rows_are_cached_and_reused(tmp_path, encoded_rows, monkeyp
         with torch.no_grad():
             expected = vae.encode(uncached[index]["pixel_values"][None]).latent_dist.parameters[0]
         torch.testing.assert_close(dataset[index][LATENT_PARAMS], expected, rtol=1e-4, atol=1e-5)
+
+
+class PlacedModel:
+    """Stands in for the VAE where only placement matters: its device, and every move asked of it."""
+
+    def __init__(self, device: str):
+        self.device, self.moves = torch.device(device), []
+
+    def to(self, device):
+        self.device = torch.device(device)
+        self.moves.append(str(self.device))
+        return self
+
+
+def test_vae_on_device_brings_the_vae_and_puts_it_back():
+    from sat_train.latent_cache import vae_on_device
+
+    parked = PlacedModel("cpu")  # a cached GPU run's VAE between pictures
+    with vae_on_device(parked, "cuda:0"):
+        assert parked.device == torch.device("cuda:0")
+    assert parked.moves == ["cuda:0", "cpu"]
+    with pytest.raises(RuntimeError), vae_on_device(parked, "cuda:0"):  # put back even when decoding fails
+        raise RuntimeError("decode failed")
+    assert parked.device == torch.device("cpu")
+    home = PlacedModel("cpu")  # a CPU run, or an uncached one: nothing moves
+    with vae_on_device(home, "cpu"):
+        pass
+    assert home.moves == []
