@@ -1,6 +1,7 @@
 """Training data: an image folder with metadata.jsonl, a kohya-style folder (``N_name/`` subfolders,
 same-stem caption files; see datacheck.scan_kohya_folder), or a Hugging Face dataset → batches of
-``pixel_values`` (B, 3, R, R) in [-1, 1] and ``input_ids`` (B, model_max_length).
+``pixel_values`` (B, 3, R, R) in [-1, 1] (with a latent cache, latent_cache.py: ``latent_params``
+instead) and ``input_ids`` (B, model_max_length).
 
 The image folder reader is our own (the ``datasets`` package is optional): each line of
 ``metadata.jsonl`` is ``{"file_name": "a.jpg", "text": "a caption"}``. Every problem the user
