@@ -145,9 +145,9 @@ class RunPictures:
         """Keeps the latest micro-batch's pictures' inputs (references only, no copies)."""
         if self.mask_every and getattr(result, "mask", None) is not None:
             # a latent cache's batches carry no pixels: the picture decodes their cached latent means
-            images = batch["pixel_values"] if "pixel_values" in batch else batch[LATENT_PARAMS]
-            self.last = (images, inputs.x0.detach(), result.mask)
             self.last_is_cached = "pixel_values" not in batch
+            images = batch[LATENT_PARAMS] if self.last_is_cached else batch["pixel_values"]
+            self.last = (images, inputs.x0.detach(), result.mask)
 
     def resume(self, checkpoint: Path, step: int) -> None:
         """Restores the loss history of steps 1..``step`` saved in ``checkpoint`` (see save_checkpoint)."""
