@@ -41,6 +41,7 @@ from .models import Components, add_lora, load_components, lora_parameters
 from .optimizers import build_optimizer
 from .pictures import RunPictures
 from .seeding import derived_generator, seeded_global_rng
+from .validation import TrainingSamples
 
 CONFIG_NAME = "train_config.json"
 DROPOUT_STREAM = 1  # last key of the LoRA dropout stream; (seed, process, step, micro-batch) alone keys the noise
@@ -245,6 +246,7 @@ def train(config: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     run = prepare_run(config)
+    run.pictures.samples.before_training(run.global_step)  # --sample_at_first
     run.progress = tqdm(range(run.max_train_steps), initial=run.global_step, desc="steps",
                         disable=not run.accelerator.is_local_main_process)
     for epoch in range(run.first_epoch, run.num_epochs):
@@ -291,7 +293,9 @@ def prepare_run(config: TrainConfig) -> Run:
               num_epochs=math.ceil(max_train_steps / steps_per_epoch), checkpoint_tag=main_process_pid(accelerator))
     run.pictures = RunPictures(accelerator, config, components.vae, mask_every=demo.mask_preview_steps(config),
                                validate=lambda step: run_validation(accelerator, components, unet, config, None,
-                                                                    weight_dtype, step=step))
+                                                                    weight_dtype, step=step),
+                               samples=TrainingSamples(accelerator, components, unet, config, weight_dtype, seed,
+                                                       backend))
     announce_run(run, backend, learning_rate, len(dataset))
     resume_run(run)
     return run
@@ -558,6 +562,7 @@ def validate_at_epoch_end(run: Run, epoch: int) -> None:
     config = run.config
     if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
         run_validation(run.accelerator, run.components, run.unet, config, epoch + 1, run.weight_dtype)
+    run.pictures.samples.at_epoch_end(epoch + 1, run.global_step)  # --sample_every_n_epochs
 
 
 # ----------------------------------------------------------------------------- 5. finishing
@@ -588,19 +593,14 @@ def run_validation(accelerator, components, unet, config: TrainConfig, epoch: in
                    step: int | None = None) -> None:
     """Images for --validation_prompt: output_dir/validation/epochNNNN-i.png (or stepNNNNNN-i.png)."""
     from .pictures import save_png
-    from .validation import generate_images
+    from .validation import generate_images, log_images, prompt_generator, validation_prompt
 
     if not accelerator.is_main_process:
         return
-    images = generate_images(components, accelerator.unwrap_model(unet), config, accelerator.device, weight_dtype)
+    prompt = validation_prompt(config)
+    images = generate_images(components, accelerator.unwrap_model(unet), prompt, prompt_generator(prompt, None, 0),
+                             weight_dtype, config.attention)
     folder = Path(config.output_dir) / "validation"
-    folder.mkdir(exist_ok=True)
     for i, image in enumerate(images):
         save_png(image, folder / (f"epoch{epoch:04d}-{i}.png" if step is None else f"step{step:06d}-{i}.png"))
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]),
-                                      epoch if step is None else step,
-                                      dataformats="NHWC")
+    log_images(accelerator, "validation", images, epoch if step is None else step)
