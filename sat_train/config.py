@@ -24,6 +24,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "adafactor")
+SAVE_PRECISIONS = ("float", "fp16", "bf16")  # --save_precision, kohya's names
 # diffusers' train_text_to_image_lora.py offers torchvision's InterpolationMode names, lowercased
 INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
 # kohya-ss/sd-scripts' --sample_sampler names (validation.SCHEDULER_CLASSES maps them to diffusers' schedulers)
@@ -197,8 +198,19 @@ class TrainConfig:
         "the blurred-degraded image (needs --guide sac or cac). Unset: off, except the demo, every 10 steps.", type=int)
     export_format: str = _opt(
         "diffusers", "LoRA file format: diffusers (pytorch_lora_weights.safetensors), kohya "
-        "(pytorch_lora_weights_kohya.safetensors: lora_unet_* keys for A1111/ComfyUI), or both.",
+        "(pytorch_lora_weights_kohya.safetensors: lora_unet_* keys for A1111/ComfyUI), or both. kohya and both "
+        "also put the kohya file in every checkpoint-N/, to try each step's LoRA in A1111/ComfyUI.",
         choices=EXPORT_FORMATS)
+    # --- exported files and config files (kohya-ss/sd-scripts' flags)
+    save_precision: str = _opt(
+        "float", "dtype of the exported LoRA files (the final ones and the checkpoints' kohya copies): float "
+        "(fp32), fp16 or bf16. The checkpoints' diffusers file, which resume reads, stays float.",
+        choices=SAVE_PRECISIONS)
+    training_comment: str | None = _opt(None, "Free text stored in the kohya file as ss_training_comment.")
+    config_file: str | None = _opt(
+        None, "JSON or TOML file of settings (keys: these flags' names without --; TOML tables are merged), e.g. "
+        "a run's train_config.json to rerun it; flags on the command line override it (the command "
+        "line reads it; TrainConfig(config_file=...) in Python does not).")
     # --- sample prompts during training (kohya-ss/sd-scripts' flags; sat_train/sample_prompts.py)
     sample_prompts: str | None = _opt(
         None, "Text file, one prompt a line in kohya's syntax: PROMPT --n NEGATIVE --w W --h H --s STEPS --d SEED "
