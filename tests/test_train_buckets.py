@@ -286,6 +286,32 @@ def test_dataset_name_rows_get_buckets_too(tmp_path, monkeypatch):
     assert dataset.buckets == [(64, 64), (48, 80), (80, 48)]
     assert dataset[1]["pixel_values"].shape == (3, 80, 48)
 
+
+def test_latent_cache_holds_each_sample_at_its_bucket(tmp_path):
+    """--cache_latents with --enable_bucket: each cached distribution is the VAE's of the uncached
+    center crop at the sample's bucket (both flips drawn the same way), so batches stay single-size."""
+    from types import SimpleNamespace
+
+    from sat_train.data import LATENT_PARAMS
+    from sat_train.latent_cache import cache_latents
+
+    write_folder(tmp_path / "data")
+    vae = build_components().vae
+    uncached_config = bucket_config(tmp_path, center_crop=True)
+    cached_config = bucket_config(tmp_path, cache_latents=True)
+    records, names = read_records(cached_config.validate(), quiet=True)
+    uncached = build_dataset(uncached_config, records, names, build_tokenizer())
+    cached = build_dataset(cached_config, records, names, build_tokenizer())
+    quiet = SimpleNamespace(print=lambda *a: None, is_main_process=True, wait_for_everyone=lambda: None)
+    cache_latents(cached_config, quiet, vae, cached, torch.float32)
+    for index in range(len(cached)):
+        w, h = cached.target_size(index)
+        params = cached[index][LATENT_PARAMS]
+        assert params.shape == (8, h // 8, w // 8)
+        with torch.no_grad():
+            expected = vae.encode(uncached[index]["pixel_values"][None]).latent_dist.parameters[0]
+        torch.testing.assert_close(params, expected, rtol=1e-4, atol=1e-5)
+
 @pytest.mark.parametrize("guide", ["none", "sac", "cac"])
 def test_bucketed_run_end_to_end(tmp_path, capsys, guide):
     write_folder(tmp_path / "data")
