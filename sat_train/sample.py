@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     p.add_argument("--cache_dir", default=None)
+    p.add_argument("--vae", "--pretrained_vae_model_name_or_path", dest="vae", default=None,
+                   help="VAE replacing the base model's (default: the run's): a diffusers folder or a .safetensors.")
+    p.add_argument("--original_config", default=None, help="Single-file base: its LDM .yaml (default: the run's).")
+    p.add_argument("--single_file_config", default=None,
+                   help="Single-file base: a diffusers config folder describing it (default: the run's).")
+    p.add_argument("--tokenizer_name", default=None, help="CLIP tokenizer folder (default: the run's).")
+    p.add_argument("--allow_pickle_checkpoint", action="store_true", default=None,
+                   help="Allow .ckpt/.pt/.pth checkpoints (pickles can run code when loaded).")
     p.add_argument("--sag_scale", type=float, default=0.75, help="Self-attention guidance scale; 0 = off.")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--lora_scale", type=float, default=1.0)
@@ -61,6 +69,19 @@ def base_model(args, lora: Path) -> str | None:
     return None
 
 
+def model_settings(args, lora: Path) -> dict:
+    """--vae and the single-file flags: those given here, else the run's when its base model is used."""
+    from .single_file import MODEL_FIELDS
+
+    config_file = (lora if lora.is_dir() else lora.parent) / "train_config.json"
+    recorded = {}
+    if args.pretrained_model_name_or_path is None and config_file.is_file():
+        recorded = json.loads(config_file.read_text(encoding="utf-8"))
+    settings = {name: recorded[name] for name in MODEL_FIELDS if recorded.get(name) is not None}
+    settings.update({name: getattr(args, name) for name in MODEL_FIELDS if getattr(args, name) is not None})
+    return settings
+
+
 def load_pipeline_components(args, device):
     """Base components with the LoRA loaded (diffusers' load_lora_weights: diffusers or kohya keys)."""
     from diffusers import StableDiffusionPipeline
@@ -75,8 +96,12 @@ def load_pipeline_components(args, device):
     if source is None:
         components = demo.build_components()
     else:
-        components = load_components(TrainConfig(pretrained_model_name_or_path=source, revision=args.revision,
-                                                 variant=args.variant, cache_dir=args.cache_dir))
+        from .single_file import check_model_flags
+
+        config = TrainConfig(pretrained_model_name_or_path=source, revision=args.revision, variant=args.variant,
+                             cache_dir=args.cache_dir, **model_settings(args, lora))
+        check_model_flags(config)
+        components = load_components(config)
     pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
                                    tokenizer=components.tokenizer, unet=components.unet,
                                    scheduler=components.noise_scheduler, safety_checker=None,

@@ -26,6 +26,10 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 MODEL_MAX_LENGTH = 77  # CLIP's context length
 
+# the TrainConfig fields that describe the base model beyond --pretrained_model_name_or_path
+# (sample.py takes them as flags and from a run's train_config.json)
+MODEL_FIELDS = ("original_config", "single_file_config", "tokenizer_name", "allow_pickle_checkpoint", "vae")
+
 # LDM key prefixes of an SD v1 single file
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("first_stage_model.", "vae.")
