@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -332,26 +333,43 @@ def from_state(cls, state: dict, arch: dict, what: str, path: Path):
     try:
         model = cls.from_single_file(state, local_files_only=True, **arch)
     except Exception as err:  # shape mismatches, missing blocks: the file and the architecture disagree
-        raise UsageError(f"cannot build the {what} of {path} ({type(err).__name__}: {first_line(err)}); does "
-                         f"{architecture_source(arch)} describe this checkpoint?") from err
+        raise architecture_error(what, path, arch, err) from err
     check_all_loaded(model, what, path, arch)
     return model
+
+
+def architecture_error(what: str, path: Path, arch: dict, err: Exception) -> UsageError:
+    """One line: the first weight whose shape differs (diffusers' message names it), and which config to fix."""
+    mismatch = re.search(r"(\S+) expected shape torch\.Size\((\[[^\]]*\])\), but got torch\.Size\((\[[^\]]*\])\)",
+                         str(err))
+    if mismatch:
+        detail = f"{mismatch[1]} is {mismatch[3]} in the file but {mismatch[2]} in {architecture_source(arch)}"
+    else:
+        detail = f"{type(err).__name__}: {first_line(err).split('. If you want')[0]}"
+    return UsageError(f"cannot build the {what} of {path}: {detail}; {architecture_hint(arch)}")
 
 
 def architecture_source(arch: dict) -> str:
     if "original_config" in arch:
         return f"--original_config {arch['original_config']}"
     if Path(arch["config"]) == BUNDLED_SD15:
-        return "the bundled SD v1.5 config (or give --original_config / --single_file_config)"
+        return "the bundled SD v1.5 config"
     return f"--single_file_config {arch['config']}"
+
+
+def architecture_hint(arch: dict) -> str:
+    if "config" in arch and Path(arch["config"]) == BUNDLED_SD15:
+        return ("the bundled config is SD v1.5's: is the file an SD v1.5 checkpoint? (for other sizes give "
+                "--original_config or --single_file_config)")
+    return f"does {architecture_source(arch)} describe this checkpoint?"
 
 
 def check_all_loaded(model: torch.nn.Module, what: str, path: Path, arch: dict) -> None:
     """from_single_file leaves weights the file lacks on the meta device; say so now, not at the first step."""
     missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if missing:
-        raise UsageError(f"{path} lacks {len(missing)} {what} weight(s) (e.g. {missing[0]}); does "
-                         f"{architecture_source(arch)} describe this checkpoint?")
+        raise UsageError(f"{path} lacks {len(missing)} {what} weight(s) (e.g. {missing[0]}); "
+                         f"{architecture_hint(arch)}")
 
 
 def load_text_encoder(state: dict, folder: Path, path: Path):
@@ -363,8 +381,7 @@ def load_text_encoder(state: dict, folder: Path, path: Path):
         model = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder",
                                                      config=str(folder), local_files_only=True)
     except Exception as err:  # e.g. a text encoder of another width than the config's
-        raise UsageError(f"cannot build the text encoder of {path} ({type(err).__name__}: {first_line(err)}); "
-                         f"does {architecture_source(arch)} describe this checkpoint?") from err
+        raise architecture_error("text encoder", path, arch, err) from err
     check_all_loaded(model, "text encoder", path, arch)
     return model
 

@@ -291,6 +291,18 @@ def test_single_file_loads_like_its_diffusers_folder(tiny, offline):
     assert got.noise_scheduler.config.beta_schedule == "scaled_linear"
 
 
+def test_fp16_file_loads_as_float32(tiny, tmp_path, offline):
+    """Community files are mostly fp16 ("pruned"); training needs float32 weights (as from a folder)."""
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in tiny["state"].items()}, half)
+    got = load_components(parse_config(["--pretrained_model_name_or_path", str(half), "--single_file_config",
+                                        str(tiny["configs"]), *data_flags(tmp_path)]))
+    unet = reference_models(tiny["folder"])[0]
+    assert {got.unet.dtype, got.vae.dtype, got.text_encoder.dtype} == {torch.float32}
+    expected = {k: v.half().float() for k, v in unet.state_dict().items()}
+    assert all(torch.equal(v, expected[k]) for k, v in got.unet.state_dict().items())
+
+
 def tiny_ldm_models():
     """A UNet and VAE that LDM's YAML can describe (LDM's GroupNorm has 32 groups)."""
     torch.manual_seed(5)
@@ -336,7 +348,7 @@ def test_bundled_config_describes_a_different_model_in_one_line(tiny, tmp_path, 
     """Without --single_file_config the tiny file meets SD v1.5's full-size config: a clear error."""
     load_instead_of_training(monkeypatch)
     err = one_line_error(capsys, ["--pretrained_model_name_or_path", str(tiny["file"]), *data_flags(tmp_path)])
-    assert str(tiny["file"]) in err and "bundled SD v1.5 config" in err
+    assert str(tiny["file"]) in err and "in the file but" in err and "is the file an SD v1.5 checkpoint" in err
 
 
 def test_training_run_from_a_single_file(tiny, tmp_path):
