@@ -129,6 +129,16 @@ def load_instead_of_training(monkeypatch) -> None:
     monkeypatch.setattr(importlib.import_module("sat_train.train"), "train", load_components)
 
 
+def never_train(monkeypatch) -> None:
+    """A check that is not made before training starts shows as exit 1 (AssertionError), not 2."""
+    import importlib
+
+    def fail(config):
+        raise AssertionError("the run started: the file was not checked before loading")
+
+    monkeypatch.setattr(importlib.import_module("sat_train.train"), "train", fail)
+
+
 def data_flags(tmp_path) -> list[str]:
     return ["--train_data_dir", str(DEMO_DATA_DIR), "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
 
@@ -372,7 +382,8 @@ def test_training_run_from_a_single_file(tiny, tmp_path):
 # --- pickles
 
 
-def test_ckpt_refused_without_the_flag_and_loaded_with_it(tiny, tmp_path, capsys, offline):
+def test_ckpt_refused_without_the_flag_and_loaded_with_it(tiny, tmp_path, capsys, monkeypatch, offline):
+    never_train(monkeypatch)
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": tiny["state"], "global_step": 7, "epoch": 1}, ckpt)  # Lightning's nesting
     argv = ["--pretrained_model_name_or_path", str(ckpt), "--single_file_config", str(tiny["configs"]),
@@ -422,14 +433,16 @@ SD1_VAE = {"first_stage_model.encoder.conv_in.weight": (8, 3, 3, 3)}
     ("no text encoder", {"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3), **SD1_VAE},
      "has no CLIP text encoder"),
 ])
-def test_other_checkpoints_are_refused_by_name(tmp_path, capsys, kind, shapes, expected):
+def test_other_checkpoints_are_refused_by_name(tmp_path, capsys, monkeypatch, kind, shapes, expected):
+    never_train(monkeypatch)
     path = fake_checkpoint(tmp_path / f"{kind}.safetensors", shapes)
     err = one_line_error(capsys, ["--pretrained_model_name_or_path", str(path), *data_flags(tmp_path)])
     assert expected in err and str(path) in err
 
 
 @pytest.mark.parametrize("case", ["truncated", "random bytes", "json", "empty"])
-def test_unreadable_files_give_one_line(tiny, tmp_path, capsys, case):
+def test_unreadable_files_give_one_line(tiny, tmp_path, capsys, monkeypatch, case):
+    never_train(monkeypatch)
     if case == "truncated":
         path = tmp_path / "cut.safetensors"
         path.write_bytes(tiny["file"].read_bytes()[: tiny["file"].stat().st_size // 2])
@@ -502,7 +515,8 @@ def test_vae_replaces_the_base_models_vae(tiny, other_vae, tmp_path, base, vae_n
     assert not torch.allclose(vae_output(got.vae)[0], vae_output(base_vae)[0])  # the VAE was really replaced
 
 
-def test_vae_file_without_vae_weights_is_refused(tiny, tmp_path, capsys):
+def test_vae_file_without_vae_weights_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    never_train(monkeypatch)
     lora = fake_checkpoint(tmp_path / "lora.safetensors", {"lora_unet_x.lora_down.weight": (4, 8)})
     err = one_line_error(capsys, ["--pretrained_model_name_or_path", str(tiny["folder"]), "--vae", str(lora),
                                   *data_flags(tmp_path)])
