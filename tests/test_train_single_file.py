@@ -313,6 +313,21 @@ def test_fp16_file_loads_as_float32(tiny, tmp_path, offline):
     assert all(torch.equal(v, expected[k]) for k, v in got.unet.state_dict().items())
 
 
+def test_tokenizer_name_and_a_tokenizer_too_big_for_the_text_encoder(tiny, tmp_path, capsys, monkeypatch, offline):
+    """A config folder without tokenizer/ means SD v1.5's bundled tokenizer, whose 49408 ids do not fit the
+    tiny text encoder: one line at load time; --tokenizer_name (a model folder) gives the right one."""
+    configs = shutil.copytree(tiny["configs"], tmp_path / "configs", ignore=shutil.ignore_patterns("tokenizer"))
+    argv = ["--pretrained_model_name_or_path", str(tiny["file"]), "--single_file_config", str(configs),
+            *data_flags(tmp_path)]
+    load_instead_of_training(monkeypatch)
+    err = one_line_error(capsys, argv)
+    assert "49408 tokens" in err and "--tokenizer_name" in err
+    got = load_components(parse_config([*argv, "--tokenizer_name", str(tiny["folder"])]))
+    prompt = "a close-up photo of a smiling woman, brown hair"
+    assert got.tokenizer(prompt).input_ids == build_components().tokenizer(prompt).input_ids
+    assert len(got.tokenizer) == got.text_encoder.config.vocab_size
+
+
 def tiny_ldm_models():
     """A UNet and VAE that LDM's YAML can describe (LDM's GroupNorm has 32 groups)."""
     torch.manual_seed(5)
