@@ -66,7 +66,8 @@ class TrainConfig:
     # --- model
     pretrained_model_name_or_path: str | None = _opt(
         None, "SD v1.5 folder, hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or single-file "
-        "checkpoint (a community .safetensors in the original LDM layout). Left out (with no data flags): the embedded offline demo model.")
+        "checkpoint (a community .safetensors in the original LDM layout). Left out (with no data flags): the "
+        "embedded offline demo model.")
     revision: str | None = _opt(None, "Model revision on the hub.")
     variant: str | None = _opt(None, "Weight variant, e.g. fp16.")
     cache_dir: str | None = _opt(None, "Where downloaded models and datasets are cached.")

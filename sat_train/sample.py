@@ -60,23 +60,23 @@ def find_lora_file(lora: Path) -> Path:
                      "output_dir or a LoRA .safetensors file")
 
 
+def recorded_settings(lora: Path) -> dict:
+    """The training run's train_config.json next to the LoRA ({} when there is none)."""
+    config_file = (lora if lora.is_dir() else lora.parent) / "train_config.json"
+    return json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+
+
 def base_model(args, lora: Path) -> str | None:
     if args.pretrained_model_name_or_path:
         return args.pretrained_model_name_or_path
-    config_file = (lora if lora.is_dir() else lora.parent) / "train_config.json"
-    if config_file.is_file():
-        return json.loads(config_file.read_text(encoding="utf-8")).get("pretrained_model_name_or_path")
-    return None
+    return recorded_settings(lora).get("pretrained_model_name_or_path")
 
 
 def model_settings(args, lora: Path) -> dict:
     """--vae and the single-file flags: those given here, else the run's when its base model is used."""
     from .single_file import MODEL_FIELDS
 
-    config_file = (lora if lora.is_dir() else lora.parent) / "train_config.json"
-    recorded = {}
-    if args.pretrained_model_name_or_path is None and config_file.is_file():
-        recorded = json.loads(config_file.read_text(encoding="utf-8"))
+    recorded = {} if args.pretrained_model_name_or_path else recorded_settings(lora)
     settings = {name: recorded[name] for name in MODEL_FIELDS if recorded.get(name) is not None}
     settings.update({name: getattr(args, name) for name in MODEL_FIELDS if getattr(args, name) is not None})
     return settings

@@ -105,8 +105,7 @@ def safetensors_header(path: Path, flag: str):
         handle = safe_open(str(path), framework="pt")
         keys = set(handle.keys())
     except Exception as err:  # safetensors raises its own error types for every malformed header
-        raise UsageError(f"{flag} {path} is not a readable .safetensors checkpoint ({first_line(err)}): a "
-                         "truncated download or another kind of file; download it again") from err
+        raise unreadable(flag, path, err) from err
     return keys, lambda key: tuple(handle.get_slice(key).get_shape())
 
 
@@ -240,8 +239,7 @@ def read_safetensors(path: Path, flag: str) -> dict:
     try:
         return load_file(str(path))
     except Exception as err:  # header or data malformed / cut short
-        raise UsageError(f"{flag} {path} is not a readable .safetensors checkpoint ({first_line(err)}): a "
-                         "truncated download or another kind of file; download it again") from err
+        raise unreadable(flag, path, err) from err
 
 
 def read_pickle(path: Path, flag: str):
@@ -251,15 +249,20 @@ def read_pickle(path: Path, flag: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" not in str(err).lower():
-            raise UsageError(f"{flag} {path} is not a readable checkpoint ({first_line(err)})") from err
+            raise unreadable(flag, path, err) from err
         print(f"sat-train: {path.name} holds more than tensors; unpickling it fully (--allow_pickle_checkpoint)")
     except Exception as err:  # truncated zip, random bytes, ...
-        raise UsageError(f"{flag} {path} is not a readable checkpoint ({first_line(err)}): a truncated download "
-                         "or another kind of file") from err
+        raise unreadable(flag, path, err) from err
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise UsageError(f"{flag} {path} is not a readable checkpoint ({first_line(err)})") from err
+        raise unreadable(flag, path, err) from err
+
+
+def unreadable(flag: str, path: Path, err: Exception) -> UsageError:
+    kind = "readable .safetensors checkpoint" if path.suffix.lower() in SAFETENSORS_SUFFIXES else "readable checkpoint"
+    return UsageError(f"{flag} {path} is not a {kind} ({first_line(err)}): a truncated download or another kind "
+                      "of file; download it again")
 
 
 def with_text_model_prefix(state: dict) -> dict:

@@ -291,8 +291,15 @@ def test_bundled_tokenizer_matches_openai_clip(text):
 # --- loading a single file
 
 
-def test_single_file_loads_like_its_diffusers_folder(tiny, offline):
-    config = parse_config(["--pretrained_model_name_or_path", str(tiny["file"]),
+@pytest.mark.parametrize("clip_keys", ["text_model.", "without text_model."])
+def test_single_file_loads_like_its_diffusers_folder(tiny, tmp_path, offline, clip_keys):
+    """Also the older layout some files have, CLIP keys without transformers' text_model. level."""
+    path = tiny["file"]
+    if clip_keys != "text_model.":
+        path = tmp_path / "bare-clip.safetensors"
+        save_file({k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+                   for k, v in tiny["state"].items()}, path)
+    config = parse_config(["--pretrained_model_name_or_path", str(path),
                            "--single_file_config", str(tiny["configs"]), *data_flags(tiny["root"])])
     got = load_components(config)
     assert_same_outputs(got, *reference_models(tiny["folder"]))
