@@ -357,7 +357,7 @@ def architecture_source(arch: dict) -> str:
         return f"--original_config {arch['original_config']}"
     if Path(arch["config"]) == BUNDLED_SD15:
         return "the bundled SD v1.5 config"
-    return f"--single_file_config {arch['config']}"
+    return f"the {arch['subfolder']}/ config in {arch['config']}"  # --single_file_config, or a --vae's base
 
 
 def architecture_hint(arch: dict) -> str:

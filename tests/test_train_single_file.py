@@ -374,6 +374,11 @@ def test_original_config_yaml_gives_the_architecture(tiny, tmp_path, offline):
                            "--single_file_config", str(tiny["configs"]), *data_flags(tmp_path)])
     got = load_components(config)
     assert_same_outputs(got, components.unet, components.vae, components.text_encoder)
+    # without the YAML, the demo's configs describe other sizes: the error names the weight and the folder
+    mismatched = parse_config(["--pretrained_model_name_or_path", str(tmp_path / "ldm.safetensors"),
+                               "--single_file_config", str(tiny["configs"]), *data_flags(tmp_path)])
+    with pytest.raises(UsageError, match=r"is \[32, 3, 3, 3\] in the file but \[8, 3, 3, 3\] in the vae/ config in"):
+        load_components(mismatched)
 
 
 def test_bundled_config_describes_a_different_model_in_one_line(tiny, tmp_path, capsys, monkeypatch):
