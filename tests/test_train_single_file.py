@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import regex
@@ -23,7 +25,7 @@ from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, convert_l
                                                  create_unet_diffusers_config_from_ldm,
                                                  create_vae_diffusers_config_from_ldm)
 from safetensors.torch import save_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_layout import sd15_single_file, unet_to_ldm, vae_to_ldm
 from sat_train import sample
@@ -333,6 +335,23 @@ def test_tokenizer_name_and_a_tokenizer_too_big_for_the_text_encoder(tiny, tmp_p
     prompt = "a close-up photo of a smiling woman, brown hair"
     assert got.tokenizer(prompt).input_ids == build_components().tokenizer(prompt).input_ids
     assert len(got.tokenizer) == got.text_encoder.config.vocab_size
+
+
+@pytest.mark.skipif(os.environ.get("SAT_FULL_SIZE_TESTS") != "1",
+                    reason="full-size SD v1.5 (~13 GB of RAM, minutes): set SAT_FULL_SIZE_TESTS=1")
+def test_full_size_sd15_file_loads_with_the_bundled_configs(tmp_path, offline):
+    """The real case: an SD v1.5-sized file (random weights) through the bundled configs and tokenizer."""
+    torch.manual_seed(0)
+    models = SimpleNamespace(
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(BUNDLED_SD15 / "unet")),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(BUNDLED_SD15 / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(BUNDLED_SD15 / "text_encoder")))
+    save_file(sd15_single_file(models), tmp_path / "sd15.safetensors")
+    got = load_components(parse_config(["--pretrained_model_name_or_path", str(tmp_path / "sd15.safetensors"),
+                                        *data_flags(tmp_path)]))
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_weights(getattr(got, name), getattr(models, name))
+    assert got.tokenizer("a photo of a cat").input_ids == openai_clip_encode("a photo of a cat")
 
 
 def tiny_ldm_models():
