@@ -4,7 +4,6 @@ mean of the per-rank gradients, exactly as a single process computes them."""
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
@@ -66,8 +65,8 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("guide_name, recompute", [("sac", False), ("cac", True)])
-def test_ddp_gradients_are_the_mean_of_the_ranks(guide_name, recompute):
+def test_ddp_gradients_are_the_mean_of_the_ranks(guide_name, recompute, monkeypatch):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the spawned ranks only: later tests' subprocesses keep theirs
     mp.spawn(worker, args=(free_port(), guide_name, recompute), nprocs=WORLD, join=True)
