@@ -26,11 +26,14 @@ def unet_lora_adapter_metadata(unet) -> dict:
     return unet.peft_config["default"].to_dict()
 
 
-def save_lora(unet, output_dir: str | os.PathLike) -> Path:
+def save_lora(unet, output_dir: str | os.PathLike, text_encoder=None) -> Path:
     """Writes ``output_dir/pytorch_lora_weights.safetensors`` atomically (temp folder + os.replace),
     so an interrupted save never leaves a truncated file where a good one was. Its safetensors header
-    carries the adapter metadata (``lora_adapter_metadata``, keys prefixed ``unet.``)."""
+    carries the adapter metadata (``lora_adapter_metadata``, keys prefixed ``unet.``). With
+    ``text_encoder`` (--train_text_encoder), its LoRA too (``text_encoder.*`` keys and metadata)."""
     from diffusers import StableDiffusionPipeline
+
+    from .text_encoder import text_encoder_save_kwargs
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -38,7 +41,7 @@ def save_lora(unet, output_dir: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
         StableDiffusionPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=unet_lora_state_dict(unet),
                                                   unet_lora_adapter_metadata=unet_lora_adapter_metadata(unet),
-                                                  safe_serialization=True)
+                                                  safe_serialization=True, **text_encoder_save_kwargs(text_encoder))
         if not output_dir.name.startswith(".checkpoint-"):  # the final file, not a checkpoint's copy
             crash_hook("lora:mid")  # test-only (sat_train/faults.py)
         os.replace(Path(tmp) / LORA_WEIGHTS_NAME, final)
@@ -79,42 +82,47 @@ def check_same_alpha(unet, metadata: dict | None, folder) -> None:
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 
-def kohya_state_dict(unet) -> dict:
+def kohya_state_dict(unet, prefix: str = "unet") -> dict:
     """The UNet LoRA in kohya / A1111 / ComfyUI keys: ``lora_unet_<module>.lora_down.weight`` (A),
     ``.lora_up.weight`` (B) and ``.alpha``, via diffusers' ``convert_state_dict_to_kohya`` (which
-    wants peft keys prefixed ``unet.``); alpha is the adapter's lora_alpha, as a float32 scalar."""
+    wants peft keys prefixed ``unet.``, or ``prefix.``); alpha is the adapter's lora_alpha, as a
+    float32 scalar."""
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
-    peft_state = {f"unet.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    peft_state = {f"{prefix}.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
     state = convert_state_dict_to_kohya(peft_state)
     alpha = float(unet.peft_config["default"].lora_alpha)
     return {k: (torch.tensor(alpha, dtype=torch.float32) if k.endswith(".alpha") else v.contiguous())
             for k, v in state.items()}
 
 
-def save_lora_kohya(unet, output_dir: str | os.PathLike) -> Path:
-    """Writes ``output_dir/pytorch_lora_weights_kohya.safetensors`` atomically."""
+def save_lora_kohya(unet, output_dir: str | os.PathLike, text_encoder=None) -> Path:
+    """Writes ``output_dir/pytorch_lora_weights_kohya.safetensors`` atomically (with ``text_encoder``:
+    its ``lora_te_*`` keys too)."""
     from safetensors.torch import save_file
+
+    from .text_encoder import text_encoder_kohya_state_dict
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / KOHYA_WEIGHTS_NAME
     tmp = output_dir / f".{KOHYA_WEIGHTS_NAME}.tmp"
-    save_file(kohya_state_dict(unet), str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    state = {**kohya_state_dict(unet), **text_encoder_kohya_state_dict(text_encoder)}
+    save_file(state, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
     os.replace(tmp, final)
     return final
 
 
-def export_lora(unet, output_dir: str | os.PathLike, export_format: str = "diffusers") -> Path:
-    """The end-of-run export: ``diffusers``, ``kohya`` or ``both``; returns the diffusers file when
-    written, else the kohya one."""
+def export_lora(unet, output_dir: str | os.PathLike, export_format: str = "diffusers", text_encoder=None) -> Path:
+    """The end-of-run export: ``diffusers``, ``kohya`` or ``both`` (with ``text_encoder``: its LoRA
+    in each file); returns the diffusers file when written, else the kohya one."""
     paths = []
     if export_format in ("diffusers", "both"):
-        paths.append(save_lora(unet, output_dir))
+        paths.append(save_lora(unet, output_dir, text_encoder))
     if export_format in ("kohya", "both"):
-        paths.append(save_lora_kohya(unet, output_dir))
+        paths.append(save_lora_kohya(unet, output_dir, text_encoder))
     if not paths:
         raise ValueError(f"unknown export format {export_format!r}")
     return paths[0]

@@ -19,12 +19,16 @@ def generate_images(components, unet, config, device, weight_dtype) -> list:
     generator = torch.Generator(device=device)
     if config.seed is not None:
         generator.manual_seed(config.seed)
-    was_training = unet.training
-    unet.eval()
+    # eval mode (no LoRA dropout) for the UNet and the text encoder, whose LoRA may be training too
+    models = (unet, components.text_encoder)
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     with torch.no_grad(), autocast:
         images = [pipeline(config.validation_prompt, num_inference_steps=INFERENCE_STEPS, generator=generator,
                            height=config.resolution, width=config.resolution).images[0]
                   for _ in range(config.num_validation_images)]
-    unet.train(was_training)
+    for model, training in zip(models, was_training, strict=True):
+        model.train(training)
     return images
