@@ -58,7 +58,11 @@ def add_text_encoder_lora(text_encoder: torch.nn.Module, rank: int, alpha: float
 def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
     """--gradient_checkpointing for the text encoder. Non-reentrant: the reentrant kind would cut the
     LoRA's gradients, since the frozen embeddings feeding the first layer need no gradient."""
-    text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(text_encoder, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def encode_captions(text_encoder: torch.nn.Module, input_ids: torch.Tensor, trainable: bool) -> torch.Tensor:
