@@ -5,10 +5,13 @@ load_lora_weights to the trained text encoder and UNet; a SIGKILLed run resumes 
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -23,6 +26,7 @@ from sat_train.text_encoder import (add_text_encoder_lora, check_checkpoint_text
                                     enable_text_encoder_checkpointing, encode_captions)
 from sat_train.train import make_lr_scheduler, make_scaled_optimizer, train
 from test_train_crash import run as run_crashable
+from test_train_ddp import free_port
 from test_train_guidance import reference_sac_loss, sac_guide
 from train_helpers import lora_grads, lora_unet, step_inputs, tiny_config
 
@@ -267,3 +271,42 @@ def test_killed_run_resumes_to_the_uninterrupted_text_encoder_lora(tmp_path):
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def ddp_worker(rank: int, port: int, world: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        components = with_text_encoder_lora()  # the same weights on every rank, as DDP requires
+        text_encoder, unet = components.text_encoder, components.unet
+        guide = sac_guide(components, ratio=0.5)
+        ids = caption_ids(components)
+
+        def rank_step(r: int, text_encoder_model, unet_model):
+            s = step_inputs(components, seed=1 + r)
+            s.cond = encode_captions(text_encoder_model, ids.roll(r, dims=0), trainable=True)
+            guide(unet_model, s).loss.backward()
+
+        per_rank = []  # expected: each rank's step on the bare models, gradients averaged
+        for r in range(world):
+            rank_step(r, text_encoder, unet)
+            per_rank.append(lora_grads(text_encoder))
+            text_encoder.zero_grad(set_to_none=True)
+            unet.zero_grad(set_to_none=True)
+        expected = {name: sum(g[name] for g in per_rank) / world for name in per_rank[0]}
+        rank_step(rank, DistributedDataParallel(text_encoder), DistributedDataParallel(unet))
+        got = lora_grads(text_encoder)
+        assert got.keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=f"rank {rank}: {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_text_encoder_gradients_are_the_mean_of_the_ranks():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(ddp_worker, args=(free_port(), 2), nprocs=2, join=True)
