@@ -189,6 +189,35 @@ def test_two_param_groups_are_scaled_and_scheduled_alike():
     assert [g["lr"] for g in optimizer.param_groups] == [3e-4, 3e-4]
 
 
+def test_validation_images_use_the_trained_text_encoder_in_eval_mode():
+    """generate_images (validation) runs the text encoder with its LoRA, without LoRA dropout, and puts
+    it back in training mode afterwards."""
+    import numpy as np
+
+    from sat_train.validation import generate_images
+
+    components = lora_unet()
+    components.text_encoder.requires_grad_(False)
+    add_text_encoder_lora(components.text_encoder, rank=4, dropout=0.5)
+    config = TrainConfig(validation_prompt="a photo portrait of a woman, face", num_validation_images=1,
+                         resolution=64, seed=0)
+    text_encoder = components.text_encoder.train()
+
+    def image():
+        return np.asarray(generate_images(components, components.unet, config, torch.device("cpu"),
+                                          torch.float32)[0]).astype(int)
+
+    untrained = image()  # the text encoder's LoRA still at B = 0
+    with torch.no_grad():
+        for name, param in text_encoder.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    first, second = image(), image()
+    assert text_encoder.training
+    assert np.array_equal(first, second)  # no dropout: the same seed gives the same image
+    assert np.abs(first - untrained).max() > 0
+
+
 def fresh_pipeline():
     fresh = build_components()
     return fresh, StableDiffusionPipeline(vae=fresh.vae, text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer,
@@ -215,6 +244,8 @@ def test_run_trains_both_loras_only_and_both_exports_reproduce_the_text_encoder(
     assert [g["lr"] for g in groups] == [1e-3, 5e-4]
     assert [set(map(id, g["params"])) for g in groups] == [set(map(id, lora_parameters(unet))),
                                                           set(map(id, lora_parameters(text_encoder)))]
+    # --max_grad_norm clips over both LoRAs together
+    assert set(map(id, run.params)) == set(map(id, groups[0]["params"])) | set(map(id, groups[1]["params"]))
     base = build_components()
     for model, original in ((text_encoder, base.text_encoder), (unet, base.unet)):
         state, expected = frozen_state(model), original.state_dict()
