@@ -3,7 +3,10 @@
 The adapter sits on each encoder layer's attention (q/k/v/out_proj, as diffusers'
 train_dreambooth_lora) and MLP (fc1/fc2, as kohya's sd-scripts) projections, with the UNet's rank,
 alpha and dropout. The caption embeddings ``cond`` then carry gradients, and every UNet forward of a
-guide that reads ``cond`` (SAT's two) sends its part back to the text encoder.
+guide that reads ``cond`` (SAT's two) sends its part back to the text encoder. ``--guide_capture
+separate``'s extra no-gradient capture forward reads the same ``cond``: only the UNet's LoRA is off
+there (``capture.lora_disabled(unet)``), so the map is taken for the captions as this run encodes
+them, at no second text encoding (the original CAC code had no text-encoder LoRA to follow).
 
 Files: the text encoder's LoRA goes into the same file as the UNet's (diffusers: ``text_encoder.*``
 keys and their adapter metadata; kohya: ``lora_te_*``), keyed by SD v1.5's CLIPTextModel names
