@@ -41,8 +41,7 @@ from .optimizers import build_optimizer
 from .pictures import RunPictures
 from .seeding import derived_generator, seeded_global_rng
 from .text_encoder import (add_text_encoder_lora, check_checkpoint_text_encoder, enable_text_encoder_checkpointing,
-                           encode_captions, load_text_encoder_lora, optimizer_param_groups, split_hook_models,
-                           text_encoder_learning_rate)
+                           encode_captions, load_text_encoder_lora, optimizer_param_groups, split_hook_models)
 
 CONFIG_NAME = "train_config.json"
 DROPOUT_STREAM = 1  # last key of the LoRA dropout stream; (seed, process, step, micro-batch) alone keys the noise
