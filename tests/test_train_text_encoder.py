@@ -168,6 +168,20 @@ def test_text_encoder_gradient_checkpointing_reruns_layers_and_keeps_the_gradien
         torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
+def test_mixed_precision_keeps_the_text_encoder_lora_in_fp32():
+    from types import SimpleNamespace
+
+    from sat_train.train import prepare_models
+
+    config = TrainConfig(train_text_encoder=True, gradient_checkpointing=True, output_dir="unused")
+    components, _ = prepare_models(config, SimpleNamespace(device=torch.device("cpu")), torch.bfloat16)
+    dtypes = {}
+    for name, param in components.text_encoder.named_parameters():
+        dtypes.setdefault(("lora" if "lora_" in name else "frozen", param.requires_grad), set()).add(param.dtype)
+    assert dtypes == {("lora", True): {torch.float32}, ("frozen", False): {torch.bfloat16}}
+    assert any(getattr(m, "gradient_checkpointing", False) for m in components.text_encoder.modules())
+
+
 def test_two_param_groups_are_scaled_and_scheduled_alike():
     config = TrainConfig(learning_rate=1e-3, train_text_encoder=True, text_encoder_lr=2e-4, scale_lr=True,
                          train_batch_size=2, gradient_accumulation_steps=3, lr_scheduler="linear", lr_warmup_steps=2,
