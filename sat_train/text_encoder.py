@@ -100,13 +100,15 @@ def text_encoder_lora_state_dict(text_encoder) -> dict:
     return convert_state_dict_to_diffusers({prefix + k: v for k, v in get_peft_model_state_dict(text_encoder).items()})
 
 
-def text_encoder_save_kwargs(text_encoder) -> dict:
+def text_encoder_save_kwargs(text_encoder, precision: str = "float") -> dict:
     """What ``StableDiffusionPipeline.save_lora_weights`` takes for the text encoder (nothing when it
-    does not train): its LoRA and its peft LoraConfig, from which ``load_lora_weights`` builds the
-    adapter (so alpha / rank survives)."""
+    does not train): its LoRA (in --save_precision ``precision``) and its peft LoraConfig, from which
+    ``load_lora_weights`` builds the adapter (so alpha / rank survives)."""
+    from .lora_files import cast_state_dict
+
     if text_encoder is None:
         return {}
-    return {"text_encoder_lora_layers": text_encoder_lora_state_dict(text_encoder),
+    return {"text_encoder_lora_layers": cast_state_dict(text_encoder_lora_state_dict(text_encoder), precision),
             "text_encoder_lora_adapter_metadata": text_encoder.peft_config["default"].to_dict()}
 
 

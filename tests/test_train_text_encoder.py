@@ -208,7 +208,7 @@ def test_validation_images_use_the_trained_text_encoder_in_eval_mode():
     it back in training mode afterwards."""
     import numpy as np
 
-    from sat_train.validation import generate_images
+    from sat_train.validation import generate_images, prompt_generator, validation_prompt
 
     components = lora_unet()
     components.text_encoder.requires_grad_(False)
@@ -218,7 +218,8 @@ def test_validation_images_use_the_trained_text_encoder_in_eval_mode():
     text_encoder = components.text_encoder.train()
 
     def image():
-        return np.asarray(generate_images(components, components.unet, config, torch.device("cpu"),
+        prompt = validation_prompt(config)
+        return np.asarray(generate_images(components, components.unet, prompt, prompt_generator(prompt, 0, 0),
                                           torch.float32)[0]).astype(int)
 
     untrained = image()  # the text encoder's LoRA still at B = 0
