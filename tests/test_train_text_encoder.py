@@ -289,6 +289,23 @@ def test_run_trains_both_loras_only_and_both_exports_reproduce_the_text_encoder(
         torch.testing.assert_close(unet_out(fresh.unet.eval(), s), want_unet, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_save_precision_covers_the_text_encoder_lora(tmp_path):
+    from sat_train.export import export_lora, export_precision_problem
+
+    components = with_text_encoder_lora()
+    unet, text_encoder = components.unet, components.text_encoder
+    export_lora(unet, tmp_path, "both", "fp16", text_encoder=text_encoder)
+    for name, prefix in ((LORA_WEIGHTS_NAME, "text_encoder."), (KOHYA_WEIGHTS_NAME, "lora_te_")):
+        saved = {k: v for k, v in load_file(tmp_path / name).items() if k.startswith(prefix)}
+        assert saved and {v.dtype for v in saved.values()} == {torch.float16}, name
+    assert export_precision_problem(unet, "both", "fp16", text_encoder) is None
+    with torch.no_grad():
+        text_encoder.get_submodule(next(n for n, m in text_encoder.named_modules() if hasattr(m, "lora_B"))
+                                   ).lora_B["default"].weight[0, 0] = 1e6
+    problem = export_precision_problem(unet, "both", "fp16", text_encoder)
+    assert problem is not None and problem.startswith("lora_te_") and "1e+06" in problem
+
+
 def test_resume_with_the_other_text_encoder_setting_is_refused(tmp_path):
     components = with_text_encoder_lora()
     save_lora(components.unet, tmp_path / "unet-only")
