@@ -69,11 +69,28 @@ class GuideSettings:
 class TrainConfig:
     # --- model
     pretrained_model_name_or_path: str | None = _opt(
-        None, "SD v1.5 folder or hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5). "
-        "Left out (with no data flags): the embedded offline demo model.")
+        None, "SD v1.5 folder, hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or single-file "
+        "checkpoint (a community .safetensors in the original LDM layout). Left out (with no data flags): the "
+        "embedded offline demo model.")
     revision: str | None = _opt(None, "Model revision on the hub.")
     variant: str | None = _opt(None, "Weight variant, e.g. fp16.")
     cache_dir: str | None = _opt(None, "Where downloaded models and datasets are cached.")
+    # --- single-file checkpoints and --vae (sat_train/single_file.py)
+    original_config: str | None = _opt(
+        None, "Single-file model: the LDM .yaml (e.g. v1-inference.yaml) its UNet and VAE architecture is read "
+        "from (default: the bundled SD v1.5 configs).")
+    single_file_config: str | None = _opt(
+        None, "Single-file model: a diffusers folder whose unet/, vae/, text_encoder/, scheduler/ (and tokenizer/) "
+        "configs describe it, instead of the bundled SD v1.5 ones (diffusers' from_single_file config=).")
+    tokenizer_name: str | None = _opt(
+        None, "CLIP tokenizer folder (or a model folder with tokenizer/) to use instead of the base model's; a "
+        "single file's default is SD v1.5's, bundled.")
+    allow_pickle_checkpoint: bool = _opt(
+        False, "Allow .ckpt/.pt/.pth checkpoints (pickles, which can run code when loaded); read with "
+        "torch.load(weights_only=True) where possible.")
+    vae: str | None = _opt(
+        None, "VAE to use instead of the base model's: a diffusers folder or a .safetensors file.",
+        aliases=("--pretrained_vae_model_name_or_path",))
     # --- data
     dataset_name: str | None = _opt(None, "Hugging Face dataset name or path (needs `pip install datasets`).")
     dataset_config_name: str | None = _opt(None, "Config of --dataset_name.")
@@ -102,6 +119,17 @@ class TrainConfig:
     strict_data: bool = _opt(False, "Stop (exit 2) on any bad sample the data check finds, instead of "
                              "skipping it and counting it in the summary.")
     skip_small_images: bool = _opt(False, "Skip images smaller than --resolution instead of upscaling them.")
+    # --- latent cache (latent_cache.py; kohya-ss/sd-scripts' flag names)
+    cache_latents: bool = _opt(
+        False, "Encode every image with the VAE once, before training, and keep its latent distribution in memory "
+        "(no image decode or VAE encode per step). Images are then center-cropped (see --random_crop); with "
+        "--random_flip the flipped image is cached too.")
+    cache_latents_to_disk: bool = _opt(
+        False, "As --cache_latents, but in safetensors files under OUTPUT_DIR/latent_cache/, read per sample and "
+        "reused by later runs into the same --output_dir (rebuilt where the image, size, VAE or filter changed).")
+    random_crop: bool = _opt(
+        False, "Random square crops: already the default without --center_crop (kohya's flag, stated explicitly); "
+        "not with --cache_latents / --cache_latents_to_disk, whose cache holds one crop per image.")
     # --- schedule
     train_batch_size: int = _opt(16, "Batch size per device.", type=int)
     num_train_epochs: int = _opt(100, "Epochs (ignored when --max_train_steps is given).", type=int)
@@ -251,7 +279,9 @@ class TrainConfig:
             raise UsageError("--strict_data and --skip_small_images act on the image-folder data check, which "
                              "--dataset_name does not run (its images are decoded per sample); drop them, or "
                              "give the folder as --train_data_dir without --dataset_name")
+        self._check_model_files()
         self._check_caption_flags()
+        self._check_latent_cache_flags()
         self._check_lora_flags()
         from .text_encoder import check_text_encoder_flags
 
@@ -274,6 +304,11 @@ class TrainConfig:
                              f"--attention_backend {self.attention_backend}")
         return self
 
+    def _check_model_files(self) -> None:
+        from .single_file import check_model_flags  # single-file checkpoints, --vae, --tokenizer_name
+
+        check_model_flags(self)
+
     def _check_caption_flags(self) -> None:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:  # also rejects nan
@@ -287,6 +322,19 @@ class TrainConfig:
         if suffix in (".", "") or any(c in suffix for c in "/\\") or suffix.lower() in IMAGE_SUFFIXES:
             raise UsageError(f"--caption_extension {self.caption_extension!r} cannot name caption files: give a "
                              "suffix such as .txt or .caption")
+
+    def _check_latent_cache_flags(self) -> None:
+        if self.random_crop and self.center_crop:
+            raise UsageError("--random_crop and --center_crop ask for different crops: pick one")
+        if self.random_crop and self.caches_latents:
+            flag = "--cache_latents_to_disk" if self.cache_latents_to_disk else "--cache_latents"
+            raise UsageError(f"--random_crop with {flag} would train every epoch on the one crop the cache holds: "
+                             f"drop --random_crop (cached images are center-cropped) or drop {flag}")
+
+    @property
+    def caches_latents(self) -> bool:
+        """--cache_latents or --cache_latents_to_disk (which implies it, as in kohya's scripts)."""
+        return self.cache_latents or self.cache_latents_to_disk
 
     def _check_lora_flags(self) -> None:
         if self.lora_alpha is not None and not 0.0 < self.lora_alpha < float("inf"):  # also rejects nan
