@@ -188,6 +188,13 @@ class TrainConfig:
         None, "LoRA alpha: the update B·A is scaled by alpha / rank (kohya: --network_alpha; kohya's own default "
         "is 1). Unset: the rank (scale 1).", type=float, aliases=("--network_alpha",))
     lora_dropout: float = _opt(0.0, "Dropout probability on the LoRA branch's input while training.", type=float)
+    # --- text encoder LoRA (sat_train/text_encoder.py)
+    train_text_encoder: bool = _opt(
+        False, "Also train a LoRA on the CLIP text encoder's attention (q/k/v/out_proj) and MLP (fc1/fc2) "
+        "projections, with the UNet's --rank, --lora_alpha and --lora_dropout; exported in the same file(s).")
+    text_encoder_lr: float | None = _opt(
+        None, "--train_text_encoder: the text encoder LoRA's learning rate (kohya's flag); the lr schedule and "
+        "--scale_lr apply to it too. Unset: --learning_rate.", type=float)
     # --- SAT guidance
     guide: str = _opt("sac", "Training guidance: none (plain LoRA), sac (self-attention control) or cac "
                       "(cross-attention control on the --cac_words of each caption).", choices=GUIDES)
@@ -298,6 +305,9 @@ class TrainConfig:
         self._check_caption_flags()
         self._check_latent_cache_flags()
         self._check_lora_flags()
+        from .text_encoder import check_text_encoder_flags
+
+        check_text_encoder_flags(self)
         self._check_optimizer_flags()
         self._check_sample_flags()
         if self.guide == "cac" and not self.cac_word_list:

@@ -27,12 +27,15 @@ def unet_lora_adapter_metadata(unet) -> dict:
     return unet.peft_config["default"].to_dict()
 
 
-def save_lora(unet, output_dir: str | os.PathLike, precision: str = "float") -> Path:
+def save_lora(unet, output_dir: str | os.PathLike, precision: str = "float", text_encoder=None) -> Path:
     """Writes ``output_dir/pytorch_lora_weights.safetensors`` atomically (temp folder + os.replace),
     so an interrupted save never leaves a truncated file where a good one was. Its safetensors header
     carries the adapter metadata (``lora_adapter_metadata``, keys prefixed ``unet.``). ``precision``
-    (--save_precision) is for exports; checkpoints keep float, so that resume is exact."""
+    (--save_precision) is for exports; checkpoints keep float, so that resume is exact. With
+    ``text_encoder`` (--train_text_encoder), its LoRA too (``text_encoder.*`` keys and metadata)."""
     from diffusers import StableDiffusionPipeline
+
+    from .text_encoder import text_encoder_save_kwargs
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -41,7 +44,8 @@ def save_lora(unet, output_dir: str | os.PathLike, precision: str = "float") -> 
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
         StableDiffusionPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=layers,
                                                   unet_lora_adapter_metadata=unet_lora_adapter_metadata(unet),
-                                                  safe_serialization=True)
+                                                  safe_serialization=True,
+                                                  **text_encoder_save_kwargs(text_encoder, precision))
         if not output_dir.name.startswith(".checkpoint-"):  # the final file, not a checkpoint's copy
             crash_hook("lora:mid")  # test-only (sat_train/faults.py)
         os.replace(Path(tmp) / LORA_WEIGHTS_NAME, final)
@@ -82,15 +86,16 @@ def check_same_alpha(unet, metadata: dict | None, folder) -> None:
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 
-def kohya_state_dict(unet) -> dict:
+def kohya_state_dict(unet, prefix: str = "unet") -> dict:
     """The UNet LoRA in kohya / A1111 / ComfyUI keys: ``lora_unet_<module>.lora_down.weight`` (A),
     ``.lora_up.weight`` (B) and ``.alpha``, via diffusers' ``convert_state_dict_to_kohya`` (which
-    wants peft keys prefixed ``unet.``); alpha is the adapter's lora_alpha, as a float32 scalar."""
+    wants peft keys prefixed ``unet.``, or ``prefix.``); alpha is the adapter's lora_alpha, as a
+    float32 scalar."""
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
-    peft_state = {f"unet.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    peft_state = {f"{prefix}.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
     state = convert_state_dict_to_kohya(peft_state)
     alpha = float(unet.peft_config["default"].lora_alpha)
     return {k: (torch.tensor(alpha, dtype=torch.float32) if k.endswith(".alpha") else v.contiguous())
@@ -98,35 +103,43 @@ def kohya_state_dict(unet) -> dict:
 
 
 def save_lora_kohya(unet, output_dir: str | os.PathLike, precision: str = "float", describe=None,
-                    crash_point: str | None = None) -> Path:
+                    crash_point: str | None = None, text_encoder=None) -> Path:
     """Writes ``output_dir/pytorch_lora_weights_kohya.safetensors`` atomically, its tensors in
     ``precision``; ``describe(state)`` gives its header metadata (lora_files.kohya_file_metadata),
-    else only kohya's two format keys."""
+    else only kohya's two format keys. With ``text_encoder``: its ``lora_te_*`` keys too."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = cast_state_dict(kohya_state_dict(unet), precision)
+    state = cast_state_dict(all_kohya_state_dict(unet, text_encoder), precision)
     metadata = describe(state) if describe is not None else {"format": "pt", "ss_network_module": "networks.lora"}
     return write_safetensors_atomically(state, output_dir / KOHYA_WEIGHTS_NAME, metadata, crash_point=crash_point)
 
 
-def export_precision_problem(unet, export_format: str, precision: str) -> str | None:
+def all_kohya_state_dict(unet, text_encoder=None) -> dict:
+    """The kohya file's tensors: the UNet's ``lora_unet_*`` and (when it trains) the text encoder's ``lora_te_*``."""
+    from .text_encoder import text_encoder_kohya_state_dict
+
+    return {**kohya_state_dict(unet), **text_encoder_kohya_state_dict(text_encoder)}
+
+
+def export_precision_problem(unet, export_format: str, precision: str, text_encoder=None) -> str | None:
     """What keeps the LoRA from being exported in ``precision`` (a tensor beyond its range), or None.
     Both formats hold the same values (A, B, alpha), so one state dict answers for both."""
     if precision_dtype(precision) is None:  # float: saved as trained, nothing to check (or to build)
         return None
-    state = kohya_state_dict(unet) if export_format == "kohya" else unet_lora_state_dict(unet)
-    return precision_overflow(state, precision)
+    return precision_overflow(all_kohya_state_dict(unet, text_encoder), precision)
 
 
 def export_lora(unet, output_dir: str | os.PathLike, export_format: str = "diffusers", precision: str = "float",
-                describe_kohya=None) -> Path:
+                describe_kohya=None, text_encoder=None) -> Path:
     """The end-of-run export: ``diffusers``, ``kohya`` or ``both``, in --save_precision ``precision``
-    (check export_precision_problem first); returns the diffusers file when written, else the kohya one."""
+    (check export_precision_problem first), with ``text_encoder``'s LoRA in each file when given;
+    returns the diffusers file when written, else the kohya one."""
     paths = []
     if export_format in ("diffusers", "both"):
-        paths.append(save_lora(unet, output_dir, precision))
+        paths.append(save_lora(unet, output_dir, precision, text_encoder))
     if export_format in ("kohya", "both"):
-        paths.append(save_lora_kohya(unet, output_dir, precision, describe_kohya, crash_point="kohya:mid"))
+        paths.append(save_lora_kohya(unet, output_dir, precision, describe_kohya, crash_point="kohya:mid",
+                                     text_encoder=text_encoder))
     if not paths:
         raise ValueError(f"unknown export format {export_format!r}")
     return paths[0]

@@ -91,11 +91,16 @@ def check_model_source(source: str) -> None:
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
     """Adds a trainable LoRA (B = 0 so the model starts unchanged) to the attention projections; each
     projection becomes W x + (alpha / rank) B A dropout(x), with alpha = rank when it is None."""
+    unet.add_adapter(lora_config(rank, alpha, dropout, LORA_TARGET_MODULES))
+
+
+def lora_config(rank: int, alpha: float | None, dropout: float, target_modules: list[str]):
+    """peft's LoraConfig of every adapter sat_train trains (the UNet's, the text encoder's)."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
-                                init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+    return LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
+                      init_lora_weights="gaussian", target_modules=target_modules)
 
 
-def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in unet.parameters() if p.requires_grad]
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -44,6 +44,8 @@ from .models import Components, add_lora, load_components, lora_parameters
 from .optimizers import build_optimizer
 from .pictures import RunPictures
 from .seeding import derived_generator, seeded_global_rng
+from .text_encoder import (add_text_encoder_lora, check_checkpoint_text_encoder, enable_text_encoder_checkpointing,
+                           encode_captions, load_text_encoder_lora, optimizer_param_groups, split_hook_models)
 from .validation import TrainingSamples
 
 CONFIG_NAME = "train_config.json"
@@ -179,8 +181,10 @@ def make_optimizer(config: TrainConfig, params):
     return build_optimizer(config, params, lr=config.learning_rate)
 
 
-def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, generator=None) -> StepInputs:
-    """Encode images and captions, draw noise and timesteps, noise the latents, pick the target."""
+def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, generator=None,
+                     text_encoder=None) -> StepInputs:
+    """Encode images and captions, draw noise and timesteps, noise the latents, pick the target.
+    ``text_encoder``: the (prepared) text encoder whose LoRA trains; captions then encode with gradients."""
     from diffusers.training_utils import compute_snr
 
     scheduler = components.noise_scheduler
@@ -190,7 +194,8 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
         else:
             latents = components.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
         latents = latents * components.vae.config.scaling_factor
-        cond = components.text_encoder(batch["input_ids"], return_dict=False)[0]
+    cond = encode_captions(components.text_encoder if text_encoder is None else text_encoder, batch["input_ids"],
+                           trainable=text_encoder is not None)
     batch_size, channels, device = latents.shape[0], latents.shape[1], latents.device
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     if config.noise_offset:
@@ -235,6 +240,7 @@ class Run:
     steps_per_epoch: int
     num_epochs: int
     checkpoint_tag: int  # the main process's pid: every process saves into the same temporary folder
+    text_encoder: torch.nn.Module | None = None  # --train_text_encoder: accelerate's wrapper of it, else None
     pictures: RunPictures | None = None
     global_step: int = 0
     first_epoch: int = 0
@@ -276,9 +282,11 @@ def prepare_run(config: TrainConfig) -> Run:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     components, backend = prepare_models(config, accelerator, weight_dtype)
     guide = build_guide(config, components.unet, components.noise_scheduler, backend)  # after set_attn_processor
-    register_lora_checkpoint_hooks(accelerator, components.unet, weight_dtype)
+    trained_text_encoder = components.text_encoder if config.train_text_encoder else None
+    register_lora_checkpoint_hooks(accelerator, components.unet, weight_dtype, trained_text_encoder)
     params = lora_parameters(components.unet)
-    optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes)
+    text_encoder_params = lora_parameters(trained_text_encoder) if trained_text_encoder is not None else []
+    optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes, text_encoder_params)
     seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
     dataset = build_dataset(config, records, names, components.tokenizer, seed=seed)
     cache_latents(config, accelerator, components.vae, dataset, weight_dtype)  # no-op without --cache_latents*
@@ -288,8 +296,10 @@ def prepare_run(config: TrainConfig) -> Run:
     lr_scheduler, max_train_steps = make_lr_scheduler(config, optimizer, len(dataloader), accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
                                                                     lr_scheduler)
+    text_encoder = None if trained_text_encoder is None else accelerator.prepare(trained_text_encoder)
     steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)  # per process, prepared
-    run = Run(config=config, accelerator=accelerator, components=components, unet=unet, params=params,
+    run = Run(config=config, accelerator=accelerator, components=components, unet=unet,
+              params=params + text_encoder_params, text_encoder=text_encoder,
               optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, guide=guide,
               weight_dtype=weight_dtype, seed=seed, output_dir=Path(config.output_dir),
               max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch,
@@ -341,50 +351,60 @@ def prepare_models(config: TrainConfig, accelerator, weight_dtype):
     if config.prediction_type is not None:
         components.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
     add_lora(unet, config.rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
+    if config.train_text_encoder:  # after the UNet's: its A matrices are the next draws of the seeded generator
+        add_text_encoder_lora(text_encoder, config.rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
     for model in (unet, vae, text_encoder):
         model.to(accelerator.device)
         if weight_dtype != torch.float32:
             model.to(dtype=weight_dtype)
     if weight_dtype != torch.float32:
-        cast_training_params(unet, dtype=torch.float32)  # frozen weights in half precision, LoRA in fp32
+        # frozen weights in half precision, LoRA in fp32 (a frozen text encoder has no trainable params)
+        cast_training_params([unet, text_encoder], dtype=torch.float32)
     backend = resolve_backend(config.attention, accelerator.device)
     unet.set_attn_processor(stock_processor(backend))
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            enable_text_encoder_checkpointing(text_encoder)
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     return components, backend
 
 
-def register_lora_checkpoint_hooks(accelerator, unet, weight_dtype) -> None:
-    """Checkpoints hold the LoRA (safetensors), not the whole UNet; loading puts it back in fp32."""
+def register_lora_checkpoint_hooks(accelerator, unet, weight_dtype, text_encoder=None) -> None:
+    """Checkpoints hold the LoRA (safetensors), not the whole UNet (nor the whole text encoder, whose
+    LoRA goes into the same file when it trains); loading puts it back in fp32."""
     from diffusers.training_utils import cast_training_params
 
+    text_encoder_class = None if text_encoder is None else type(text_encoder)
+
     def save_model_hook(models, weights, checkpoint_dir):
-        for model in models:
-            if accelerator.is_main_process:
-                save_lora(accelerator.unwrap_model(model), checkpoint_dir)
-            weights.pop()  # only the LoRA is saved, not the whole UNet
+        unet_model, text_encoder_model = split_hook_models(accelerator, models, type(unet), text_encoder_class)
+        if accelerator.is_main_process:
+            save_lora(unet_model, checkpoint_dir, text_encoder=text_encoder_model)
+        for _ in models:
+            weights.pop()  # only the LoRA is saved, not the whole models
 
     def load_model_hook(models, checkpoint_dir):
-        while models:
-            load_lora(accelerator.unwrap_model(models.pop()), checkpoint_dir)
+        unet_model, text_encoder_model = split_hook_models(accelerator, models, type(unet), text_encoder_class)
+        models.clear()  # accelerate loads nothing more: the LoRA is all a checkpoint holds
+        check_checkpoint_text_encoder(checkpoint_dir, text_encoder_model is not None)
+        load_lora(unet_model, checkpoint_dir)
+        if text_encoder_model is not None:
+            load_text_encoder_lora(text_encoder_model, checkpoint_dir)
         if weight_dtype != torch.float32:
-            cast_training_params(unet, dtype=torch.float32)
+            cast_training_params([m for m in (unet_model, text_encoder_model) if m is not None], dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
-def make_scaled_optimizer(config: TrainConfig, params, num_processes: int):
-    """The optimizer and its learning rate (--scale_lr: times accumulation x batch x processes)."""
-    learning_rate = config.learning_rate
-    if config.scale_lr:
-        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * num_processes
-    optimizer = make_optimizer(config, params)
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate
-    return optimizer, learning_rate
+def make_scaled_optimizer(config: TrainConfig, params, num_processes: int, text_encoder_params=()):
+    """The optimizer and the UNet's learning rate (--scale_lr: times accumulation x batch x processes);
+    with ``text_encoder_params``, a second param group at --text_encoder_lr, scaled alike."""
+    scale = config.gradient_accumulation_steps * config.train_batch_size * num_processes if config.scale_lr else 1
+    optimizer = make_optimizer(config, optimizer_param_groups(config, params, text_encoder_params, lr_scale=scale))
+    return optimizer, optimizer.param_groups[0]["lr"]
 
 
 def make_lr_scheduler(config: TrainConfig, optimizer, batches: int, num_processes: int):
@@ -420,6 +440,7 @@ def announce_run(run: Run, backend: str, learning_rate: float, num_samples: int)
             "max_train_steps": run.max_train_steps, "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision, "unet_forwards_per_step": run.guide.forwards_per_step,
             "lora_alpha": config.resolved_lora_alpha,
+            "text_encoder_lr": run.optimizer.param_groups[1]["initial_lr"] if run.text_encoder is not None else None,
             "mask_preview_steps": run.pictures.mask_every})
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
         accelerator.init_trackers("sat_train", config=tracker_config)
@@ -476,6 +497,8 @@ def check_same_optimizer(run: Run, checkpoint: Path) -> None:
 def train_epoch(run: Run, epoch: int) -> None:
     """Every micro-batch of ``epoch`` (after those a resume skips), until the run's last step."""
     run.unet.train()
+    if run.text_encoder is not None:
+        run.text_encoder.train()
     run.dataloader.set_epoch(epoch)
     batches = run.dataloader
     if epoch == run.first_epoch and run.skip_batches:
@@ -495,16 +518,19 @@ def train_micro_batch(run: Run, batch):
     """Noise, the guide's loss, backward; the optimizer steps when accelerate says the accumulation
     is complete (inside accumulate, optimizer.step() is a no-op until then)."""
     accelerator = run.accelerator
-    with accelerator.accumulate(run.unet):
+    trained = [run.unet] if run.text_encoder is None else [run.unet, run.text_encoder]
+    with accelerator.accumulate(*trained):
         # the noise of a micro-batch is a function of where it is in the run (see seeding.py)
         generator = derived_generator(run.seed, accelerator.process_index, run.global_step, run.micro_batch,
                                       device=accelerator.device)
-        inputs = make_step_inputs(batch, run.components, run.config, run.weight_dtype, generator)
-        # LoRA dropout's masks keyed like the noise, not by the draws before (default runs: no dropout)
+        # LoRA dropout's masks keyed like the noise, not by the draws before (default runs: no dropout);
+        # the captions encode inside too: a trained text encoder's LoRA has dropout as well
         dropout_rng = (seeded_global_rng(run.seed, accelerator.process_index, run.global_step, run.micro_batch,
                                          DROPOUT_STREAM, device=accelerator.device)
                        if run.config.lora_dropout > 0 else contextlib.nullcontext())
         with dropout_rng:
+            inputs = make_step_inputs(batch, run.components, run.config, run.weight_dtype, generator,
+                                      run.text_encoder)
             result = run.guide(run.unet, inputs)
         accelerator.backward(result.loss)
         if accelerator.sync_gradients and run.config.max_grad_norm > 0:
@@ -552,6 +578,8 @@ def log_step(run: Run) -> float:
     run.progress.update(1)
     logs = {f"train/{name}": value for name, value in run.running.items() if not math.isnan(value)}
     logs["train/lr"] = run.lr_scheduler.get_last_lr()[0]
+    if run.text_encoder is not None:
+        logs["train/text_encoder_lr"] = run.lr_scheduler.get_last_lr()[1]
     run.accelerator.log(logs, step=run.global_step)
     run.progress.set_postfix(loss=f"{run.running['loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
     run.running = dict.fromkeys(METRICS, 0.0)
@@ -574,14 +602,14 @@ def save_run_checkpoint(run: Run) -> Path:
     --checkpoints_total_limit are removed. A kohya copy that would overflow --save_precision is left
     out: the checkpoint (float) is saved, then the run stops with the error (on every process)."""
     kohya = run.config.export_format in ("kohya", "both")
-    problem = (export_precision_problem(run.accelerator.unwrap_model(run.unet), "kohya", run.config.save_precision)
-               if kohya else None)
+    problem = (export_precision_problem(run.accelerator.unwrap_model(run.unet), "kohya", run.config.save_precision,
+                                        bare_text_encoder(run)) if kohya else None)
 
     def write_extra(folder: Path) -> None:
         run.pictures.save_history(folder)
         if kohya and not problem:
             save_lora_kohya(run.accelerator.unwrap_model(run.unet), folder, run.config.save_precision,
-                            describe=kohya_describer(run))
+                            describe=kohya_describer(run), text_encoder=bare_text_encoder(run))
 
     checkpoint = save_checkpoint(run.accelerator, run.output_dir, run.global_step, run.checkpoint_tag,
                                  write_extra=write_extra)
@@ -590,6 +618,11 @@ def save_run_checkpoint(run: Run) -> Path:
     if problem:
         stop_on_save_precision(run, problem, checkpoint)
     return checkpoint
+
+
+def bare_text_encoder(run: Run):
+    """The text encoder whose LoRA trains (--train_text_encoder), unwrapped; None when it does not."""
+    return None if run.text_encoder is None else run.accelerator.unwrap_model(run.text_encoder)
 
 
 def kohya_describer(run: Run):
@@ -636,7 +669,8 @@ def finish_run(run: Run) -> Path:
     lora_path = run.output_dir / LORA_WEIGHTS_NAME
     if accelerator.is_main_process:
         lora_path = export_lora(accelerator.unwrap_model(run.unet), run.output_dir, run.config.export_format,
-                                run.config.save_precision, describe_kohya=kohya_describer(run))
+                                run.config.save_precision, describe_kohya=kohya_describer(run),
+                                text_encoder=bare_text_encoder(run))
         if run.pictures.last_written is not None:
             accelerator.print(f"mask pictures: {run.pictures.masks_folder}")
         accelerator.print(f"LoRA weights: {lora_path}")
@@ -648,7 +682,7 @@ def check_final_export_fits(run: Run) -> None:
     """Before any final file is written (every process): LoRA values beyond --save_precision's range
     stop the run with the error, after a float checkpoint of the last step is saved (unless it was)."""
     problem = export_precision_problem(run.accelerator.unwrap_model(run.unet), run.config.export_format,
-                                       run.config.save_precision)
+                                       run.config.save_precision, bare_text_encoder(run))
     if problem is None:
         return
     checkpoint = run.output_dir / f"checkpoint-{run.global_step}"

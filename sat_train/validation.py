@@ -64,13 +64,16 @@ def validation_prompt(config) -> SamplePrompt:
 def generate_images(components, unet, prompt: SamplePrompt, generator: torch.Generator, weight_dtype,
                     attention_backend: str = "auto") -> list:
     """``prompt.num_images`` PIL images, drawn one after another from ``generator``, with ``unet`` (the
-    bare model, LoRA active) in eval mode; its training mode and attention processors (the guide's
-    capture processors, which SAG's sampler would replace) are restored afterwards. Under mixed
-    precision (``weight_dtype`` not float32) the UNet runs under autocast, as in training."""
+    bare model, LoRA active) and the text encoder (its LoRA too, with --train_text_encoder) in eval mode
+    (no LoRA dropout); their training modes and the UNet's attention processors (the guide's capture
+    processors, which SAG's sampler would replace) are restored afterwards. Under mixed precision
+    (``weight_dtype`` not float32) the UNet runs under autocast, as in training."""
     device = next(unet.parameters()).device
     components = dataclasses.replace(components, unet=unet)
-    was_training, processors = unet.training, unet.attn_processors
-    unet.eval()
+    models = (unet, components.text_encoder)
+    was_training, processors = [model.training for model in models], unet.attn_processors
+    for model in models:
+        model.eval()
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     try:
         # vae_on_device: a latent cache keeps the VAE on the CPU while training
@@ -84,7 +87,8 @@ def generate_images(components, unet, prompt: SamplePrompt, generator: torch.Gen
                     for _ in range(prompt.num_images)]
     finally:
         unet.set_attn_processor(processors)
-        unet.train(was_training)
+        for model, training in zip(models, was_training, strict=True):
+            model.train(training)
 
 
 def make_pipeline(components, sampler: str):

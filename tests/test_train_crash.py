@@ -24,13 +24,13 @@ FLAGS = ["--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e
          "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
 
 
-def run(out, kill_at: str | None, resume: bool) -> subprocess.CompletedProcess:
+def run(out, kill_at: str | None, resume: bool, extra=()) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
     env.pop("SAT_TEST_KILL_AT", None)
     if kill_at:
         env["SAT_TEST_KILL_AT"] = kill_at
-    args = [*FLAGS, "--output_dir", str(out)] + (["--resume_from_checkpoint", "latest"] if resume else [])
+    args = [*FLAGS, *extra, "--output_dir", str(out)] + (["--resume_from_checkpoint", "latest"] if resume else [])
     return subprocess.run([sys.executable, "-m", "sat_train", *args], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=600)
 
