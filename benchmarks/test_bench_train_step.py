@@ -84,7 +84,7 @@ def _step_fn(device: torch.device, guide_name: str):
     if kind == "none":
         guide = Guide()
     else:
-        guide = SATGuide(make_saliency(unet, kind, backend), alphas, GuideSettings(ratio=0.01, **options))
+        guide = SATGuide(make_saliency(unet, kind), alphas, GuideSettings(ratio=0.01, **options))
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
