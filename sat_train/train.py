@@ -267,6 +267,8 @@ def prepare_run(config: TrainConfig) -> Run:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     components, backend = prepare_models(config, accelerator, weight_dtype)
     guide = build_guide(config, components.unet, components.noise_scheduler)
+    if config.torch_compile:  # in place: the module, its parameter names and the capture hooks stay
+        components.unet.compile(backend=config.dynamo_backend)
     register_lora_checkpoint_hooks(accelerator, components.unet, weight_dtype)
     params = lora_parameters(components.unet)
     optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes)
