@@ -23,8 +23,8 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
+def build_parser(parser_class=_OneLineErrorParser) -> argparse.ArgumentParser:
+    parser = parser_class(
         prog="sat-train",
         description="LoRA fine-tuning of Stable Diffusion v1.5 with SAT (self-attention control) guidance. "
         "With no --pretrained_model_name_or_path and no data flags it trains a tiny embedded demo model "
@@ -45,8 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags → TrainConfig; in demo mode the demo's defaults fill the flags the user left out."""
+    """Flags (over --config_file's settings) → TrainConfig; in demo mode the demo's defaults fill the
+    settings the user left out."""
     given = vars(build_parser().parse_args(argv))
+    if given.get("config_file"):
+        from .config_file import config_file_settings
+
+        given = {**config_file_settings(given["config_file"]), **given}
     config = TrainConfig(**given)
     if config.is_demo:
         from .demo import demo_defaults

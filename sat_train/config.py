@@ -24,8 +24,12 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "adafactor")
+SAVE_PRECISIONS = ("float", "fp16", "bf16")  # --save_precision, kohya's names
 # diffusers' train_text_to_image_lora.py offers torchvision's InterpolationMode names, lowercased
 INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
+# kohya-ss/sd-scripts' --sample_sampler names (validation.SCHEDULER_CLASSES maps them to diffusers' schedulers)
+SAMPLE_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                   "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 
 
 class UsageError(Exception):
@@ -188,8 +192,29 @@ class TrainConfig:
         "the blurred-degraded image (needs --guide sac or cac). Unset: off, except the demo, every 10 steps.", type=int)
     export_format: str = _opt(
         "diffusers", "LoRA file format: diffusers (pytorch_lora_weights.safetensors), kohya "
-        "(pytorch_lora_weights_kohya.safetensors: lora_unet_* keys for A1111/ComfyUI), or both.",
+        "(pytorch_lora_weights_kohya.safetensors: lora_unet_* keys for A1111/ComfyUI), or both. kohya and both "
+        "also put the kohya file in every checkpoint-N/, to try each step's LoRA in A1111/ComfyUI.",
         choices=EXPORT_FORMATS)
+    # --- exported files and config files (kohya-ss/sd-scripts' flags)
+    save_precision: str = _opt(
+        "float", "dtype of the exported LoRA files (the final ones and the checkpoints' kohya copies): float "
+        "(fp32), fp16 or bf16. The checkpoints' diffusers file, which resume reads, stays float.",
+        choices=SAVE_PRECISIONS)
+    training_comment: str | None = _opt(None, "Free text stored in the kohya file as ss_training_comment.")
+    config_file: str | None = _opt(
+        None, "JSON or TOML file of settings (keys: these flags' names without --; TOML tables are merged), e.g. "
+        "a run's train_config.json to rerun it; flags on the command line override it (the command "
+        "line reads it; TrainConfig(config_file=...) in Python does not).")
+    # --- sample prompts during training (kohya-ss/sd-scripts' flags; sat_train/sample_prompts.py)
+    sample_prompts: str | None = _opt(
+        None, "Text file, one prompt a line in kohya's syntax: PROMPT --n NEGATIVE --w W --h H --s STEPS --d SEED "
+        "--l CFG --ss SAMPLER --sag SAG_SCALE (# comments and blank lines skipped); sampled into "
+        "output_dir/samples/stepNNNNNN_II.png and the logs.")
+    sample_every_n_steps: int | None = _opt(None, "Sample --sample_prompts every N optimizer steps.", type=int)
+    sample_every_n_epochs: int | None = _opt(
+        None, "Sample --sample_prompts every N epochs (overrides --sample_every_n_steps, as in kohya).", type=int)
+    sample_at_first: bool = _opt(False, "Sample --sample_prompts before training (step 0; not again on a resume).")
+    sample_sampler: str = _opt("ddim", "Sampler of the --sample_prompts lines without --ss.", choices=SAMPLE_SAMPLERS)
     debug: bool = _opt(False, "Show full tracebacks instead of one-line errors.")
 
     @property
@@ -228,6 +253,7 @@ class TrainConfig:
         self._check_lora_flags()
         self._check_optimizer_flags()
         self._check_compile_flags()
+        self._check_sample_flags()
         if self.guide == "cac" and not self.cac_word_list:
             raise UsageError("--cac_words is empty: give comma-separated words, e.g. face,eyes,hair")
         if self.max_train_steps is not None and self.max_train_steps < 1:
@@ -290,6 +316,34 @@ class TrainConfig:
         from .optimizers import build_optimizer
 
         build_optimizer(self, [torch.nn.Parameter(torch.zeros(1))], lr=self.learning_rate)
+
+    def _check_sample_flags(self) -> None:
+        """--sample_*: the prompt file parsed and each line checked (sample_prompts.py), before models load."""
+        for name in ("sample_every_n_steps", "sample_every_n_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        when = self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first
+        if self.sample_prompts is None:
+            if when:
+                raise UsageError("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first sample the "
+                                 "prompts of --sample_prompts FILE: give that file too")
+            return
+        if not when:
+            raise UsageError(f"--sample_prompts {self.sample_prompts} is never sampled: add --sample_every_n_steps N, "
+                             "--sample_every_n_epochs N or --sample_at_first")
+        from .sample_prompts import check_sample_prompt
+
+        for prompt in self.sample_prompt_list:
+            check_sample_prompt(prompt)
+
+    @property
+    def sample_prompt_list(self) -> list:
+        """--sample_prompts' prompts with the run's defaults (--resolution, --sample_sampler) filled in."""
+        from .sample_prompts import parse_prompt_file
+
+        if self.sample_prompts is None:
+            return []
+        return [p.with_defaults(self.resolution, self.sample_sampler) for p in parse_prompt_file(self.sample_prompts)]
 
     @property
     def optimizer_name(self) -> str:

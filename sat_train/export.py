@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .faults import crash_hook
+from .lora_files import cast_state_dict, precision_dtype, precision_overflow, write_safetensors_atomically
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -26,17 +27,19 @@ def unet_lora_adapter_metadata(unet) -> dict:
     return unet.peft_config["default"].to_dict()
 
 
-def save_lora(unet, output_dir: str | os.PathLike) -> Path:
+def save_lora(unet, output_dir: str | os.PathLike, precision: str = "float") -> Path:
     """Writes ``output_dir/pytorch_lora_weights.safetensors`` atomically (temp folder + os.replace),
     so an interrupted save never leaves a truncated file where a good one was. Its safetensors header
-    carries the adapter metadata (``lora_adapter_metadata``, keys prefixed ``unet.``)."""
+    carries the adapter metadata (``lora_adapter_metadata``, keys prefixed ``unet.``). ``precision``
+    (--save_precision) is for exports; checkpoints keep float, so that resume is exact."""
     from diffusers import StableDiffusionPipeline
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / LORA_WEIGHTS_NAME
+    layers = cast_state_dict(unet_lora_state_dict(unet), precision)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=unet_lora_state_dict(unet),
+        StableDiffusionPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=layers,
                                                   unet_lora_adapter_metadata=unet_lora_adapter_metadata(unet),
                                                   safe_serialization=True)
         if not output_dir.name.startswith(".checkpoint-"):  # the final file, not a checkpoint's copy
@@ -94,27 +97,36 @@ def kohya_state_dict(unet) -> dict:
             for k, v in state.items()}
 
 
-def save_lora_kohya(unet, output_dir: str | os.PathLike) -> Path:
-    """Writes ``output_dir/pytorch_lora_weights_kohya.safetensors`` atomically."""
-    from safetensors.torch import save_file
-
+def save_lora_kohya(unet, output_dir: str | os.PathLike, precision: str = "float", describe=None,
+                    crash_point: str | None = None) -> Path:
+    """Writes ``output_dir/pytorch_lora_weights_kohya.safetensors`` atomically, its tensors in
+    ``precision``; ``describe(state)`` gives its header metadata (lora_files.kohya_file_metadata),
+    else only kohya's two format keys."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / KOHYA_WEIGHTS_NAME
-    tmp = output_dir / f".{KOHYA_WEIGHTS_NAME}.tmp"
-    save_file(kohya_state_dict(unet), str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora"})
-    os.replace(tmp, final)
-    return final
+    state = cast_state_dict(kohya_state_dict(unet), precision)
+    metadata = describe(state) if describe is not None else {"format": "pt", "ss_network_module": "networks.lora"}
+    return write_safetensors_atomically(state, output_dir / KOHYA_WEIGHTS_NAME, metadata, crash_point=crash_point)
 
 
-def export_lora(unet, output_dir: str | os.PathLike, export_format: str = "diffusers") -> Path:
-    """The end-of-run export: ``diffusers``, ``kohya`` or ``both``; returns the diffusers file when
-    written, else the kohya one."""
+def export_precision_problem(unet, export_format: str, precision: str) -> str | None:
+    """What keeps the LoRA from being exported in ``precision`` (a tensor beyond its range), or None.
+    Both formats hold the same values (A, B, alpha), so one state dict answers for both."""
+    if precision_dtype(precision) is None:  # float: saved as trained, nothing to check (or to build)
+        return None
+    state = kohya_state_dict(unet) if export_format == "kohya" else unet_lora_state_dict(unet)
+    return precision_overflow(state, precision)
+
+
+def export_lora(unet, output_dir: str | os.PathLike, export_format: str = "diffusers", precision: str = "float",
+                describe_kohya=None) -> Path:
+    """The end-of-run export: ``diffusers``, ``kohya`` or ``both``, in --save_precision ``precision``
+    (check export_precision_problem first); returns the diffusers file when written, else the kohya one."""
     paths = []
     if export_format in ("diffusers", "both"):
-        paths.append(save_lora(unet, output_dir))
+        paths.append(save_lora(unet, output_dir, precision))
     if export_format in ("kohya", "both"):
-        paths.append(save_lora_kohya(unet, output_dir))
+        paths.append(save_lora_kohya(unet, output_dir, precision, describe_kohya, crash_point="kohya:mid"))
     if not paths:
         raise ValueError(f"unknown export format {export_format!r}")
     return paths[0]

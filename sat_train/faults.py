@@ -8,6 +8,7 @@ Never set it in real runs.
     checkpoint-N:mid    accelerate state written to .checkpoint-N.tmp-PID, not yet marked or renamed
     checkpoint-N:after  checkpoint-N complete and renamed into place, older ones not yet pruned
     lora:mid            final LoRA file written to its temporary folder, not yet renamed into place
+    kohya:mid           final kohya LoRA file written as .NAME.tmp, not yet renamed into place
 """
 
 from __future__ import annotations

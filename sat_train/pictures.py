@@ -124,12 +124,14 @@ def loss_curve(steps: list[int], losses: list[float], width: int = 640, height: 
 class RunPictures:
     """What the training loop draws: mask previews every ``mask_every`` steps and at the end (the
     run's --mask_preview_steps, or the demo's interval: demo.mask_preview_steps), step-based
-    validation (``validate(step)``) every ``--validation_steps``, and ``loss.png`` (with its data,
+    validation (``validate(step)``) every ``--validation_steps``, the --sample_prompts images
+    (``samples``: validation.TrainingSamples) when their flags say, and ``loss.png`` (with its data,
     ``loss_history.json``) at the end. ``steps``/``losses`` hold one entry per optimizer step, from
     step 1 after ``resume``. Only the main process writes; every call is cheap when its flag is off."""
 
-    def __init__(self, accelerator, config, vae, mask_every: int | None, validate=None):
+    def __init__(self, accelerator, config, vae, mask_every: int | None, validate=None, samples=None):
         self.accelerator, self.config, self.vae, self.validate = accelerator, config, vae, validate
+        self.samples = samples  # validation.TrainingSamples (--sample_prompts), or None
         self.mask_every = mask_every
         self.folder = Path(config.output_dir)
         self.steps: list[int] = []
@@ -160,6 +162,8 @@ class RunPictures:
         every = self.config.validation_steps
         if every and self.config.validation_prompt and step % every == 0 and self.validate is not None:
             self.validate(step)
+        if self.samples is not None:
+            self.samples.after_step(step)
 
     def write_mask_preview(self, step: int) -> Path | None:
         if self.last is None or not self.accelerator.is_main_process or self.last_written == step:

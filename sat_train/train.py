@@ -20,6 +20,7 @@ check, summary, final paths) comes from the main process only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -33,13 +34,15 @@ from . import demo
 from .capture import resolve_backend, stock_processor
 from .config import TrainConfig, UsageError
 from .data import build_dataset, collate, read_records
-from .export import LORA_WEIGHTS_NAME, export_lora, load_lora, save_lora
+from .export import LORA_WEIGHTS_NAME, export_lora, export_precision_problem, load_lora, save_lora, save_lora_kohya
 from .faults import crash_hook, fsync_dir
 from .guidance import StepInputs, build_guide
+from .lora_files import kohya_file_metadata
 from .models import Components, add_lora, load_components, lora_parameters
 from .optimizers import build_optimizer
 from .pictures import RunPictures
 from .seeding import derived_generator, seeded_global_rng
+from .validation import TrainingSamples
 
 CONFIG_NAME = "train_config.json"
 DROPOUT_STREAM = 1  # last key of the LoRA dropout stream; (seed, process, step, micro-batch) alone keys the noise
@@ -241,6 +244,7 @@ def train(config: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     run = prepare_run(config)
+    run.pictures.samples.before_training(run.global_step)  # --sample_at_first
     run.progress = tqdm(range(run.max_train_steps), initial=run.global_step, desc="steps",
                         disable=not run.accelerator.is_local_main_process)
     for epoch in range(run.first_epoch, run.num_epochs):
@@ -288,7 +292,9 @@ def prepare_run(config: TrainConfig) -> Run:
               num_epochs=math.ceil(max_train_steps / steps_per_epoch), checkpoint_tag=main_process_pid(accelerator))
     run.pictures = RunPictures(accelerator, config, components.vae, mask_every=demo.mask_preview_steps(config),
                                validate=lambda step: run_validation(accelerator, components, unet, config, None,
-                                                                    weight_dtype, step=step))
+                                                                    weight_dtype, step=step),
+                               samples=TrainingSamples(accelerator, components, unet, config, weight_dtype, seed,
+                                                       backend))
     announce_run(run, backend, learning_rate, len(dataset))
     resume_run(run)
     return run
@@ -540,14 +546,52 @@ def log_step(run: Run) -> float:
 
 
 def checkpoint_if_due(run: Run) -> None:
-    """Every --checkpointing_steps: an atomic checkpoint (see save_checkpoint) holding the loss history
-    (for resume's loss.png), then the oldest beyond --checkpoints_total_limit are removed."""
+    """Every --checkpointing_steps: an atomic checkpoint (see save_run_checkpoint)."""
     if run.global_step % run.config.checkpointing_steps:
         return
-    save_checkpoint(run.accelerator, run.output_dir, run.global_step, run.checkpoint_tag,
-                    write_extra=run.pictures.save_history)
+    save_run_checkpoint(run)
+
+
+def save_run_checkpoint(run: Run) -> Path:
+    """An atomic checkpoint (see save_checkpoint) holding the loss history (for resume's loss.png)
+    and, with --export_format kohya|both, the kohya file in --save_precision; then the oldest beyond
+    --checkpoints_total_limit are removed. A kohya copy that would overflow --save_precision is left
+    out: the checkpoint (float) is saved, then the run stops with the error (on every process)."""
+    kohya = run.config.export_format in ("kohya", "both")
+    problem = (export_precision_problem(run.accelerator.unwrap_model(run.unet), "kohya", run.config.save_precision)
+               if kohya else None)
+
+    def write_extra(folder: Path) -> None:
+        run.pictures.save_history(folder)
+        if kohya and not problem:
+            save_lora_kohya(run.accelerator.unwrap_model(run.unet), folder, run.config.save_precision,
+                            describe=kohya_describer(run))
+
+    checkpoint = save_checkpoint(run.accelerator, run.output_dir, run.global_step, run.checkpoint_tag,
+                                 write_extra=write_extra)
     if run.accelerator.is_main_process:
         prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
+    if problem:
+        stop_on_save_precision(run, problem, checkpoint)
+    return checkpoint
+
+
+def kohya_describer(run: Run):
+    """state → the kohya file's metadata at the run's current step (lora_files.kohya_file_metadata)."""
+    return functools.partial(kohya_file_metadata, config=run.config, steps=run.global_step,
+                             epoch=math.ceil(run.global_step / run.steps_per_epoch),
+                             max_train_steps=run.max_train_steps,
+                             prediction_type=run.components.noise_scheduler.config.prediction_type)
+
+
+def stop_on_save_precision(run: Run, problem: str, checkpoint: Path) -> None:
+    """Ends the run (bar, trackers) with the one-line error naming the tensor and the way out."""
+    if run.progress is not None:
+        run.progress.close()
+    run.accelerator.end_training()
+    raise UsageError(f"--save_precision {run.config.save_precision}: {problem}; the float weights are saved in "
+                     f"{checkpoint}: export them with --save_precision bf16 (or float) --resume_from_checkpoint "
+                     f"{checkpoint}")
 
 
 def validate_at_epoch_end(run: Run, epoch: int) -> None:
@@ -555,6 +599,7 @@ def validate_at_epoch_end(run: Run, epoch: int) -> None:
     config = run.config
     if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
         run_validation(run.accelerator, run.components, run.unet, config, epoch + 1, run.weight_dtype)
+    run.pictures.samples.at_epoch_end(epoch + 1, run.global_step)  # --sample_every_n_epochs
 
 
 # ----------------------------------------------------------------------------- 5. finishing
@@ -571,9 +616,11 @@ def finish_run(run: Run) -> Path:
     if report:
         accelerator.print(report)
     accelerator.wait_for_everyone()
+    check_final_export_fits(run)
     lora_path = run.output_dir / LORA_WEIGHTS_NAME
     if accelerator.is_main_process:
-        lora_path = export_lora(accelerator.unwrap_model(run.unet), run.output_dir, run.config.export_format)
+        lora_path = export_lora(accelerator.unwrap_model(run.unet), run.output_dir, run.config.export_format,
+                                run.config.save_precision, describe_kohya=kohya_describer(run))
         if run.pictures.last_written is not None:
             accelerator.print(f"mask pictures: {run.pictures.masks_folder}")
         accelerator.print(f"LoRA weights: {lora_path}")
@@ -581,23 +628,31 @@ def finish_run(run: Run) -> Path:
     return lora_path
 
 
+def check_final_export_fits(run: Run) -> None:
+    """Before any final file is written (every process): LoRA values beyond --save_precision's range
+    stop the run with the error, after a float checkpoint of the last step is saved (unless it was)."""
+    problem = export_precision_problem(run.accelerator.unwrap_model(run.unet), run.config.export_format,
+                                       run.config.save_precision)
+    if problem is None:
+        return
+    checkpoint = run.output_dir / f"checkpoint-{run.global_step}"
+    if run.global_step % run.config.checkpointing_steps or not checkpoint_is_complete(checkpoint):
+        checkpoint = save_run_checkpoint(run)  # stops the run itself when it holds a kohya copy
+    stop_on_save_precision(run, problem, checkpoint)
+
+
 def run_validation(accelerator, components, unet, config: TrainConfig, epoch: int | None, weight_dtype,
                    step: int | None = None) -> None:
     """Images for --validation_prompt: output_dir/validation/epochNNNN-i.png (or stepNNNNNN-i.png)."""
     from .pictures import save_png
-    from .validation import generate_images
+    from .validation import generate_images, log_images, prompt_generator, validation_prompt
 
     if not accelerator.is_main_process:
         return
-    images = generate_images(components, accelerator.unwrap_model(unet), config, accelerator.device, weight_dtype)
+    prompt = validation_prompt(config)
+    images = generate_images(components, accelerator.unwrap_model(unet), prompt, prompt_generator(prompt, None, 0),
+                             weight_dtype, config.attention)
     folder = Path(config.output_dir) / "validation"
-    folder.mkdir(exist_ok=True)
     for i, image in enumerate(images):
         save_png(image, folder / (f"epoch{epoch:04d}-{i}.png" if step is None else f"step{step:06d}-{i}.png"))
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]),
-                                      epoch if step is None else step,
-                                      dataformats="NHWC")
+    log_images(accelerator, "validation", images, epoch if step is None else step)

@@ -1,0 +1,172 @@
+"""The writing side of exported LoRA files: --save_precision, the kohya file's metadata (kohya-ss/
+sd-scripts' ``ss_*`` training keys, its ``sshs_*`` hashes, Stability's ``modelspec.*`` keys, SAT's
+``sat_*`` settings) and atomic safetensors writes.
+
+Value formats follow sd-scripts (train_network.py, library/train_util.py, library/sai_model_spec.py):
+every value is a string, ``ss_*`` values are Python's ``str()`` of the setting (``"4"``, ``"8.0"``,
+``"None"``, ``"(512, 512)"``), and the hashes are those sd-webui-additional-networks indexes by.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from .faults import crash_hook
+
+MODELSPEC_VERSION = "1.0.1"  # what sd-scripts writes since its ModelSpec 1.0.1 update (Aug 2025)
+LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000  # sd-scripts' addnet_hash_legacy window
+
+
+def precision_dtype(precision: str):
+    """--save_precision → the torch dtype of exported tensors (None for float: saved as trained)."""
+    import torch
+
+    return {"float": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def cast_state_dict(state: dict, precision: str) -> dict:
+    """Floating tensors cast to --save_precision (sd-scripts casts every tensor, ``.alpha`` included)."""
+    dtype = precision_dtype(precision)
+    if dtype is None:
+        return state
+    return {k: v.detach().to(dtype).contiguous() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def precision_overflow(state: dict, precision: str) -> str | None:
+    """The first tensor whose values exceed --save_precision's range (they would turn into inf),
+    described for the error message; None when every tensor fits."""
+    import torch
+
+    dtype = precision_dtype(precision)
+    if dtype is None:
+        return None
+    limit = torch.finfo(dtype).max
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and tensor.numel():
+            peak = tensor.detach().abs().max().item()
+            if peak > limit:
+                return f"{name} has values up to {peak:.6g}, beyond {precision}'s largest {limit:.6g}"
+    return None
+
+
+def safetensors_hashes(state: dict, metadata: dict[str, str]) -> tuple[str, str]:
+    """sd-scripts' ``precalculate_safetensors_hashes``: the file serialized with only its ``ss_*``
+    metadata (the training keys, which never change afterwards), then the sha256 of everything after
+    the header (``sshs_model_hash``) and the first 8 hex digits of the sha256 of the 64 KiB at 1 MiB
+    (``sshs_legacy_hash``)."""
+    from safetensors.torch import save
+
+    data = save(state, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[header_end:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[LEGACY_HASH_OFFSET:LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int) -> dict[str, str]:
+    """The ``ss_*`` keys sd-scripts' train_network.py writes that this trainer has an equivalent of
+    (``max_train_steps``: the run's length, also when --num_train_epochs set it)."""
+    model = config.pretrained_model_name_or_path
+    values = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": config.rank,
+        "ss_network_alpha": config.resolved_lora_alpha,
+        "ss_network_dropout": config.lora_dropout,
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": False,
+        "ss_resolution": (config.resolution, config.resolution),
+        "ss_steps": steps,
+        "ss_epoch": epoch,
+        "ss_max_train_steps": max_train_steps,
+        "ss_output_name": Path(config.output_dir).name,
+        "ss_training_comment": config.training_comment,
+        "ss_learning_rate": config.learning_rate,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": config.lr_warmup_steps,
+        "ss_optimizer": config.optimizer_name + (f"({','.join(config.optimizer_args)})" if config.optimizer_args
+                                                 else ""),
+        "ss_max_grad_norm": config.max_grad_norm,
+        "ss_batch_size_per_device": config.train_batch_size,
+        "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": config.gradient_checkpointing,
+        "ss_mixed_precision": config.mixed_precision or "no",
+        "ss_seed": config.seed,
+        "ss_noise_offset": config.noise_offset,
+        "ss_min_snr_gamma": config.snr_gamma,
+        "ss_caption_dropout_rate": config.caption_dropout_rate,
+        "ss_caption_tag_dropout_rate": config.caption_tag_dropout_rate,
+        "ss_shuffle_caption": config.shuffle_caption,
+        "ss_keep_tokens": config.keep_tokens,
+        "ss_flip_aug": config.random_flip,
+    }
+    if model is not None:  # sd-scripts: a local model's folder name, else the hub id
+        values["ss_sd_model_name"] = os.path.basename(model.rstrip("/\\")) if os.path.exists(model) else model
+    return {k: str(v) for k, v in values.items()}
+
+
+def modelspec_metadata(config, prediction_type: str, timestamp: float) -> dict[str, str]:
+    """Stability's ModelSpec keys as sd-scripts fills them for an SD v1 LoRA (title: kohya's
+    --output_name, here the output folder's name; date: ISO 8601 local time, whole seconds)."""
+    return {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.implementation_version": f"sat_train/{_package_version()}",
+        "modelspec.title": Path(config.output_dir).name,
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    }
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sat")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def sat_metadata(config) -> dict[str, str]:
+    """SAT's own settings, so a file says how it was guided."""
+    settings = config.guide_settings
+    values = {"sat_guide": config.guide, "sat_guide_ratio": settings.ratio, "sat_guide_threshold": settings.threshold,
+              "sat_guide_kernel_size": settings.kernel_size, "sat_guide_sigma": settings.sigma,
+              "sat_guide_capture": settings.capture, "sat_guide_detach_degraded": settings.detach_degraded}
+    if config.guide == "cac":
+        values["sat_cac_words"] = config.cac_words
+    return {k: str(v) for k, v in values.items()}
+
+
+def kohya_file_metadata(state: dict, config, steps: int, epoch: int, max_train_steps: int,
+                        prediction_type: str = "epsilon") -> dict[str, str]:
+    """Everything the kohya file's header carries; ``state`` is the state dict as it will be saved
+    (after --save_precision), which the hashes cover."""
+    metadata = {"format": "pt", **kohya_training_metadata(config, steps, epoch, max_train_steps),
+                **modelspec_metadata(config, prediction_type, time.time()),
+                **sat_metadata(config)}
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
+    return metadata
+
+
+def write_safetensors_atomically(state: dict, path: str | os.PathLike, metadata: dict[str, str],
+                                 crash_point: str | None = None) -> Path:
+    """``path`` appears whole or not at all: written as ``.NAME.tmp`` beside it, then os.replace; a
+    failed write removes the temporary (a killed one's is removed at the next run's start)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        if crash_point is not None:
+            crash_hook(crash_point)  # test-only (sat_train/faults.py)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
