@@ -102,6 +102,17 @@ class TrainConfig:
     strict_data: bool = _opt(False, "Stop (exit 2) on any bad sample the data check finds, instead of "
                              "skipping it and counting it in the summary.")
     skip_small_images: bool = _opt(False, "Skip images smaller than --resolution instead of upscaling them.")
+    # --- latent cache (latent_cache.py; kohya-ss/sd-scripts' flag names)
+    cache_latents: bool = _opt(
+        False, "Encode every image with the VAE once, before training, and keep its latent distribution in memory "
+        "(no image decode or VAE encode per step). Images are then center-cropped (see --random_crop); with "
+        "--random_flip the flipped image is cached too.")
+    cache_latents_to_disk: bool = _opt(
+        False, "As --cache_latents, but in safetensors files under OUTPUT_DIR/latent_cache/, read per sample and "
+        "reused by later runs into the same --output_dir (rebuilt where the image, size, VAE or filter changed).")
+    random_crop: bool = _opt(
+        False, "Random square crops: already the default without --center_crop (kohya's flag, stated explicitly); "
+        "not with --cache_latents / --cache_latents_to_disk, whose cache holds one crop per image.")
     # --- schedule
     train_batch_size: int = _opt(16, "Batch size per device.", type=int)
     num_train_epochs: int = _opt(100, "Epochs (ignored when --max_train_steps is given).", type=int)
@@ -250,6 +261,7 @@ class TrainConfig:
                              "--dataset_name does not run (its images are decoded per sample); drop them, or "
                              "give the folder as --train_data_dir without --dataset_name")
         self._check_caption_flags()
+        self._check_latent_cache_flags()
         self._check_lora_flags()
         self._check_optimizer_flags()
         self._check_compile_flags()
@@ -283,6 +295,19 @@ class TrainConfig:
         if suffix in (".", "") or any(c in suffix for c in "/\\") or suffix.lower() in IMAGE_SUFFIXES:
             raise UsageError(f"--caption_extension {self.caption_extension!r} cannot name caption files: give a "
                              "suffix such as .txt or .caption")
+
+    def _check_latent_cache_flags(self) -> None:
+        if self.random_crop and self.center_crop:
+            raise UsageError("--random_crop and --center_crop ask for different crops: pick one")
+        if self.random_crop and self.caches_latents:
+            flag = "--cache_latents_to_disk" if self.cache_latents_to_disk else "--cache_latents"
+            raise UsageError(f"--random_crop with {flag} would train every epoch on the one crop the cache holds: "
+                             f"drop --random_crop (cached images are center-cropped) or drop {flag}")
+
+    @property
+    def caches_latents(self) -> bool:
+        """--cache_latents or --cache_latents_to_disk (which implies it, as in kohya's scripts)."""
+        return self.cache_latents or self.cache_latents_to_disk
 
     def _check_lora_flags(self) -> None:
         if self.lora_alpha is not None and not 0.0 < self.lora_alpha < float("inf"):  # also rejects nan

@@ -1,6 +1,7 @@
 """Training data: an image folder with metadata.jsonl, a kohya-style folder (``N_name/`` subfolders,
 same-stem caption files; see datacheck.scan_kohya_folder), or a Hugging Face dataset → batches of
-``pixel_values`` (B, 3, R, R) in [-1, 1] and ``input_ids`` (B, model_max_length).
+``pixel_values`` (B, 3, R, R) in [-1, 1] (with a latent cache, latent_cache.py: ``latent_params``
+instead) and ``input_ids`` (B, model_max_length).
 
 The image folder reader is our own (the ``datasets`` package is optional): each line of
 ``metadata.jsonl`` is ``{"file_name": "a.jpg", "text": "a caption"}``. Every problem the user
@@ -31,6 +32,8 @@ from .seeding import derived_generator
 
 CAPTION_STREAM = 1  # extra key of derived_generator: the caption pick draws apart from the crop/flip draws
 CAPTION_AUGMENT_STREAM = 2  # ... and kohya's caption dropout / tag shuffle / tag dropout apart from both
+# batch key of the cached VAE latent distributions (latent_cache.py), carried instead of pixel_values
+LATENT_PARAMS = "latent_params"
 
 # --image_interpolation_mode → PIL filter, as torchvision maps InterpolationMode for PIL images
 PIL_FILTERS = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR,
@@ -47,25 +50,38 @@ class ImageTransform:
 
     def __init__(self, resolution: int, center_crop: bool, random_flip: bool, interpolation: str = "lanczos"):
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.resample = PIL_FILTERS[interpolation]
+        self.interpolation, self.resample = interpolation, PIL_FILTERS[interpolation]
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         image = to_rgb(image)  # grayscale, 16-bit, RGBA, CMYK, palette → 8-bit RGB
-        w, h = image.size
+        image = image.resize(self.resized_size(image.size), self.resample)
+        image = image.crop(self.crop_box(image.size, generator))
+        if self.draws_flip(generator):
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return pixels.float().div(127.5).sub(1.0)
+
+    def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(W, H) of an image of ``size`` once its short side is resized to the resolution."""
+        w, h = size
         scale = self.resolution / min(w, h)
-        size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
-        image = image.resize(size, self.resample)
-        w, h = image.size
+        return max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
+
+    def crop_box(self, size: tuple[int, int], generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the square crop of a resized image of ``size``: centered, or
+        drawn from ``generator`` (two draws) without --center_crop."""
+        w, h = size
         if self.center_crop:
             top, left = (h - self.resolution) // 2, (w - self.resolution) // 2
         else:
             top = int(torch.randint(0, h - self.resolution + 1, (), generator=generator).item())
             left = int(torch.randint(0, w - self.resolution + 1, (), generator=generator).item())
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if self.random_flip and torch.rand((), generator=generator).item() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return pixels.float().div(127.5).sub(1.0)
+        return left, top, left + self.resolution, top + self.resolution
+
+    def draws_flip(self, generator: torch.Generator | None = None) -> bool:
+        """--random_flip's pick (one draw from ``generator``, after the crop's); False without the flag.
+        The latent cache (latent_cache.py) picks a sample's cached flip with the same draw."""
+        return self.random_flip and torch.rand((), generator=generator).item() < 0.5
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,7 @@ class CaptionedImages(Dataset):
         self.records, self.transform, self.tokenizer, self.describe = records, transform, tokenizer, describe
         self.seed, self.epoch, self.augment = seed, 0, augment
         self.cac_word_ids: list[tuple[int, ...]] | None = None  # set by build_dataset for --guide cac
+        self.latent_cache = None  # set by latent_cache.cache_latents: items then carry latent_params, no pixels
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
         self.epoch = epoch
@@ -125,17 +142,32 @@ class CaptionedImages(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        source, _ = self.records[index]
-        try:
-            pixels = self.transform(open_image(source), derived_generator(self.seed, self.epoch, index))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
+        item = self.image_item(index)
         # the caption as the text encoder sees it; CAC's words are found in it below
-        item = {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [self.caption(index)])[0]}
+        item["input_ids"] = tokenize(self.tokenizer, [self.caption(index)])[0]
         if self.cac_word_ids is not None:  # --guide cac: where the chosen words sit in the caption
             item["cac_tokens"] = torch.tensor(
                 word_token_positions(self.tokenizer, item["input_ids"], self.cac_word_ids), dtype=torch.long)
         return item
+
+    def image_item(self, index: int) -> dict[str, torch.Tensor]:
+        """{"pixel_values": the transformed image}, or with a latent cache {LATENT_PARAMS: the cached
+        VAE distribution of the flip this epoch draws}: the same flip draw as the uncached center crop."""
+        generator = derived_generator(self.seed, self.epoch, index)
+        if self.latent_cache is not None:
+            return {LATENT_PARAMS: self.latent_cache.params(index, flipped=self.transform.draws_flip(generator))}
+        return {"pixel_values": self.pixels(index, generator)}
+
+    def pixels(self, index: int, generator: torch.Generator | None = None, transform=None) -> torch.Tensor:
+        """Sample ``index``'s image through ``transform`` (default: the dataset's), drawing from ``generator``."""
+        try:
+            return (transform or self.transform)(open_image(self.records[index][0]), generator)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(W, H) of sample ``index`` as trained: square at --resolution (aspect-ratio buckets will vary it)."""
+        return self.transform.resolution, self.transform.resolution
 
     def caption(self, index: int) -> str:
         """Sample ``index``'s caption this epoch: one of several (a --dataset_name list column), then
@@ -268,7 +300,8 @@ def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool 
 
 
 def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0) -> CaptionedImages:
-    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip,
+    # a latent cache holds each image's center crop (see --random_crop)
+    transform = ImageTransform(config.resolution, config.center_crop or config.caches_latents, config.random_flip,
                                config.image_interpolation_mode)
     augment = CaptionAugment(shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens,
                              dropout_rate=config.caption_dropout_rate, tag_dropout_rate=config.caption_tag_dropout_rate)
@@ -281,8 +314,9 @@ def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0)
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    images = "pixel_values" if "pixel_values" in examples[0] else LATENT_PARAMS  # a latent cache: no pixels
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+        images: torch.stack([e[images] for e in examples]).contiguous(),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         **({"cac_tokens": pad_token_positions([e["cac_tokens"] for e in examples])}
            if "cac_tokens" in examples[0] else {}),

@@ -9,6 +9,7 @@ Never set it in real runs.
     checkpoint-N:after  checkpoint-N complete and renamed into place, older ones not yet pruned
     lora:mid            final LoRA file written to its temporary folder, not yet renamed into place
     kohya:mid           final kohya LoRA file written as .NAME.tmp, not yet renamed into place
+    latent_cache:mid    a --cache_latents_to_disk file (or its manifest) written to its temporary, not yet renamed
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .data import LATENT_PARAMS
+from .latent_cache import decode_latent_means, vae_on_device
+
 MASK_COLOR = (255, 40, 40)
 MAX_PREVIEW_ROWS = 4
 LOSS_HISTORY_NAME = "loss_history.json"
@@ -136,13 +139,17 @@ class RunPictures:
         self.folder = Path(config.output_dir)
         self.steps: list[int] = []
         self.losses: list[float] = []
-        self.last = None  # (pixel_values, x0, mask) of the latest micro-batch that had a mask
+        self.last = None  # (pixel_values or latent_params, x0, mask) of the latest micro-batch that had a mask
         self.last_written = None
+        self.last_is_cached = False  # self.last holds latent_params, not pixel_values
 
     def observe(self, batch, inputs, result) -> None:
         """Keeps the latest micro-batch's pictures' inputs (references only, no copies)."""
         if self.mask_every and getattr(result, "mask", None) is not None:
-            self.last = (batch["pixel_values"], inputs.x0.detach(), result.mask)
+            # a latent cache's batches carry no pixels: the picture decodes their cached latent means
+            self.last_is_cached = "pixel_values" not in batch
+            images = batch[LATENT_PARAMS] if self.last_is_cached else batch["pixel_values"]
+            self.last = (images, inputs.x0.detach(), result.mask)
 
     def resume(self, checkpoint: Path, step: int) -> None:
         """Restores the loss history of steps 1..``step`` saved in ``checkpoint`` (see save_checkpoint)."""
@@ -168,8 +175,12 @@ class RunPictures:
     def write_mask_preview(self, step: int) -> Path | None:
         if self.last is None or not self.accelerator.is_main_process or self.last_written == step:
             return None
-        pixel_values, x0, mask = self.last
-        image = mask_preview(pixel_values, x0, mask, self.vae, self.config.guide_kernel_size, self.config.guide_sigma)
+        images, x0, mask = self.last
+        with vae_on_device(self.vae, self.accelerator.device):  # a latent cache keeps the VAE on the CPU
+            pixel_values = (decode_latent_means(images[:MAX_PREVIEW_ROWS], self.vae) if self.last_is_cached
+                            else images)
+            image = mask_preview(pixel_values, x0, mask, self.vae, self.config.guide_kernel_size,
+                                 self.config.guide_sigma)
         self.last_written = step
         path = save_png(image, self.masks_folder / f"step{step:06d}.png")
         for tracker in self.accelerator.trackers:

@@ -33,10 +33,11 @@ import torch
 from . import demo
 from .capture import resolve_backend, stock_processor
 from .config import TrainConfig, UsageError
-from .data import build_dataset, collate, read_records
+from .data import LATENT_PARAMS, build_dataset, collate, read_records
 from .export import LORA_WEIGHTS_NAME, export_lora, export_precision_problem, load_lora, save_lora, save_lora_kohya
 from .faults import crash_hook, fsync_dir
 from .guidance import StepInputs, build_guide
+from .latent_cache import cache_latents, sample_latents
 from .lora_files import kohya_file_metadata
 from .models import Components, add_lora, load_components, lora_parameters
 from .optimizers import build_optimizer
@@ -183,7 +184,10 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
 
     scheduler = components.noise_scheduler
     with torch.no_grad():
-        latents = components.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
+        if LATENT_PARAMS in batch:  # --cache_latents: the VAE encoded the images before training
+            latents = sample_latents(batch[LATENT_PARAMS].to(weight_dtype), generator)
+        else:
+            latents = components.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
         latents = latents * components.vae.config.scaling_factor
         cond = components.text_encoder(batch["input_ids"], return_dict=False)[0]
     batch_size, channels, device = latents.shape[0], latents.shape[1], latents.device
@@ -278,6 +282,7 @@ def prepare_run(config: TrainConfig) -> Run:
     optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes)
     seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
     dataset = build_dataset(config, records, names, components.tokenizer, seed=seed)
+    cache_latents(config, accelerator, components.vae, dataset, weight_dtype)  # no-op without --cache_latents*
     dataloader = torch.utils.data.DataLoader(dataset, shuffle=True, collate_fn=collate,
                                              batch_size=config.train_batch_size,
                                              num_workers=config.dataloader_num_workers)

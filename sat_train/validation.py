@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .latent_cache import vae_on_device
 from .sample_prompts import SamplePrompt
 
 INFERENCE_STEPS = 30  # as diffusers' LoRA example
@@ -71,7 +72,8 @@ def generate_images(components, unet, prompt: SamplePrompt, generator: torch.Gen
     unet.eval()
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     try:
-        with torch.no_grad(), autocast:
+        # vae_on_device: a latent cache keeps the VAE on the CPU while training
+        with torch.no_grad(), autocast, vae_on_device(components.vae, device):
             if prompt.sag_scale > 0:
                 return [sag_image(components, prompt, generator, attention_backend) for _ in range(prompt.num_images)]
             pipeline = make_pipeline(components, prompt.sampler)
