@@ -69,11 +69,28 @@ class GuideSettings:
 class TrainConfig:
     # --- model
     pretrained_model_name_or_path: str | None = _opt(
-        None, "SD v1.5 folder or hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5). "
-        "Left out (with no data flags): the embedded offline demo model.")
+        None, "SD v1.5 folder, hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or single-file "
+        "checkpoint (a community .safetensors in the original LDM layout). Left out (with no data flags): the "
+        "embedded offline demo model.")
     revision: str | None = _opt(None, "Model revision on the hub.")
     variant: str | None = _opt(None, "Weight variant, e.g. fp16.")
     cache_dir: str | None = _opt(None, "Where downloaded models and datasets are cached.")
+    # --- single-file checkpoints and --vae (sat_train/single_file.py)
+    original_config: str | None = _opt(
+        None, "Single-file model: the LDM .yaml (e.g. v1-inference.yaml) its UNet and VAE architecture is read "
+        "from (default: the bundled SD v1.5 configs).")
+    single_file_config: str | None = _opt(
+        None, "Single-file model: a diffusers folder whose unet/, vae/, text_encoder/, scheduler/ (and tokenizer/) "
+        "configs describe it, instead of the bundled SD v1.5 ones (diffusers' from_single_file config=).")
+    tokenizer_name: str | None = _opt(
+        None, "CLIP tokenizer folder (or a model folder with tokenizer/) to use instead of the base model's; a "
+        "single file's default is SD v1.5's, bundled.")
+    allow_pickle_checkpoint: bool = _opt(
+        False, "Allow .ckpt/.pt/.pth checkpoints (pickles, which can run code when loaded); read with "
+        "torch.load(weights_only=True) where possible.")
+    vae: str | None = _opt(
+        None, "VAE to use instead of the base model's: a diffusers folder or a .safetensors file.",
+        aliases=("--pretrained_vae_model_name_or_path",))
     # --- data
     dataset_name: str | None = _opt(None, "Hugging Face dataset name or path (needs `pip install datasets`).")
     dataset_config_name: str | None = _opt(None, "Config of --dataset_name.")
@@ -260,6 +277,7 @@ class TrainConfig:
             raise UsageError("--strict_data and --skip_small_images act on the image-folder data check, which "
                              "--dataset_name does not run (its images are decoded per sample); drop them, or "
                              "give the folder as --train_data_dir without --dataset_name")
+        self._check_model_files()
         self._check_caption_flags()
         self._check_latent_cache_flags()
         self._check_lora_flags()
@@ -281,6 +299,11 @@ class TrainConfig:
             raise UsageError("--enable_xformers_memory_efficient_attention conflicts with "
                              f"--attention_backend {self.attention_backend}")
         return self
+
+    def _check_model_files(self) -> None:
+        from .single_file import check_model_flags  # single-file checkpoints, --vae, --tokenizer_name
+
+        check_model_flags(self)
 
     def _check_caption_flags(self) -> None:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):

@@ -104,8 +104,15 @@ def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int
         "ss_flip_aug": config.random_flip,
     }
     if model is not None:  # sd-scripts: a local model's folder name, else the hub id
-        values["ss_sd_model_name"] = os.path.basename(model.rstrip("/\\")) if os.path.exists(model) else model
+        values["ss_sd_model_name"] = _model_name(model)
+    if config.vae is not None:  # sd-scripts writes --vae's name the same way
+        values["ss_vae_name"] = _model_name(config.vae)
     return {k: str(v) for k, v in values.items()}
+
+
+def _model_name(model: str) -> str:
+    """A local model's file or folder name, else the hub id as given."""
+    return os.path.basename(model.rstrip("/\\")) if os.path.exists(model) else model
 
 
 def modelspec_metadata(config, prediction_type: str, timestamp: float) -> dict[str, str]:

@@ -24,6 +24,21 @@ class Components:
 
 
 def load_components(config: TrainConfig) -> Components:
+    """A single-file checkpoint (sat_train.single_file) or a diffusers folder / hub id; --vae and
+    --tokenizer_name replace those components."""
+    from . import single_file
+
+    if single_file.is_checkpoint_path(config.pretrained_model_name_or_path):
+        return single_file.load_single_file_components(config)
+    components = load_folder_components(config)
+    if config.vae is not None:
+        components.vae = single_file.load_vae(config)
+    if config.tokenizer_name is not None:
+        components.tokenizer = single_file.load_tokenizer(config)
+    return components
+
+
+def load_folder_components(config: TrainConfig) -> Components:
     """The SD v1.5 folder layout: tokenizer/, text_encoder/, vae/, unet/, scheduler/."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -66,7 +81,8 @@ def check_model_source(source: str) -> None:
                              f"missing {', '.join(m + '/' for m in missing)} (expected "
                              f"{', '.join(m + '/' for m in MODEL_SUBFOLDERS)})")
     elif path.exists():
-        raise UsageError(f"--pretrained_model_name_or_path {source} is a file; pass a folder or a hub id")
+        raise UsageError(f"--pretrained_model_name_or_path {source} is a file but not a checkpoint; pass a "
+                         ".safetensors checkpoint, a folder or a hub id")
     elif source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
         raise UsageError(f"--pretrained_model_name_or_path {source}: no such folder (and not a hub id like "
                          "stable-diffusion-v1-5/stable-diffusion-v1-5)")

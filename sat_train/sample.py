@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     p.add_argument("--cache_dir", default=None)
+    p.add_argument("--vae", "--pretrained_vae_model_name_or_path", dest="vae", default=None,
+                   help="VAE replacing the base model's (default: the run's): a diffusers folder or a .safetensors.")
+    p.add_argument("--original_config", default=None, help="Single-file base: its LDM .yaml (default: the run's).")
+    p.add_argument("--single_file_config", default=None,
+                   help="Single-file base: a diffusers config folder describing it (default: the run's).")
+    p.add_argument("--tokenizer_name", default=None, help="CLIP tokenizer folder (default: the run's).")
+    p.add_argument("--allow_pickle_checkpoint", action="store_true", default=None,
+                   help="Allow .ckpt/.pt/.pth checkpoints (pickles can run code when loaded).")
     p.add_argument("--sag_scale", type=float, default=0.75, help="Self-attention guidance scale; 0 = off.")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--lora_scale", type=float, default=1.0)
@@ -52,13 +60,26 @@ def find_lora_file(lora: Path) -> Path:
                      "output_dir or a LoRA .safetensors file")
 
 
+def recorded_settings(lora: Path) -> dict:
+    """The training run's train_config.json next to the LoRA ({} when there is none)."""
+    config_file = (lora if lora.is_dir() else lora.parent) / "train_config.json"
+    return json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+
+
 def base_model(args, lora: Path) -> str | None:
     if args.pretrained_model_name_or_path:
         return args.pretrained_model_name_or_path
-    config_file = (lora if lora.is_dir() else lora.parent) / "train_config.json"
-    if config_file.is_file():
-        return json.loads(config_file.read_text(encoding="utf-8")).get("pretrained_model_name_or_path")
-    return None
+    return recorded_settings(lora).get("pretrained_model_name_or_path")
+
+
+def model_settings(args, lora: Path) -> dict:
+    """--vae and the single-file flags: those given here, else the run's when its base model is used."""
+    from .single_file import MODEL_FIELDS
+
+    recorded = {} if args.pretrained_model_name_or_path else recorded_settings(lora)
+    settings = {name: recorded[name] for name in MODEL_FIELDS if recorded.get(name) is not None}
+    settings.update({name: getattr(args, name) for name in MODEL_FIELDS if getattr(args, name) is not None})
+    return settings
 
 
 def load_pipeline_components(args, device):
@@ -75,8 +96,12 @@ def load_pipeline_components(args, device):
     if source is None:
         components = demo.build_components()
     else:
-        components = load_components(TrainConfig(pretrained_model_name_or_path=source, revision=args.revision,
-                                                 variant=args.variant, cache_dir=args.cache_dir))
+        from .single_file import check_model_flags
+
+        config = TrainConfig(pretrained_model_name_or_path=source, revision=args.revision, variant=args.variant,
+                             cache_dir=args.cache_dir, **model_settings(args, lora))
+        check_model_flags(config)
+        components = load_components(config)
     pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
                                    tokenizer=components.tokenizer, unet=components.unet,
                                    scheduler=components.noise_scheduler, safety_checker=None,
