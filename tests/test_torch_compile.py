@@ -17,7 +17,10 @@ from test_capture_hooks import inputs, lora_grads, tiny_unet
 from train_helpers import tiny_config
 
 
-# inductor (C++ codegen + gcc) takes many minutes on a shared 2-core CPU: opt in with SAT_TEST_INDUCTOR=1
+# inductor (C++ codegen + gcc) takes ~9 minutes on a shared 2-core CPU: opt in with SAT_TEST_INDUCTOR=1
+# (and a TORCHINDUCTOR_CACHE_DIR of your own: a shared cache left half-written by a killed run breaks it).
+# Last run (2026-12-02): no graph break, 2 graphs, loss and mask equal to eager, but a LoRA gradient
+# outside rtol 1e-4 / atol 1e-6 (magnitude not recorded): open.
 INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(os.environ.get("SAT_TEST_INDUCTOR") != "1",
                                                              reason="slow on CPU: set SAT_TEST_INDUCTOR=1"))
 
@@ -47,7 +50,8 @@ def test_compiled_sac_step_equals_eager_with_one_graph_per_capture_state(backend
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     assert torch.equal(mask, eager_mask) and mask.any() and not mask.all()
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 def test_compile_flags_are_checked(tmp_path):
