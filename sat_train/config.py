@@ -44,6 +44,12 @@ def _threshold(value: str) -> float | str:
     return value if value == "mean" else float(value)
 
 
+def _resolution(value: str) -> int | str:
+    """--resolution: an int stays an int (every square use of config.resolution keeps working);
+    anything else stays text, parsed (and refused with a UsageError) by TrainConfig.resolution_wh."""
+    return int(value) if value.strip().isdigit() else value.strip()
+
+
 # suffixes read as images (the data check's and the kohya-style folder reader's)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -104,7 +110,9 @@ class TrainConfig:
     image_column: str = _opt("image", "Image column (imagefolder: the file_name key of metadata.jsonl).")
     caption_column: str = _opt("text", "Caption column.")
     max_train_samples: int | None = _opt(None, "Use only the first N samples (debugging).", type=int)
-    resolution: int = _opt(512, "Training resolution (square).", type=int)
+    resolution: int | str = _opt(
+        512, "Training resolution: one int (square), or W,H (kohya's form, e.g. 512,768); with --enable_bucket "
+        "the buckets hold about W*H pixels.", type=_resolution)
     center_crop: bool = _opt(False, "Center crop instead of random crop.")
     random_flip: bool = _opt(False, "Random horizontal flip.")
     image_interpolation_mode: str = _opt("lanczos", "Filter of every image resize.", choices=INTERPOLATION_MODES)
@@ -118,7 +126,20 @@ class TrainConfig:
     dataloader_num_workers: int = _opt(0, "Data loading worker processes.", type=int)
     strict_data: bool = _opt(False, "Stop (exit 2) on any bad sample the data check finds, instead of "
                              "skipping it and counting it in the summary.")
-    skip_small_images: bool = _opt(False, "Skip images smaller than --resolution instead of upscaling them.")
+    skip_small_images: bool = _opt(False, "Skip images smaller than --resolution (with --enable_bucket: than "
+                                   "--min_bucket_reso) instead of upscaling them.")
+    # --- aspect-ratio buckets (kohya-ss/sd-scripts' flags; the math is in buckets.py)
+    enable_bucket: bool = _opt(
+        False, "Aspect-ratio buckets: each image trains at the bucket (about --resolution^2 pixels, sides multiples "
+        "of --bucket_reso_steps) closest to its aspect ratio, one bucket per batch. Off: square crops.")
+    min_bucket_reso: int = _opt(256, "--enable_bucket: smallest bucket side (px); smaller images are upscaled "
+                                "(skipped with --bucket_no_upscale).", type=int)
+    max_bucket_reso: int = _opt(1024, "--enable_bucket: largest bucket side (px).", type=int)
+    bucket_reso_steps: int = _opt(64, "--enable_bucket: bucket sides are multiples of this (px, a multiple of 8).",
+                                  type=int)
+    bucket_no_upscale: bool = _opt(
+        False, "--enable_bucket: never upscale; an image of at most --resolution^2 pixels gets a bucket of its own "
+        "size rounded down to --bucket_reso_steps (kohya's behaviour).")
     # --- latent cache (latent_cache.py; kohya-ss/sd-scripts' flag names)
     cache_latents: bool = _opt(
         False, "Encode every image with the VAE once, before training, and keep its latent distribution in memory "
@@ -255,7 +276,8 @@ class TrainConfig:
         if self.pretrained_model_name_or_path is None and not self.is_demo:
             raise UsageError("--pretrained_model_name_or_path is required with your own data "
                              "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5); leave out both for the demo")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "rank",
+        self._check_resolution_flags()
+        for name in ("train_batch_size", "gradient_accumulation_steps", "rank",
                      "checkpointing_steps", "num_train_epochs", "validation_epochs"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -391,7 +413,8 @@ class TrainConfig:
 
         if self.sample_prompts is None:
             return []
-        return [p.with_defaults(self.resolution, self.sample_sampler) for p in parse_prompt_file(self.sample_prompts)]
+        prompts = parse_prompt_file(self.sample_prompts)
+        return [p.with_defaults(self.resolution_wh, self.sample_sampler) for p in prompts]
 
     @property
     def optimizer_name(self) -> str:
@@ -415,17 +438,78 @@ class TrainConfig:
         return ext if ext.startswith(".") or not ext else "." + ext
 
     def _check_latents_fit_the_blur(self) -> None:
-        """The blur reflect-pads the latents by kernel_size // 2, which needs latents wider than that:
-        checked here, before any model loads, instead of failing at the first step."""
+        """The blur reflect-pads the latents by kernel_size // 2, which needs latents wider than that on
+        the smallest side a batch can have (with --enable_bucket, the smallest bucket's): checked here,
+        before any model loads, instead of failing at the first step."""
         if self.guide == "none":
             return
-        latent_side, radius = self.resolution // VAE_SCALE_FACTOR, self.guide_kernel_size // 2
+        radius = self.guide_kernel_size // 2
+        smallest = (radius + 1) * VAE_SCALE_FACTOR
+        if self.enable_bucket:
+            side = min(min(bucket) for bucket in self.bucket_resolutions)
+            if side // VAE_SCALE_FACTOR <= radius:
+                latents = side // VAE_SCALE_FACTOR
+                raise UsageError(
+                    f"--min_bucket_reso {self.min_bucket_reso} gives buckets {side} px wide ({latents} "
+                    f"latents), too small for --guide_kernel_size {self.guide_kernel_size} (the blur needs latents "
+                    f"wider than {radius}): use --min_bucket_reso >= {smallest} or --guide_kernel_size <= "
+                    f"{max(1, 2 * latents - 1)}")
+            return
+        width, height = self.resolution_wh
+        latent_side = min(width, height) // VAE_SCALE_FACTOR
         if latent_side <= radius:
-            smallest = (radius + 1) * VAE_SCALE_FACTOR
+            shape = f"{width // VAE_SCALE_FACTOR}x{height // VAE_SCALE_FACTOR}"
             raise UsageError(
-                f"--resolution {self.resolution} gives {latent_side}x{latent_side} latents, too small for "
+                f"--resolution {self.resolution} gives {shape} latents, too small for "
                 f"--guide_kernel_size {self.guide_kernel_size} (the blur needs latents wider than {radius}): "
                 f"use --resolution >= {smallest} or --guide_kernel_size <= {max(1, 2 * latent_side - 1)}")
+
+    @property
+    def resolution_wh(self) -> tuple[int, int]:
+        """--resolution as (width, height): an int R is (R, R); "W,H" (kohya's form) is (W, H)."""
+        value = self.resolution
+        if isinstance(value, (tuple, list)):  # e.g. read back from train_config.json
+            value = ",".join(str(v) for v in value)
+        parts = str(value).split(",")
+        if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+            sides = [int(p) for p in parts]
+            return (sides[0], sides[-1])
+        raise UsageError(f"--resolution {value!r} is not a size: give one int >= 1 (square, e.g. 512) or "
+                         "width,height (e.g. 512,768)")
+
+    @property
+    def bucket_resolutions(self) -> list[tuple[int, int]]:
+        """--enable_bucket's bucket table, (width, height) sorted (buckets.make_buckets)."""
+        from .buckets import make_buckets
+
+        return make_buckets(self.resolution_wh, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps)
+
+    @property
+    def small_image_size(self) -> tuple[tuple[int, int], str]:
+        """(width, height) below which the data check calls an image small, and the flag that sets it:
+        --min_bucket_reso (square) with --enable_bucket, else --resolution."""
+        if self.enable_bucket:
+            return (self.min_bucket_reso, self.min_bucket_reso), f"--min_bucket_reso {self.min_bucket_reso}"
+        return self.resolution_wh, f"--resolution {self.resolution}"
+
+    def _check_resolution_flags(self) -> None:
+        """--resolution (an int or W,H) and kohya's bucket flags."""
+        width, height = self.resolution_wh  # raises on a bad --resolution
+        if not self.enable_bucket:
+            return
+        steps, low, high = self.bucket_reso_steps, self.min_bucket_reso, self.max_bucket_reso
+        if steps < 8 or steps % 8:
+            raise UsageError(f"--bucket_reso_steps must be a multiple of 8 (the VAE's downsampling), >= 8, got {steps}"
+                             "; kohya's default is 64")
+        for name, value in (("min_bucket_reso", low), ("max_bucket_reso", high)):
+            if value < steps or value % steps:
+                raise UsageError(f"--{name} {value} is not a multiple of --bucket_reso_steps {steps}: give e.g. "
+                                 f"{max(steps, value - value % steps)}")
+        if low > high:
+            raise UsageError(f"--min_bucket_reso {low} is larger than --max_bucket_reso {high}: swap them")
+        if not (low <= width <= high and low <= height <= high):
+            raise UsageError(f"--resolution {self.resolution} lies outside the bucket sides [--min_bucket_reso {low}, "
+                             f"--max_bucket_reso {high}]: widen them or change --resolution")
 
     @property
     def guide_settings(self) -> GuideSettings:

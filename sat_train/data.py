@@ -26,8 +26,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .buckets import assign_buckets
 from .config import TrainConfig, UsageError
-from .datacheck import scan_image_folder, to_rgb
+from .datacheck import SmallImageRule, scan_image_folder, to_rgb
 from .seeding import derived_generator
 
 CAPTION_STREAM = 1  # extra key of derived_generator: the caption pick draws apart from the crop/flip draws
@@ -41,42 +42,50 @@ PIL_FILTERS = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "biline
 
 
 class ImageTransform:
-    """Resize the short side to ``resolution`` (``interpolation``: a --image_interpolation_mode name),
-    crop a square, maybe flip, scale to [-1, 1].
+    """Resize to cover a target size (``interpolation``: a --image_interpolation_mode name), crop it,
+    maybe flip, scale to [-1, 1].
 
-    The same steps as the diffusers example's torchvision pipeline, without torchvision. Random
-    crops and flips draw from the ``generator`` passed in, never from the global one.
+    The target is ``resolution`` (an int: a square, as the diffusers example's torchvision pipeline
+    does it, without torchvision; or (width, height)), or the ``size`` passed per call (the sample's
+    aspect-ratio bucket). Random crops and flips draw from the ``generator`` passed in, never from the
+    global one; ``center_crop`` crops the middle.
     """
 
-    def __init__(self, resolution: int, center_crop: bool, random_flip: bool, interpolation: str = "lanczos"):
+    def __init__(self, resolution: int | tuple[int, int], center_crop: bool, random_flip: bool,
+                 interpolation: str = "lanczos"):
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         self.interpolation, self.resample = interpolation, PIL_FILTERS[interpolation]
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
+        target = size or self.size
         image = to_rgb(image)  # grayscale, 16-bit, RGBA, CMYK, palette → 8-bit RGB
-        image = image.resize(self.resized_size(image.size), self.resample)
-        image = image.crop(self.crop_box(image.size, generator))
+        image = image.resize(self.resized_size(image.size, target), self.resample)
+        image = image.crop(self.crop_box(image.size, generator, target))
         if self.draws_flip(generator):
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         return pixels.float().div(127.5).sub(1.0)
 
-    def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(W, H) of an image of ``size`` once its short side is resized to the resolution."""
-        w, h = size
-        scale = self.resolution / min(w, h)
-        return max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
+    def resized_size(self, size: tuple[int, int], target: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(W, H) of an image of ``size`` once resized to cover ``target`` (default: the resolution's
+        size; a square target: the short side resized to it)."""
+        (w, h), (target_w, target_h) = size, target or self.size
+        scale = max(target_w / w, target_h / h)  # the smallest resize that covers the target
+        return max(target_w, round(w * scale)), max(target_h, round(h * scale))
 
-    def crop_box(self, size: tuple[int, int], generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
-        """(left, top, right, bottom) of the square crop of a resized image of ``size``: centered, or
-        drawn from ``generator`` (two draws) without --center_crop."""
-        w, h = size
+    def crop_box(self, size: tuple[int, int], generator: torch.Generator | None = None,
+                 target: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the ``target``-sized crop (default: the resolution's) of a resized
+        image of ``size``: centered, or drawn from ``generator`` (two draws) without --center_crop."""
+        (w, h), (target_w, target_h) = size, target or self.size
         if self.center_crop:
-            top, left = (h - self.resolution) // 2, (w - self.resolution) // 2
+            top, left = (h - target_h) // 2, (w - target_w) // 2
         else:
-            top = int(torch.randint(0, h - self.resolution + 1, (), generator=generator).item())
-            left = int(torch.randint(0, w - self.resolution + 1, (), generator=generator).item())
-        return left, top, left + self.resolution, top + self.resolution
+            top = int(torch.randint(0, h - target_h + 1, (), generator=generator).item())
+            left = int(torch.randint(0, w - target_w + 1, (), generator=generator).item())
+        return left, top, left + target_w, top + target_h
 
     def draws_flip(self, generator: torch.Generator | None = None) -> bool:
         """--random_flip's pick (one draw from ``generator``, after the crop's); False without the flag.
@@ -133,6 +142,7 @@ class CaptionedImages(Dataset):
         self.records, self.transform, self.tokenizer, self.describe = records, transform, tokenizer, describe
         self.seed, self.epoch, self.augment = seed, 0, augment
         self.cac_word_ids: list[tuple[int, ...]] | None = None  # set by build_dataset for --guide cac
+        self.buckets: list[tuple[int, int]] | None = None  # each sample's (W, H) bucket; set for --enable_bucket
         self.latent_cache = None  # set by latent_cache.cache_latents: items then carry latent_params, no pixels
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
@@ -159,15 +169,17 @@ class CaptionedImages(Dataset):
         return {"pixel_values": self.pixels(index, generator)}
 
     def pixels(self, index: int, generator: torch.Generator | None = None, transform=None) -> torch.Tensor:
-        """Sample ``index``'s image through ``transform`` (default: the dataset's), drawing from ``generator``."""
+        """Sample ``index``'s image through ``transform`` (default: the dataset's) at its target size,
+        drawing from ``generator``."""
         try:
-            return (transform or self.transform)(open_image(self.records[index][0]), generator)
+            return (transform or self.transform)(open_image(self.records[index][0]), generator,
+                                                 self.target_size(index))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
 
     def target_size(self, index: int) -> tuple[int, int]:
-        """(W, H) of sample ``index`` as trained: square at --resolution (aspect-ratio buckets will vary it)."""
-        return self.transform.resolution, self.transform.resolution
+        """(W, H) of sample ``index`` as trained: its bucket with --enable_bucket, else --resolution's."""
+        return self.buckets[index] if self.buckets is not None else self.transform.size
 
     def caption(self, index: int) -> str:
         """Sample ``index``'s caption this epoch: one of several (a --dataset_name list column), then
@@ -289,9 +301,13 @@ def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool 
         records, names = read_hf_dataset(config)
     else:
         # the data check (datacheck.py): every problem listed in one pass, fatal ones exit 2 here
+        (width, height), size_flag = config.small_image_size
+        no_upscale = config.enable_bucket and config.bucket_no_upscale
+        small = SmallImageRule(width, height, size_flag,
+                               "--bucket_no_upscale" if no_upscale else "--skip_small_images")
         report = scan_image_folder(Path(data_dir or config.train_data_dir), config.image_column,
-                                   config.caption_column, resolution=config.resolution,
-                                   skip_small_images=config.skip_small_images, strict=config.strict_data,
+                                   config.caption_column, resolution=small,
+                                   skip_small_images=config.skip_small_images or no_upscale, strict=config.strict_data,
                                    quiet=quiet, caption_suffix=config.caption_suffix)
         records, names = report.records, report.names
     if config.max_train_samples is not None:
@@ -301,7 +317,7 @@ def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool 
 
 def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0) -> CaptionedImages:
     # a latent cache holds each image's center crop (see --random_crop)
-    transform = ImageTransform(config.resolution, config.center_crop or config.caches_latents, config.random_flip,
+    transform = ImageTransform(config.resolution_wh, config.center_crop or config.caches_latents, config.random_flip,
                                config.image_interpolation_mode)
     augment = CaptionAugment(shuffle=config.shuffle_caption, keep_tokens=config.keep_tokens,
                              dropout_rate=config.caption_dropout_rate, tag_dropout_rate=config.caption_tag_dropout_rate)
@@ -310,7 +326,28 @@ def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0)
     dataset = CaptionedImages(records, transform, tokenizer, describe=names.__getitem__, seed=seed, augment=augment)
     if config.guide == "cac":
         dataset.cac_word_ids = word_token_ids(tokenizer, config.cac_word_list)
+    if config.enable_bucket:
+        dataset.buckets = assign_buckets(config, image_sizes(records, names))
     return dataset
+
+
+def image_sizes(records, names) -> list[tuple[int, int]]:
+    """(width, height) of every record's image: file headers only (PIL opens lazily), each file once
+    however often kohya's repeats list it; a --dataset_name row is decoded (its size is not stored apart)."""
+    sizes: dict[object, tuple[int, int]] = {}
+    found = []
+    for index, (source, _) in enumerate(records):
+        key = source if isinstance(source, (str, Path, DatasetRow)) else id(source)
+        if key not in sizes:
+            try:
+                image = open_image(source)
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                raise UsageError(f"cannot read image {names[index]}: {err}; fix or remove it") from err
+            sizes[key] = image.size
+            if isinstance(source, (str, Path)):
+                image.close()
+        found.append(sizes[key])
+    return found
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

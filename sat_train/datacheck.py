@@ -14,10 +14,11 @@ fatal (UsageError, exit 2)
     ``--strict_data``, any skipped sample.
 skipped
     a missing, zero-byte, unreadable, corrupt or truncated image; a caption that is missing or not
-    a string; with ``--skip_small_images``, an image smaller than ``--resolution``.
+    a string; with ``--skip_small_images``, an image smaller than ``--resolution`` (with
+    ``--enable_bucket``: than ``--min_bucket_reso``, also skipped with ``--bucket_no_upscale``).
 kept, with a note (warnings)
     an empty caption (trained unconditionally); a grayscale / palette / RGBA / CMYK / 16-bit image
-    (converted to RGB by ``to_rgb``); an image smaller than ``--resolution`` (upscaled).
+    (converted to RGB by ``to_rgb``); an image smaller than ``--resolution`` / ``--min_bucket_reso`` (upscaled).
 
 A folder without ``metadata.jsonl`` but with subfolders is read kohya-style (``scan_kohya_folder``:
 ``N_name/img.jpg`` + ``img.caption``, each image N times an epoch), with the same three kinds and
@@ -32,6 +33,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -175,8 +177,26 @@ def _leaves(real_root: Path, path: Path) -> bool | None:
     return real != real_root and real_root not in real.parents
 
 
-def _check_image(path: Path, resolution: int, skip_small: bool) -> list[tuple[str, str, bool]]:
-    """(kind, message, skip) findings for one image; decodes it fully (catches truncation)."""
+class SmallImageRule(NamedTuple):
+    """Below which size an image is "small", and the flags named in the finding: ``size_flag`` sets the
+    size (--resolution, or --min_bucket_reso with --enable_bucket), ``skip_flag`` makes small images skipped."""
+
+    width: int
+    height: int
+    size_flag: str
+    skip_flag: str = "--skip_small_images"
+
+    @classmethod
+    def of(cls, resolution: "int | tuple[int, int] | SmallImageRule") -> "SmallImageRule":
+        if isinstance(resolution, SmallImageRule):
+            return resolution
+        width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+        return cls(width, height, f"--resolution {resolution if isinstance(resolution, int) else f'{width},{height}'}")
+
+
+def _check_image(path: Path, resolution, skip_small: bool) -> list[tuple[str, str, bool]]:
+    """(kind, message, skip) findings for one image; decodes it fully (catches truncation).
+    ``resolution``: an int, (width, height) or a SmallImageRule; smaller in either side is small."""
     if not path.exists():
         return [("missing", f"image {path} does not exist; fix file_name or add the file", True)]
     if path.is_dir():
@@ -194,13 +214,14 @@ def _check_image(path: Path, resolution: int, skip_small: bool) -> list[tuple[st
     findings = []
     if mode != "RGB":
         findings.append(("converted", f"image {path} is {mode}, converted to RGB", False))
-    if min(width, height) < resolution:
+    small = SmallImageRule.of(resolution)
+    if width < small.width or height < small.height:
         if skip_small:
-            findings.append(("too-small", f"image {path} is {width}x{height}, smaller than --resolution "
-                                          f"{resolution}: skipped (--skip_small_images)", True))
+            findings.append(("too-small", f"image {path} is {width}x{height}, smaller than {small.size_flag}: "
+                                          f"skipped ({small.skip_flag})", True))
         else:
-            findings.append(("upscaled", f"image {path} is {width}x{height}, smaller than --resolution "
-                                         f"{resolution}: upscaled (pass --skip_small_images to skip it)", False))
+            findings.append(("upscaled", f"image {path} is {width}x{height}, smaller than {small.size_flag}: "
+                                         f"upscaled (pass {small.skip_flag} to skip it)", False))
     return findings
 
 

@@ -117,7 +117,7 @@ def cache_entry(dataset: CaptionedImages, index: int, center: ImageTransform, fi
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read image {dataset.describe(index)}: {err}; fix or remove it") from err
     key = {**fingerprint, "image": image_identity(source), "target_size": list(target),
-           "crop_box": list(center.crop_box(center.resized_size(size)))}
+           "crop_box": list(center.crop_box(center.resized_size(size, target), target=target))}
     name = hashlib.sha256(image_location(source).encode()).hexdigest()[:32] + ".safetensors"
     return CacheEntry(name=name, key=json.dumps(key, sort_keys=True), index=index, target_size=target)
 

@@ -78,7 +78,7 @@ def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int
         "ss_network_dropout": config.lora_dropout,
         "ss_base_model_version": "sd_v1",
         "ss_v2": False,
-        "ss_resolution": (config.resolution, config.resolution),
+        "ss_resolution": tuple(config.resolution_wh),
         "ss_steps": steps,
         "ss_epoch": epoch,
         "ss_max_train_steps": max_train_steps,
@@ -102,6 +102,10 @@ def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int
         "ss_shuffle_caption": config.shuffle_caption,
         "ss_keep_tokens": config.keep_tokens,
         "ss_flip_aug": config.random_flip,
+        "ss_enable_bucket": config.enable_bucket,
+        "ss_min_bucket_reso": config.min_bucket_reso,
+        "ss_max_bucket_reso": config.max_bucket_reso,
+        "ss_bucket_no_upscale": config.bucket_no_upscale,
     }
     if model is not None:  # sd-scripts: a local model's folder name, else the hub id
         values["ss_sd_model_name"] = _model_name(model)
@@ -124,7 +128,7 @@ def modelspec_metadata(config, prediction_type: str, timestamp: float) -> dict[s
         "modelspec.implementation": "diffusers",
         "modelspec.implementation_version": f"sat_train/{_package_version()}",
         "modelspec.title": Path(config.output_dir).name,
-        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        "modelspec.resolution": "{}x{}".format(*config.resolution_wh),
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     }

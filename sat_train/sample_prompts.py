@@ -58,8 +58,10 @@ class SamplePrompt:
     num_images: int = 1  # a prompt-file line makes one; --validation_prompt makes --num_validation_images
     source: str = ""
 
-    def with_defaults(self, resolution: int, sampler: str) -> "SamplePrompt":
-        return dataclasses.replace(self, width=self.width or resolution, height=self.height or resolution,
+    def with_defaults(self, resolution: int | tuple[int, int], sampler: str) -> "SamplePrompt":
+        """``resolution``: the run's --resolution, an int (square) or (width, height)."""
+        width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+        return dataclasses.replace(self, width=self.width or width, height=self.height or height,
                                    sampler=self.sampler or sampler)
 
 

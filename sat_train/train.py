@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from . import demo
+from .buckets import BucketBatchSampler, bucket_table_text
 from .capture import resolve_backend, stock_processor
 from .config import TrainConfig, UsageError
 from .data import LATENT_PARAMS, build_dataset, collate, read_records
@@ -283,9 +284,9 @@ def prepare_run(config: TrainConfig) -> Run:
     seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
     dataset = build_dataset(config, records, names, components.tokenizer, seed=seed)
     cache_latents(config, accelerator, components.vae, dataset, weight_dtype)  # no-op without --cache_latents*
-    dataloader = torch.utils.data.DataLoader(dataset, shuffle=True, collate_fn=collate,
-                                             batch_size=config.train_batch_size,
-                                             num_workers=config.dataloader_num_workers)
+    dataloader = make_dataloader(config, dataset, seed)
+    if dataset.buckets is not None:
+        accelerator.print(bucket_table_text(dataset.buckets))
     lr_scheduler, max_train_steps = make_lr_scheduler(config, optimizer, len(dataloader), accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
                                                                     lr_scheduler)
@@ -303,6 +304,18 @@ def prepare_run(config: TrainConfig) -> Run:
     announce_run(run, backend, learning_rate, len(dataset))
     resume_run(run)
     return run
+
+
+def make_dataloader(config: TrainConfig, dataset, seed: int):
+    """Shuffled batches of --train_batch_size; with --enable_bucket each batch from one bucket
+    (buckets.BucketBatchSampler, keyed by (seed, epoch) as the seedable sampler is)."""
+    if dataset.buckets is None:
+        return torch.utils.data.DataLoader(dataset, shuffle=True, collate_fn=collate,
+                                           batch_size=config.train_batch_size,
+                                           num_workers=config.dataloader_num_workers)
+    sampler = BucketBatchSampler(dataset.buckets, config.train_batch_size, seed)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=config.dataloader_num_workers)
 
 
 def start_accelerator(config: TrainConfig):

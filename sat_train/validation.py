@@ -55,7 +55,8 @@ def make_scheduler(sampler: str, scheduler_config):
 
 def validation_prompt(config) -> SamplePrompt:
     """--validation_prompt as a SamplePrompt: --num_validation_images at --resolution, seeded by --seed."""
-    return SamplePrompt(config.validation_prompt, width=config.resolution, height=config.resolution,
+    width, height = config.resolution_wh
+    return SamplePrompt(config.validation_prompt, width=width, height=height,
                         steps=INFERENCE_STEPS, seed=config.seed, sampler=VALIDATION_SAMPLER,
                         num_images=config.num_validation_images, source="--validation_prompt")
 
