@@ -44,7 +44,7 @@ def _models(device_type: str, guide: str):
     components.unet.set_attn_processor(stock_processor(backend))
     components.unet.train()
     config = TrainConfig(guide=guide, resolution=RESOLUTION)
-    return components, build_guide(config, components.unet, components.noise_scheduler, backend)
+    return components, build_guide(config, components.unet, components.noise_scheduler)
 
 
 def _step_fn(device: torch.device, guide: str, cached: bool):

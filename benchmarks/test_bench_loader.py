@@ -70,7 +70,7 @@ def test_bucketed_loader_vs_train_step(benchmark, tmp_path):
     add_lora(components.unet, config.rank)
     backend = resolve_backend("auto", device)
     components.unet.set_attn_processor(stock_processor(backend))
-    guide = build_guide(config, components.unet, components.noise_scheduler, backend)
+    guide = build_guide(config, components.unet, components.noise_scheduler)
     components.unet.train()
 
     def load_batch():

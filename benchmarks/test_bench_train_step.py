@@ -77,14 +77,21 @@ def _setup(device_type: str):
     return unet, s, scheduler.alphas_cumprod.to(device), backend
 
 
+_HOOKED = []  # the saliency whose capture hooks are on the shared UNet
+
+
 def _step_fn(device: torch.device, guide_name: str):
+    """One step of ``guide_name`` on the shared UNet, whose previous guide's capture hooks go first."""
     unet, s, alphas, backend = _setup(device.type)
     unet.set_attn_processor(stock_processor(backend))
+    while _HOOKED:
+        _HOOKED.pop().remove_hooks()
     kind, options = GUIDES[guide_name]
     if kind == "none":
         guide = Guide()
     else:
-        guide = SATGuide(make_saliency(unet, kind, backend), alphas, GuideSettings(ratio=0.01, **options))
+        _HOOKED.append(make_saliency(unet, kind))
+        guide = SATGuide(_HOOKED[-1], alphas, GuideSettings(ratio=0.01, **options))
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
@@ -102,7 +109,7 @@ def _memory(step, device: torch.device) -> dict:
 
 @pytest.mark.parametrize("guide_name", [g for g in GUIDES if g != "none"])
 def test_train_step_vs_plain(benchmark, device, guide_name):
-    plain = _step_fn(device, "none")  # built first: building a step resets the processors
+    plain = _step_fn(device, "none")  # built first: building a step resets the processors and hooks
     step = _step_fn(device, guide_name)
     times = interleaved_medians({"plain": plain, "guided": step}, device, min_run_time=10.0)
     mem_plain, mem_guide = _memory(plain, device), _memory(step, device)
@@ -112,3 +119,29 @@ def test_train_step_vs_plain(benchmark, device, guide_name):
         benchmark, f"step {guide_name} [{device_name(device)}]", plain_ms=times["plain"] * 1e3,
         guided_ms=times["guided"] * 1e3, step_ratio=times["guided"] / times["plain"], **ratios,
     )
+
+
+def test_hook_capture_cost(benchmark, device, monkeypatch):
+    """What the hook's recomputed q/k add to a SAC step: the hook capture against the same step
+    with q/k handed to the capture for free (cached from the first call, as the removed processor
+    capture had them inside the attention), and the plain step; interleaved."""
+    import sat_train.capture as capture
+
+    plain = _step_fn(device, "none")
+    hooked = _step_fn(device, "sac")
+    project_qk, cached = capture.project_qk, {}
+
+    def free_qk(*args, **kwargs):  # same inputs every step: the first call's q/k are the step's
+        return cached.setdefault("qk", project_qk(*args, **kwargs))
+
+    def qk_free():
+        with monkeypatch.context() as patch:
+            patch.setattr(capture, "project_qk", free_qk)
+            hooked()
+
+    times = interleaved_medians({"plain": plain, "hook": hooked, "qk_free": qk_free}, device, min_run_time=10.0)
+    run_ours(benchmark, hooked, device)
+    record(benchmark, f"hook capture sac [{device_name(device)}]", plain_ms=times["plain"] * 1e3,
+           hook_ms=times["hook"] * 1e3, qk_free_ms=times["qk_free"] * 1e3,
+           hook_ratio=times["hook"] / times["plain"], qk_free_ratio=times["qk_free"] / times["plain"],
+           added_ms=(times["hook"] - times["qk_free"]) * 1e3)

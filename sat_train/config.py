@@ -220,6 +220,11 @@ class TrainConfig:
     attention_backend: str = _opt(
         "auto", "auto = xformers on CUDA when installed, else PyTorch SDPA.", choices=ATTENTION_BACKENDS)
     enable_xformers_memory_efficient_attention: bool = _opt(False, "Same as --attention_backend xformers.")
+    # --- torch.compile (kohya sd-scripts' flag names)
+    torch_compile: bool = _opt(False, "Compile the UNet's forward with torch.compile for training (the SAT "
+                               "capture compiles with it: one graph with the capture armed, one without).")
+    dynamo_backend: str = _opt("inductor", "The torch.compile backend of --torch_compile (inductor, aot_eager, "
+                               "eager, cudagraphs, ...).")
     # --- runtime
     mixed_precision: str | None = _opt(
         None, "no | fp16 | bf16 (default: accelerate config, else no).", choices=MIXED_PRECISIONS)
@@ -309,6 +314,7 @@ class TrainConfig:
 
         check_text_encoder_flags(self)
         self._check_optimizer_flags()
+        self._check_compile_flags()
         self._check_sample_flags()
         if self.guide == "cac" and not self.cac_word_list:
             raise UsageError("--cac_words is empty: give comma-separated words, e.g. face,eyes,hair")
@@ -364,6 +370,19 @@ class TrainConfig:
                              f"{self.lora_alpha}; leave it out for alpha = rank")
         if not 0.0 <= self.lora_dropout < 1.0:  # also rejects nan
             raise UsageError(f"--lora_dropout is a probability: give a value in [0, 1), got {self.lora_dropout}")
+
+    def _check_compile_flags(self) -> None:
+        if not self.torch_compile:
+            if self.dynamo_backend != "inductor":
+                raise UsageError(f"--dynamo_backend {self.dynamo_backend} picks the backend of --torch_compile: "
+                                 "add --torch_compile, or drop --dynamo_backend")
+            return
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if self.dynamo_backend not in backends:
+            raise UsageError(f"--dynamo_backend {self.dynamo_backend} is not a torch.compile backend here; "
+                             f"choose one of {', '.join(backends)}")
 
     def _check_optimizer_flags(self) -> None:
         if self.lr_num_cycles < 1:

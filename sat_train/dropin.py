@@ -8,10 +8,11 @@
                                    noise_scheduler, handle, ratio=0.01)
     loss = F.mse_loss(pred, target)                          # instead of mse(unet(...).sample, target)
 
-The first UNet forward captures the saliency inside memory-efficient attention (SAC: mid-block
-self-attention mass; CAC: highest-resolution cross-attention probabilities of chosen caption
-tokens, see ``caption_token_positions``); the second runs on the blurred, re-noised latents
-(``sat_kernels.degrade_latents``). Gradients flow through both, as in sat_train's own loop.
+The first UNet forward captures the saliency with forward pre-hooks that recompute q and k of the
+captured layers (SAC: mid-block self-attention mass; CAC: highest-resolution cross-attention
+probabilities of chosen caption tokens, see ``caption_token_positions``); every attention layer
+keeps the implementation the trainer gave it. The second forward runs on the blurred, re-noised
+latents (``sat_kernels.degrade_latents``). Gradients flow through both, as in sat_train's own loop.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["GuideSettings", "SATCaptureHandle", "caption_token_positions", "guid
 @dataclass
 class SATCaptureHandle:
     guide: str  # "sac" | "cac"
-    attention_backend: str  # the resolved one: xformers | sdpa | eager
+    attention_backend: str | None  # the resolved one when replace_processors=True, else None: the trainer's
     settings: GuideSettings  # what guided_prediction uses unless it is given other values
     saliency: MidBlockSaliency | CaptionWordSaliency
 
@@ -41,7 +42,7 @@ class SATCaptureHandle:
         return self.settings.kernel_backend
 
     def remove(self) -> None:
-        """Removes the hooks (the processors stay; call unet.set_attn_processor to replace them)."""
+        """Removes the capture hooks (processors that replace_processors=True set stay)."""
         self.saliency.remove_hooks()
 
 
@@ -52,23 +53,32 @@ def _bare(model):
 
 
 def install_sat_capture(unet, guide: str = "sac", attention_backend: str = "auto", kernel_backend: str = "auto",
-                        replace_processors: bool = True, settings: GuideSettings | None = None
-                        ) -> SATCaptureHandle:
-    """Installs the capture processors on ``unet`` (a diffusers UNet2DConditionModel with an
-    SD-v1.5-style cross-attention mid block). ``replace_processors`` first sets every layer to
-    memory-efficient attention (``attention_backend``: auto = xformers on CUDA when installed, else
-    PyTorch SDPA); with False only the captured layers change. Call it after anything else that
-    sets attention processors (e.g. ``unet.set_attn_processor``), which would remove the capture.
+                        replace_processors: bool = False, settings: GuideSettings | None = None,
+                        self_attention=None, cross_attentions=None) -> SATCaptureHandle:
+    """Hooks the saliency capture onto ``unet``: a diffusers UNet2DConditionModel, or any UNet with
+    diffusers' module names (kohya sd-scripts' SD1.5 UNet), with an SD-v1.5-style mid block.
+
+    Every attention implementation stays as the trainer set it, the captured layers' included: a
+    forward pre-hook on each captured module recomputes q and k from its input with its own
+    (LoRA-wrapped) ``to_q`` / ``to_k`` (the module contract is in ``sat_train.capture``; a missing
+    attribute is a UsageError naming it). ``self_attention`` (SAC, and CAC's fallback) and
+    ``cross_attentions`` (CAC) pick the layers, as modules or dotted paths; by default the mid-block
+    ``attn1`` and the highest-resolution ``attn2`` layers. ``replace_processors=True`` first sets
+    every diffusers ``Attention`` layer to memory-efficient attention (``attention_backend``: auto =
+    xformers on CUDA when installed, else PyTorch SDPA). Hooks survive ``set_attn_processor``.
     ``settings`` (ratio, threshold, blur, capture mode, ...) are the step's defaults for this handle;
     ``kernel_backend`` is the sat_kernels backend (auto | triton | torch)."""
     settings = dataclasses.replace(settings or GuideSettings(), kernel_backend=kernel_backend)
     unet = _bare(unet)
-    backend = resolve_backend(attention_backend, next(unet.parameters()).device)
     if guide not in ("sac", "cac"):
         raise ValueError(f'guide must be "sac" or "cac", got {guide!r}')
+    backend = None
     if replace_processors:
+        backend = resolve_backend(attention_backend, next(unet.parameters()).device)
         unet.set_attn_processor(stock_processor(backend))
-    return SATCaptureHandle(guide, backend, settings, make_saliency(unet, guide, backend, kernel_backend))
+    saliency = make_saliency(unet, guide, kernel_backend, self_attention=self_attention,
+                             cross_attentions=cross_attentions)
+    return SATCaptureHandle(guide, backend, settings, saliency)
 
 
 def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor,

@@ -118,7 +118,8 @@ class MidBlockSaliency:
         return Saliency([SaliencyMap(mass, map_size, threshold)])
 
     def capture_separately(self, unet, s: StepInputs, threshold: float | str) -> Saliency:
-        """The original code's extra forward: no gradients, LoRA off in the captured layer only."""
+        """The original code's extra forward: no gradients, LoRA off in the captured layer only (the
+        hook projects q and k without LoRA; the mass depends on nothing else of that layer)."""
         self.arm(s, bypass_lora=True)
         with torch.no_grad():
             predict(unet, s.noisy, s)
@@ -289,22 +290,23 @@ class SATGuide(Guide):
         return self.saliency.summary(total)
 
 
-def build_guide(config, unet, noise_scheduler, attention_backend: str) -> Guide:
-    """The guide ``config.guide`` names, installed on the bare ``unet`` (before accelerate wraps it)."""
+def build_guide(config, unet, noise_scheduler) -> Guide:
+    """The guide ``config.guide`` names, its capture hooked on the bare ``unet`` (before accelerate wraps it)."""
     if config.guide == "none":
         return Guide()
     settings = config.guide_settings
-    saliency = make_saliency(unet, config.guide, attention_backend, settings.kernel_backend,
-                             words=f"--cac_words ({config.cac_words})")
+    saliency = make_saliency(unet, config.guide, settings.kernel_backend, words=f"--cac_words ({config.cac_words})")
     return SATGuide(saliency, noise_scheduler.alphas_cumprod, settings, noise_scheduler.config.prediction_type)
 
 
-def make_saliency(unet, guide: str, attention_backend: str, kernel_backend: str = "auto",
-                  words: str = "the chosen words"):
-    """The saliency source of ``guide`` ("sac" | "cac"), its capture processors installed on ``unet``."""
+def make_saliency(unet, guide: str, kernel_backend: str = "auto", words: str = "the chosen words",
+                  self_attention=None, cross_attentions=None):
+    """The saliency source of ``guide`` ("sac" | "cac"), its capture hooks on ``unet``'s
+    ``self_attention`` layer (SAC, and CAC's fallback) and ``cross_attentions`` (CAC): modules or
+    dotted paths, by default the mid-block attn1 and the highest-resolution attn2 layers."""
     if guide not in ("sac", "cac"):
         raise ValueError(f'guide must be "sac" or "cac", got {guide!r}')
-    mid = MidBlockSaliency(MidBlockCapture(unet, attention_backend, kernel_backend))
+    mid = MidBlockSaliency(MidBlockCapture(unet, kernel_backend, self_attention))
     if guide == "sac":
         return mid
-    return CaptionWordSaliency(mid, CrossAttentionCapture(unet, attention_backend, kernel_backend), words)
+    return CaptionWordSaliency(mid, CrossAttentionCapture(unet, kernel_backend, cross_attentions), words)

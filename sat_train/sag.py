@@ -8,8 +8,8 @@ per step, classifier-free guidance, then
     eps      = eps_cfg + sag_scale * (eps_u - unet(x_deg, t, c_uncond))
 
 where m is the mid-block self-attention mass of the uncond half > 1. The mass comes from q and k
-inside the memory-efficient attention (``MidBlockCapture``: no N x N map) and ``x_deg`` is one
-``sat_kernels.degrade_latents`` call, so inference keeps xformers/SDPA in every layer.
+(``MidBlockCapture``, a hook beside the memory-efficient attention: no N x N map) and ``x_deg`` is
+one ``sat_kernels.degrade_latents`` call, so inference keeps xformers/SDPA in every layer.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def sag_sample(components, prompt: str, negative_prompt: str = "", num_images: i
 
     backend = resolve_backend(attention_backend, device)
     unet.set_attn_processor(stock_processor(backend))
-    capture = MidBlockCapture(unet, backend, mass_backend=kernel_backend) if sag_scale > 0 else None
+    capture = MidBlockCapture(unet, kernel_backend) if sag_scale > 0 else None
     cfg = guidance_scale > 1.0
     cond = encode_prompts(components.tokenizer, components.text_encoder, [prompt] * num_images, device).to(dtype)
     uncond = encode_prompts(components.tokenizer, components.text_encoder, [negative_prompt] * num_images,

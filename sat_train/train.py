@@ -281,7 +281,9 @@ def prepare_run(config: TrainConfig) -> Run:
                                   quiet=not accelerator.is_main_process)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     components, backend = prepare_models(config, accelerator, weight_dtype)
-    guide = build_guide(config, components.unet, components.noise_scheduler, backend)  # after set_attn_processor
+    guide = build_guide(config, components.unet, components.noise_scheduler)
+    if config.torch_compile:  # in place: the module, its parameter names and the capture hooks stay
+        components.unet.compile(backend=config.dynamo_backend)
     trained_text_encoder = components.text_encoder if config.train_text_encoder else None
     register_lora_checkpoint_hooks(accelerator, components.unet, weight_dtype, trained_text_encoder)
     params = lora_parameters(components.unet)

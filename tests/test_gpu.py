@@ -130,7 +130,7 @@ def test_sac_step_cuda_matches_torch_kernels(recompute):
         setattr(s, field, getattr(s, field).cuda())
     results = []
     for kernels in ("triton", "torch"):
-        guide = SATGuide(make_saliency(unet, "sac", "sdpa", kernels), components.noise_scheduler.alphas_cumprod,
+        guide = SATGuide(make_saliency(unet, "sac", kernels), components.noise_scheduler.alphas_cumprod,
                          GuideSettings(ratio=0.5, kernel_backend=kernels, recompute=recompute))
         loss = guide(unet, s).loss
         loss.backward()

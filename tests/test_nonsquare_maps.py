@@ -84,7 +84,7 @@ def test_capture_records_height_and_width_of_the_mid_block():
     expected = reference.attention_mass(store.probs[0], mid_block_self_attention(unet).heads)
 
     unet.set_attn_processor(stock_processor("sdpa"))
-    capture = MidBlockCapture(unet, "sdpa", mass_backend="torch")
+    capture = MidBlockCapture(unet, "torch")
     capture.arm()
     with torch.no_grad():
         unet(s.noisy, s.timesteps, s.cond)

@@ -111,8 +111,8 @@ def materialized_cac_map(components, s, tokens):
 def cac_guide(components, kernels="torch", ratio=0.5, backend="sdpa", **settings):
     unet = components.unet
     unet.set_attn_processor(stock_processor(backend))
-    saliency = CaptionWordSaliency(MidBlockSaliency(MidBlockCapture(unet, backend, kernels)),
-                                   CrossAttentionCapture(unet, backend, kernels))
+    saliency = CaptionWordSaliency(MidBlockSaliency(MidBlockCapture(unet, kernels)),
+                                   CrossAttentionCapture(unet, kernels))
     return SATGuide(saliency, components.noise_scheduler.alphas_cumprod,
                     GuideSettings(ratio=ratio, threshold=1.0, kernel_backend=kernels, **settings))
 
@@ -123,7 +123,7 @@ def test_cac_map_from_token_probs_equals_materialized_probs(kernels):
     s = step_inputs(components, size=16)
     _, expected, _, _ = materialized_cac_map(components, s, TOKENS)
     capture = cac_guide(components, kernels).saliency.cross
-    assert [p for p in capture.processors] == [a.processor for a in demo_highres_attn2(components.unet)]
+    assert [hook.module for hook in capture.hooks] == demo_highres_attn2(components.unet)
     capture.arm(TOKENS)
     with torch.no_grad():
         components.unet(s.noisy, s.timesteps, s.cond)
@@ -225,9 +225,9 @@ def test_cac_capture_is_one_shot_under_gradient_checkpointing(recompute):
         if checkpointing:
             components.unet.enable_gradient_checkpointing()
         calls = [0]
-        for p in guide.saliency.cross.processors:
-            original = p._capture
-            p._capture = lambda *a, _o=original: (calls.__setitem__(0, calls[0] + 1), _o(*a))
+        for hook in guide.saliency.cross.hooks:
+            original = hook.reduce
+            hook.reduce = lambda *a, _o=original: (calls.__setitem__(0, calls[0] + 1), _o(*a))[1]
         result = guide(components.unet, s)
         result.loss.backward()
         results[checkpointing] = (result.loss.detach(), lora_grads(components.unet), calls[0])

@@ -23,7 +23,7 @@ WORLD = 2
 def make_guide(components, guide: str, recompute: bool):
     unet = components.unet
     unet.set_attn_processor(stock_processor("sdpa"))
-    return SATGuide(make_saliency(unet, guide, "sdpa", "torch"), components.noise_scheduler.alphas_cumprod,
+    return SATGuide(make_saliency(unet, guide, "torch"), components.noise_scheduler.alphas_cumprod,
                     GuideSettings(ratio=0.5, kernel_backend="torch", recompute=recompute))
 
 

@@ -132,7 +132,7 @@ def test_guided_loss_text_encoder_gradient_matches_the_written_out_loss():
 def test_every_guide_sends_a_gradient_to_the_text_encoder(guide, capture):
     components = with_text_encoder_lora()
     config = TrainConfig(guide=guide, guide_capture=capture, guide_ratio=0.5)
-    guide_step = build_guide(config, components.unet, components.noise_scheduler, "sdpa")
+    guide_step = build_guide(config, components.unet, components.noise_scheduler)
     s = step_inputs(components)
     s.tokens = torch.tensor([[3, 5], [-1, -1]])  # CAC: one sample with chosen words, one without
     s.cond = encode_captions(components.text_encoder, caption_ids(components), trainable=True)
