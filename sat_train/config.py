@@ -149,7 +149,7 @@ class TrainConfig:
         False, "As --cache_latents, but in safetensors files under OUTPUT_DIR/latent_cache/, read per sample and "
         "reused by later runs into the same --output_dir (rebuilt where the image, size, VAE or filter changed).")
     random_crop: bool = _opt(
-        False, "Random square crops: already the default without --center_crop (kohya's flag, stated explicitly); "
+        False, "Random crops (to --resolution, or to each image's bucket): already the default without --center_crop (kohya's flag, stated explicitly); "
         "not with --cache_latents / --cache_latents_to_disk, whose cache holds one crop per image.")
     # --- schedule
     train_batch_size: int = _opt(16, "Batch size per device.", type=int)

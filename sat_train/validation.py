@@ -65,8 +65,8 @@ def generate_images(components, unet, prompt: SamplePrompt, generator: torch.Gen
                     attention_backend: str = "auto") -> list:
     """``prompt.num_images`` PIL images, drawn one after another from ``generator``, with ``unet`` (the
     bare model, LoRA active) and the text encoder (its LoRA too, with --train_text_encoder) in eval mode
-    (no LoRA dropout); their training modes and the UNet's attention processors (the guide's capture
-    processors, which SAG's sampler would replace) are restored afterwards. Under mixed precision
+    (no LoRA dropout); their training modes and the UNet's attention processors (which SAG's sampler
+    replaces while it runs) are restored afterwards. Under mixed precision
     (``weight_dtype`` not float32) the UNet runs under autocast, as in training."""
     device = next(unet.parameters()).device
     components = dataclasses.replace(components, unet=unet)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig
 
@@ -16,7 +16,7 @@ from sat_kernels import reference
 from sat_train.config import GuideSettings, UsageError
 from sat_train.dropin import guided_prediction, install_sat_capture
 from sat_train.guidance import SATGuide, StepInputs, make_saliency
-from train_helpers import ProbsStoringProcessor
+from train_helpers import ProbsStoringProcessor, two_level_unet
 
 HEADS = 2
 MID = "mid_block.attentions[0].transformer_blocks[0].attn1"  # kohya's names, bracket indices
@@ -53,15 +53,10 @@ class KohyaStyleAttention(torch.nn.Module):
 def tiny_unet(kohya_mid: bool):
     """A 2-level SD-shaped UNet; ``kohya_mid`` swaps a KohyaStyleAttention in as the mid-block attn1
     before peft adds LoRA (so its to_q/to_k/to_v/to_out.0 are LoRA-wrapped too, B random)."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
-        cross_attention_dim=24, attention_head_dim=HEADS)
+    unet = two_level_unet(HEADS)
     if kohya_mid:
         unet.mid_block.attentions[0].transformer_blocks[0].attn1 = KohyaStyleAttention(32, HEADS)
-    unet.requires_grad_(False)
+    unet.requires_grad_(False)  # the swapped-in module's weights too
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():
         for name, p in unet.named_parameters():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor
 from peft import LoraConfig
 
@@ -17,19 +17,13 @@ from sat_kernels import reference
 from sat_train.config import GuideSettings
 from sat_train.demo import build_tokenizer
 from sat_train.dropin import caption_token_positions, guided_prediction, install_sat_capture
-from train_helpers import ProbsStoringProcessor
+from train_helpers import ProbsStoringProcessor, two_level_unet
 
 HEADS = 2
 
 
 def other_trainers_unet(prediction_type: str):
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
-        cross_attention_dim=24, attention_head_dim=HEADS)
-    unet.requires_grad_(False)
+    unet = two_level_unet(HEADS)
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():
         for name, p in unet.named_parameters():

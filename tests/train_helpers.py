@@ -94,3 +94,17 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 __all__ = ["DEMO_DATA_DIR", "LORA_FILE", "REPO", "ProbsStoringProcessor", "count_forwards", "lora_grads",
            "lora_unet", "run_cli", "step_inputs", "tiny_config"]
+
+
+def two_level_unet(heads: int = 2):
+    """A frozen 2-level SD-shaped UNet (cross-attention at level 0 and in the mid block), seeded 0,
+    small enough for the drop-in and capture tests."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=24, attention_head_dim=heads)
+    return unet.requires_grad_(False)
