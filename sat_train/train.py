@@ -283,6 +283,9 @@ def prepare_run(config: TrainConfig) -> Run:
     components, backend = prepare_models(config, accelerator, weight_dtype)
     guide = build_guide(config, components.unet, components.noise_scheduler)
     if config.torch_compile:  # in place: the module, its parameter names and the capture hooks stay
+        if config.dynamo_backend == "inductor" and accelerator.device.type == "cpu":
+            accelerator.print("warning: --torch_compile with inductor on CPU gave wrong LoRA gradients in our tests "
+                              "(benchmarks/RESULTS.md); --dynamo_backend aot_eager matches eager")
         components.unet.compile(backend=config.dynamo_backend)
     trained_text_encoder = components.text_encoder if config.train_text_encoder else None
     register_lora_checkpoint_hooks(accelerator, components.unet, weight_dtype, trained_text_encoder)
