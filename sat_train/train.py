@@ -158,7 +158,8 @@ def remove_stale_temporaries(output_dir: Path) -> None:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the run stopped without saving (the CLI prints it as one line, exit 1)."""
+    """The loss (or the LoRA weights) became NaN/inf; the run stopped without saving (the CLI prints it as
+    one line, exit 1)."""
 
 
 def _latest_name(output_dir: Path) -> str:
@@ -595,10 +596,26 @@ def log_step(run: Run) -> float:
 
 
 def checkpoint_if_due(run: Run) -> None:
-    """Every --checkpointing_steps: an atomic checkpoint (see save_run_checkpoint)."""
+    """Every --checkpointing_steps: an atomic checkpoint (see save_run_checkpoint) of weights known finite."""
     if run.global_step % run.config.checkpointing_steps:
         return
+    stop_on_nonfinite_weights(run)
     save_run_checkpoint(run)
+
+
+def stop_on_nonfinite_weights(run: Run) -> None:
+    """A step whose loss was finite can still leave NaN/inf LoRA weights (a huge update); the next loss
+    would stop the run, but a checkpoint or export due first would save them as "the last good". The
+    weights are the same on every process (DDP), so all stop together without a collective."""
+    bad = next((i for i, p in enumerate(run.params) if not torch.isfinite(p.detach()).all()), None)
+    if bad is None:
+        return
+    run.progress.close()
+    run.accelerator.end_training()
+    raise NonFiniteLossError(
+        f"LoRA weights became NaN/inf at step {run.global_step} (the update after a finite loss): stopping before "
+        f"they are saved; the last good checkpoint is {_latest_name(run.output_dir)}. Try a lower --learning_rate "
+        "or --max_grad_norm, or --mixed_precision no")
 
 
 def save_run_checkpoint(run: Run) -> Path:
@@ -670,6 +687,7 @@ def finish_run(run: Run) -> Path:
     if report:
         accelerator.print(report)
     accelerator.wait_for_everyone()
+    stop_on_nonfinite_weights(run)
     check_final_export_fits(run)
     lora_path = run.output_dir / LORA_WEIGHTS_NAME
     if accelerator.is_main_process:

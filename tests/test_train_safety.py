@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+import torch
 from accelerate.utils.other import load as accelerate_load
 
 import sat_train.train as train_module
@@ -163,3 +164,27 @@ def test_unexpected_errors_are_one_line_unless_debug(tmp_path, monkeypatch, caps
     assert err == "sat-train: error: RuntimeError: simulated failure (run with --debug for the traceback)"
     with pytest.raises(RuntimeError, match="simulated failure"):
         main([*argv, "--debug"])
+
+
+def test_nan_weights_after_a_finite_loss_are_never_checkpointed(tmp_path, monkeypatch, capsys):
+    """The second update turns a LoRA weight into NaN while its loss was finite; checkpoint-2 is due
+    right then: the run stops naming the step instead of saving the weights as the last good ones."""
+    real_log_step = train_module.log_step
+
+    def poison_after_second_update(run):  # runs after the optimizer step, before the checkpoint due
+        if run.global_step == 2:
+            with torch.no_grad():
+                run.params[0].view(-1)[0] = float("nan")
+        return real_log_step(run)
+
+    monkeypatch.setattr(train_module, "log_step", poison_after_second_update)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--report_to", "none", "--output_dir", str(out)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("sat-train: error: LoRA weights became NaN/inf at step 2"), err
+    assert "last good checkpoint is none" in err
+    assert list_checkpoints(out) == [] and not (out / LORA_FILE).exists()
