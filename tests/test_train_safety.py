@@ -95,6 +95,16 @@ def test_model_loading_never_passes_trust_remote_code(tmp_path, monkeypatch):
     assert len(calls) == 5 and all("trust_remote_code" not in kwargs for kwargs in calls), calls
 
 
+def stopped_demo_run(out, capsys) -> tuple[str, list[str]]:
+    """A 4-step demo run (checkpoint every 2) that must stop with exit 1: its stderr and error lines."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--report_to", "none", "--output_dir", str(out)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    return err, [line for line in err.splitlines() if "error" in line]  # (the rest is the progress bar)
+
+
 def test_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tmp_path, monkeypatch, capsys):
     real_build_guide = train_module.build_guide
 
@@ -113,12 +123,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tmp_path, monk
 
     monkeypatch.setattr(train_module, "build_guide", nan_at_third_step)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
-              "--report_to", "none", "--output_dir", str(out)])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip()
-    errors = [line for line in err.splitlines() if "error" in line]  # (the rest is the progress bar)
+    err, errors = stopped_demo_run(out, capsys)
     assert len(errors) == 1 and errors[0].startswith("sat-train: error: loss is nan at step 3"), err
     assert f"last good checkpoint is {out / 'checkpoint-2'}" in err
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
@@ -179,12 +184,7 @@ def test_nan_weights_after_a_finite_loss_are_never_checkpointed(tmp_path, monkey
 
     monkeypatch.setattr(train_module, "log_step", poison_after_second_update)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
-              "--report_to", "none", "--output_dir", str(out)])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip()
-    errors = [line for line in err.splitlines() if "error" in line]
+    err, errors = stopped_demo_run(out, capsys)
     assert len(errors) == 1 and errors[0].startswith("sat-train: error: LoRA weights became NaN/inf at step 2"), err
     assert "last good checkpoint is none" in err
     assert list_checkpoints(out) == [] and not (out / LORA_FILE).exists()
