@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -560,12 +560,10 @@ def record_metrics(run: Run, result, epoch: int) -> None:
     local = torch.stack([nan if v is None else v.float().reshape(()) for v in values])
     gathered = accelerator.gather(local[None]).mean(dim=0).tolist()
     if not math.isfinite(gathered[0]):  # the same value on every process: all stop together
-        run.progress.close()
-        accelerator.end_training()
-        raise NonFiniteLossError(
+        stop_run(run, NonFiniteLossError(
             f"loss is {gathered[0]} at step {run.global_step + 1} (epoch {epoch}): stopping before anything "
             f"is saved; the last good checkpoint is {_latest_name(run.output_dir)}. Try a lower "
-            "--learning_rate, --mixed_precision no, or check the data")
+            "--learning_rate, --mixed_precision no, or check the data"))
     for name, value in zip(METRICS, gathered, strict=True):
         run.running[name] += value / run.config.gradient_accumulation_steps
     run.micro_batch += 1
@@ -607,15 +605,12 @@ def stop_on_nonfinite_weights(run: Run) -> None:
     """A step whose loss was finite can still leave NaN/inf LoRA weights (a huge update); the next loss
     would stop the run, but a checkpoint or export due first would save them as "the last good". The
     weights are the same on every process (DDP), so all stop together without a collective."""
-    bad = next((i for i, p in enumerate(run.params) if not torch.isfinite(p.detach()).all()), None)
-    if bad is None:
+    if all(torch.isfinite(p.detach()).all() for p in run.params):
         return
-    run.progress.close()
-    run.accelerator.end_training()
-    raise NonFiniteLossError(
+    stop_run(run, NonFiniteLossError(
         f"LoRA weights became NaN/inf at step {run.global_step} (the update after a finite loss): stopping before "
         f"they are saved; the last good checkpoint is {_latest_name(run.output_dir)}. Try a lower --learning_rate "
-        "or --max_grad_norm, or --mixed_precision no")
+        "or --max_grad_norm, or --mixed_precision no"))
 
 
 def save_run_checkpoint(run: Run) -> Path:
@@ -656,13 +651,18 @@ def kohya_describer(run: Run):
 
 
 def stop_on_save_precision(run: Run, problem: str, checkpoint: Path) -> None:
-    """Ends the run (bar, trackers) with the one-line error naming the tensor and the way out."""
+    """Ends the run with the one-line error naming the tensor and the way out."""
+    stop_run(run, UsageError(f"--save_precision {run.config.save_precision}: {problem}; the float weights are saved "
+                             f"in {checkpoint}: export them with --save_precision bf16 (or float) "
+                             f"--resume_from_checkpoint {checkpoint}"))
+
+
+def stop_run(run: Run, error: Exception) -> NoReturn:
+    """Closes the progress bar and the trackers, then raises ``error`` (the CLI prints it as one line)."""
     if run.progress is not None:
         run.progress.close()
     run.accelerator.end_training()
-    raise UsageError(f"--save_precision {run.config.save_precision}: {problem}; the float weights are saved in "
-                     f"{checkpoint}: export them with --save_precision bf16 (or float) --resume_from_checkpoint "
-                     f"{checkpoint}")
+    raise error
 
 
 def validate_at_epoch_end(run: Run, epoch: int) -> None:
