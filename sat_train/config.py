@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 GUIDES = ("none", "sac", "cac")
 EXPORT_FORMATS = ("diffusers", "kohya", "both")
@@ -541,10 +540,9 @@ class TrainConfig:
 
     def write_json(self, path: str | os.PathLike, **extra) -> None:
         """Written atomically so a crash never leaves half a config next to a checkpoint."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json(**extra) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        from .faults import write_atomically
+
+        write_atomically(path, (self.to_json(**extra) + "\n").encode("utf-8"))
 
 
 def _cuda_available() -> bool:

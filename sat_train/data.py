@@ -327,11 +327,11 @@ def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0)
     if config.guide == "cac":
         dataset.cac_word_ids = word_token_ids(tokenizer, config.cac_word_list)
     if config.enable_bucket:
-        dataset.buckets = assign_buckets(config, image_sizes(records, names))
+        dataset.buckets = assign_buckets(config, image_sizes(records, names.__getitem__))
     return dataset
 
 
-def image_sizes(records, names) -> list[tuple[int, int]]:
+def image_sizes(records, describe) -> list[tuple[int, int]]:
     """(width, height) of every record's image: file headers only (PIL opens lazily), each file once
     however often kohya's repeats list it; a --dataset_name row is decoded (its size is not stored apart)."""
     sizes: dict[object, tuple[int, int]] = {}
@@ -342,7 +342,7 @@ def image_sizes(records, names) -> list[tuple[int, int]]:
             try:
                 image = open_image(source)
             except (OSError, UnidentifiedImageError, ValueError) as err:
-                raise UsageError(f"cannot read image {names[index]}: {err}; fix or remove it") from err
+                raise UsageError(f"cannot read image {describe(index)}: {err}; fix or remove it") from err
             sizes[key] = image.size
             if isinstance(source, (str, Path)):
                 image.close()

@@ -7,8 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .faults import crash_hook
-from .lora_files import cast_state_dict, precision_dtype, precision_overflow, write_safetensors_atomically
+from .faults import crash_hook, write_atomically
+from .lora_files import cast_state_dict, precision_dtype, precision_overflow
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -111,7 +111,9 @@ def save_lora_kohya(unet, output_dir: str | os.PathLike, precision: str = "float
     output_dir.mkdir(parents=True, exist_ok=True)
     state = cast_state_dict(all_kohya_state_dict(unet, text_encoder), precision)
     metadata = describe(state) if describe is not None else {"format": "pt", "ss_network_module": "networks.lora"}
-    return write_safetensors_atomically(state, output_dir / KOHYA_WEIGHTS_NAME, metadata, crash_point=crash_point)
+    from safetensors.torch import save
+
+    return write_atomically(output_dir / KOHYA_WEIGHTS_NAME, save(state, metadata=metadata), crash_point)
 
 
 def all_kohya_state_dict(unet, text_encoder=None) -> dict:

@@ -1,4 +1,5 @@
-"""Crash-safety helpers shared by train.py and export.py: the test-only kill hook and fsync.
+"""Crash-safety helpers shared by the modules that write files: atomic writes, fsync and the
+test-only kill hook.
 
 ``SAT_TEST_KILL_AT`` is a TEST-ONLY hook: when set to one of the names below the process SIGKILLs
 itself at that point, so tests (tests/test_train_crash.py) can crash a run exactly there and check
@@ -39,3 +40,22 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes, crash_point: str | None = None) -> Path:
+    """``path`` appears whole or not at all: ``data`` goes to ``.NAME.tmp`` beside it, is fsynced, then
+    os.replace'd into place. A failed write removes the temporary (a killed one's is removed at the next
+    start); ``crash_point`` names the crash_hook between the write and the rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if crash_point is not None:
+            crash_hook(crash_point)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from .config import UsageError
-from .data import CaptionedImages, DatasetRow, ImageTransform, open_image
-from .faults import crash_hook, fsync_dir
+from .data import CaptionedImages, DatasetRow, ImageTransform, image_sizes, open_image
+from .faults import fsync_dir, write_atomically
 
 CACHE_FOLDER = "latent_cache"
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 TENSOR_NAMES = {False: "latent_params", True: "latent_params_flipped"}  # a file's tensor per flip
+CRASH_POINT = "latent_cache:mid"  # faults.py: a cache file written to its temporary, not yet renamed
 WEIGHT_SAMPLE = 256  # leading values of every VAE tensor hashed into the fingerprint (with each tensor's sum)
 
 
@@ -105,17 +105,11 @@ def run_fingerprint(vae, transform: ImageTransform, dtype: torch.dtype) -> dict:
             "interpolation": transform.interpolation, "flips": [False, True] if transform.random_flip else [False]}
 
 
-def cache_entry(dataset: CaptionedImages, index: int, center: ImageTransform, fingerprint: dict) -> CacheEntry:
-    """Sample ``index``'s entry; reads the image's header for its crop box (a dataset row: the image)."""
+def cache_entry(dataset: CaptionedImages, index: int, size: tuple[int, int], center: ImageTransform,
+                fingerprint: dict) -> CacheEntry:
+    """Sample ``index``'s entry, its image ``size`` (W, H) giving the crop box."""
     source = dataset.records[index][0]
     target = tuple(dataset.target_size(index))
-    try:
-        image = open_image(source)
-        size = image.size
-        if image is not source:  # a file opened here (only its header was read): close it now
-            image.close()
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read image {dataset.describe(index)}: {err}; fix or remove it") from err
     key = {**fingerprint, "image": image_identity(source), "target_size": list(target),
            "crop_box": list(center.crop_box(center.resized_size(size, target), target=target))}
     name = hashlib.sha256(image_location(source).encode()).hexdigest()[:32] + ".safetensors"
@@ -178,22 +172,11 @@ def read_entry(path: Path, entry: CacheEntry, flips: list[bool]) -> dict[bool, t
         return None
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file, fsync, os.replace: a reader (or the next run) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    crash_hook("latent_cache:mid")
-    os.replace(tmp, path)
-
-
 def write_entry(folder: Path, entry: CacheEntry, params: dict[bool, torch.Tensor]) -> None:
     from safetensors.torch import save
 
     tensors = {TENSOR_NAMES[flipped]: tensor.contiguous() for flipped, tensor in params.items()}
-    write_atomically(folder / entry.name, save(tensors, metadata={"key": entry.key}))
+    write_atomically(folder / entry.name, save(tensors, metadata={"key": entry.key}), CRASH_POINT)
 
 
 def explain_rebuild(folder: Path, fingerprint: dict) -> str | None:
@@ -219,7 +202,7 @@ def build_disk_cache(folder: Path, entries: list[CacheEntry], encode, fingerprin
     for entry, params in encode(missing):
         write_entry(folder, entry, params)
     manifest = {"fingerprint": summary, "files": {e.name: json.loads(e.key)["image"] for e in entries}}
-    write_atomically(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    write_atomically(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True).encode(), CRASH_POINT)
     fsync_dir(folder)
     say(f"latent cache: {len(missing)} images encoded, {len(entries) - len(missing)} reused, in {folder}")
 
@@ -234,7 +217,8 @@ def cache_latents(config, accelerator, vae, dataset: CaptionedImages, dtype: tor
         say("latent cache: images are center-cropped (a cache holds one crop per image; see --random_crop)")
     center = ImageTransform(dataset.transform.resolution, True, False, dataset.transform.interpolation)
     fingerprint = run_fingerprint(vae, dataset.transform, dtype)
-    per_sample = [cache_entry(dataset, i, center, fingerprint) for i in range(len(dataset))]
+    sizes = image_sizes(dataset.records, dataset.describe)  # file headers only (a dataset row: the image)
+    per_sample = [cache_entry(dataset, i, size, center, fingerprint) for i, size in enumerate(sizes)]
     entries = list({e.name: e for e in per_sample}.values())  # one per image (kohya repeats share it)
 
     def encode(todo):

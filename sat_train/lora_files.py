@@ -1,6 +1,6 @@
 """The writing side of exported LoRA files: --save_precision, the kohya file's metadata (kohya-ss/
 sd-scripts' ``ss_*`` training keys, its ``sshs_*`` hashes, Stability's ``modelspec.*`` keys, SAT's
-``sat_*`` settings) and atomic safetensors writes.
+``sat_*`` settings); files are written by faults.write_atomically.
 
 Value formats follow sd-scripts (train_network.py, library/train_util.py, library/sai_model_spec.py):
 every value is a string, ``ss_*`` values are Python's ``str()`` of the setting (``"4"``, ``"8.0"``,
@@ -14,8 +14,6 @@ import hashlib
 import os
 import time
 from pathlib import Path
-
-from .faults import crash_hook
 
 MODELSPEC_VERSION = "1.0.1"  # what sd-scripts writes since its ModelSpec 1.0.1 update (Aug 2025)
 LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000  # sd-scripts' addnet_hash_legacy window
@@ -163,21 +161,3 @@ def kohya_file_metadata(state: dict, config, steps: int, epoch: int, max_train_s
                 **sat_metadata(config)}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
     return metadata
-
-
-def write_safetensors_atomically(state: dict, path: str | os.PathLike, metadata: dict[str, str],
-                                 crash_point: str | None = None) -> Path:
-    """``path`` appears whole or not at all: written as ``.NAME.tmp`` beside it, then os.replace; a
-    failed write removes the temporary (a killed one's is removed at the next run's start)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        if crash_point is not None:
-            crash_hook(crash_point)  # test-only (sat_train/faults.py)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

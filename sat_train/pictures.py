@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .data import LATENT_PARAMS
+from .faults import write_atomically
 from .latent_cache import decode_latent_means, vae_on_device
 
 MASK_COLOR = (255, 40, 40)
@@ -36,14 +37,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
 def write_loss_history(path: str | os.PathLike, steps: list[int], losses: list[float]) -> Path:
     """``{"steps": [...], "losses": [...]}``, atomically (temp file + os.replace) and fsynced: inside a
     checkpoint it must be on disk before the COMPLETE marker is. JSON floats round-trip exactly."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"steps": list(steps), "losses": list(losses)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, json.dumps({"steps": list(steps), "losses": list(losses)}).encode())
 
 
 def read_loss_history(path: str | os.PathLike, up_to_step: int) -> tuple[list[int], list[float]]:

@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from sat_train import lora_files
+from sat_train import faults, lora_files
 from sat_train.cli import main, parse_config
 from sat_train.config import UsageError
 from sat_train.demo import build_components
@@ -185,7 +185,7 @@ def test_a_failed_kohya_export_leaves_nothing(tmp_path, monkeypatch):
     def fail(name):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora_files, "crash_hook", fail)
+    monkeypatch.setattr(faults, "crash_hook", fail)  # between the write and the rename
     with pytest.raises(OSError, match="disk full"):
         export_lora(lora_unet().unet, tmp_path, "kohya")
     assert list(tmp_path.iterdir()) == []
