@@ -68,8 +68,9 @@ def demo_defaults() -> dict:
     }
 
 
-def build_tokenizer():
-    """A byte-level CLIP BPE tokenizer: the 256 byte symbols (+ end-of-word forms) and whole-word merges."""
+def build_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A byte-level CLIP BPE tokenizer: the 256 byte symbols (+ end-of-word forms) and whole-word merges;
+    it pads with ``pad_token`` (SD v1.5's and SDXL's first: the end token; SDXL's second: "!")."""
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -86,7 +87,7 @@ def build_tokenizer():
             vocab.setdefault(merged, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH, pad_token=pad_token)
 
 
 def build_components(seed: int = DEMO_SEED) -> Components:
@@ -120,9 +121,68 @@ def build_components(seed: int = DEMO_SEED) -> Components:
     return Components(tokenizer, text_encoder, vae, unet, scheduler)
 
 
+# The tiny SDXL's text encoders: CLIP-L-like (penultimate hidden states) and CLIP-G-like (also pooled).
+SDXL_TEXT_HIDDEN = (32, 32)
+SDXL_POOLED_DIM = 32  # text_encoder_2's projection_dim: the UNet's "text_embeds"
+SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim: each of the 6 time ids embeds to this many features
+
+
+def build_sdxl_components(seed: int = DEMO_SEED) -> Components:
+    """Tiny SDXL-shaped components with weights from ``seed`` (independent of the global RNG).
+
+    SDXL's structure at toy widths: no attention at level 0 (DownBlock2D / UpBlock2D), two
+    transformer blocks in the mid block (SDXL's has ten), ``text_time`` conditioning (the pooled
+    output of the second text encoder + 6 time ids), cross-attention on both encoders' penultimate
+    hidden states concatenated, SDXL's VAE scaling factor. Its second tokenizer pads with "!" as
+    SDXL's does."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
+
+    def text_config(hidden: int, tok) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH,
+                              projection_dim=SDXL_POOLED_DIM, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    devices = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config(SDXL_TEXT_HIDDEN[0], tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(SDXL_TEXT_HIDDEN[1], tokenizer_2))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16), layers_per_block=1, sample_size=128, scaling_factor=0.13025)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            mid_block_type="UNetMidBlock2DCrossAttn", transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 2, 4), use_linear_projection=True,  # heads per level, as SDXL's (5, 10, 20)
+            cross_attention_dim=sum(SDXL_TEXT_HIDDEN), addition_embed_type="text_time",
+            addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_EMBED_DIM)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False,
+                              steps_offset=1, prediction_type="epsilon")
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, tokenizer_2, text_encoder_2)
+
+
 def save_components(components: Components, folder: str | Path) -> Path:
-    """Writes the SD v1.5 folder layout, loadable with --pretrained_model_name_or_path folder."""
+    """Writes the diffusers folder layout (SD v1.5's, or SDXL's with model_index.json), loadable with
+    --pretrained_model_name_or_path folder (and SDXL's with StableDiffusionXLPipeline.from_pretrained)."""
     folder = Path(folder)
+    if components.is_sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        StableDiffusionXLPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
+            scheduler=components.noise_scheduler).save_pretrained(folder)
+        return folder
     components.tokenizer.save_pretrained(folder / "tokenizer")
     components.text_encoder.save_pretrained(folder / "text_encoder")
     components.vae.save_pretrained(folder / "vae")

@@ -83,7 +83,7 @@ def install_sat_capture(unet, guide: str = "sac", attention_backend: str = "auto
 
 def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor,
                       cond: torch.Tensor, scheduler, handle: SATCaptureHandle, tokens: torch.Tensor | None = None,
-                      prediction_type: str | None = None, **settings):
+                      prediction_type: str | None = None, added_cond_kwargs: dict | None = None, **settings):
     """``pred + ratio * (pred - pred_deg)`` (float32) and an info dict, from the SAT step's UNet
     forwards (sat_train.guidance.SATGuide, the trainer's own step).
 
@@ -91,7 +91,7 @@ def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, times
     ``alphas_cumprod`` and the prediction type (v-prediction outputs are turned into eps before
     re-noising). With ``handle.guide == "cac"``, ``tokens`` (B, S) long are the caption positions of
     the chosen words (-1 = padding; see ``caption_token_positions``); samples without any use the
-    SAC mask. ``settings`` override fields of ``handle.settings`` for this call (``GuideSettings``:
+    SAC mask. ``added_cond_kwargs`` (SDXL: ``text_embeds``, ``time_ids``) go to every UNet forward. ``settings`` override fields of ``handle.settings`` for this call (``GuideSettings``:
     ratio, threshold, kernel_size, sigma, capture, detach_degraded, recompute, kernel_backend); ``recompute`` needs
     one ``backward`` of a loss on the result, as usual.
     info: ``pred``, ``pred_degraded``, ``mask`` (B, H, W) bool at latent size, ``used_cac`` (B,) bool.
@@ -101,7 +101,7 @@ def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, times
     guide = SATGuide(handle.saliency, scheduler.alphas_cumprod, dataclasses.replace(handle.settings, **settings),
                      prediction_type or scheduler.config.prediction_type)
     inputs = StepInputs(x0=x0, noise=None, noisy=noisy_latents, timesteps=timesteps, cond=cond, target=None,
-                        tokens=tokens)
+                        tokens=tokens, added_cond_kwargs=added_cond_kwargs)
     g = guide.guided_prediction(unet, inputs)
     fallback = g.saliency.fallback
     used_cac = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device) if fallback is None else ~fallback

@@ -46,6 +46,8 @@ class StepInputs:
     target: torch.Tensor | None  # eps, or v for v-prediction
     loss_weights: torch.Tensor | None = None  # (B,) min-SNR weights, or None for a plain mean
     tokens: torch.Tensor | None = None  # --guide cac: (B, S) caption positions of the chosen words, -1 = padding
+    # SDXL: {"text_embeds": (B, 1280) pooled, "time_ids": (B, 6)}, passed to every UNet forward of the step
+    added_cond_kwargs: dict | None = None
 
 
 @dataclass
@@ -196,7 +198,9 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 
 
 def predict(unet, latents: torch.Tensor, s: StepInputs) -> torch.Tensor:
-    return unet(latents, s.timesteps, s.cond, return_dict=False)[0]
+    if s.added_cond_kwargs is None:
+        return unet(latents, s.timesteps, s.cond, return_dict=False)[0]
+    return unet(latents, s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs, return_dict=False)[0]
 
 
 def predict_recomputed(unet, latents: torch.Tensor, s: StepInputs) -> torch.Tensor:

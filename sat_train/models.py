@@ -14,13 +14,20 @@ LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 @dataclass
 class Components:
-    """Everything a Stable Diffusion v1.5 training run needs."""
+    """Everything a Stable Diffusion training run needs: SD v1.5's five parts, and for SDXL its second
+    tokenizer and text encoder (CLIPTextModelWithProjection, whose pooled output conditions the UNet)."""
 
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 def load_components(config: TrainConfig) -> Components:
