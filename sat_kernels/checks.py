@@ -131,6 +131,18 @@ def check_qk(q, k, lse, scale) -> None:
         raise TypeError(f"scale must be a float or None (None = head_dim ** -0.5), got {type(scale).__name__}")
 
 
+def check_index_range(t: torch.Tensor, low: int, high: int, message: str) -> None:
+    """ValueError(message) unless low <= t < high everywhere. Under torch.compile the check is an
+    op of the graph (torch._assert_async: a RuntimeError when the graph runs), since a Python branch
+    on tensor values would break the graph."""
+    if not t.numel():
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((t >= low) & (t < high)).all(), message)
+    elif t.min() < low or t.max() >= high:
+        raise ValueError(message)
+
+
 def check_tokens(tokens, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """(B, S) key-token indices in [-1, Nk) (-1 = padding), as int64 on q's device."""
     check_tensor("tokens", tokens, 2, "(B, S) of key-token indices, -1 for padding")
@@ -138,8 +150,8 @@ def check_tokens(tokens, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"tokens must be an integer tensor (B, S), got {tokens.dtype}")
     if tokens.shape[0] != q.shape[0]:
         raise ValueError(f"tokens has batch {tokens.shape[0]} but q has {q.shape[0]}")
-    if tokens.numel() and (tokens.max() >= k.shape[2] or tokens.min() < -1):
-        raise ValueError(f"tokens must be in [-1, {k.shape[2] - 1}] (Nk = {k.shape[2]}; -1 = padding)")
+    check_index_range(tokens, -1, k.shape[2], f"tokens must be in [-1, {k.shape[2] - 1}] (Nk = {k.shape[2]}; "
+                      "-1 = padding)")
     return tokens.to(q.device, torch.int64)
 
 
@@ -194,10 +206,9 @@ def timesteps_for_batch(timesteps, alphas_cumprod: torch.Tensor, batch: int, dev
     if timesteps.dim() == 1 and timesteps.shape[0] not in (1, batch):
         raise ValueError(f"timesteps must have shape (B,) = ({batch},) or be a scalar, got {tuple(timesteps.shape)}")
     # bounds are checked for CPU timesteps only: on CUDA the check would sync every training step
-    if timesteps.device.type == "cpu" and timesteps.numel() and (
-        timesteps.min() < 0 or timesteps.max() >= alphas_cumprod.shape[0]
-    ):
-        raise ValueError(f"timesteps must lie in [0, {alphas_cumprod.shape[0] - 1}] (len(alphas_cumprod))")
+    if timesteps.device.type == "cpu":
+        check_index_range(timesteps, 0, alphas_cumprod.shape[0],
+                          f"timesteps must lie in [0, {alphas_cumprod.shape[0] - 1}] (len(alphas_cumprod))")
     return timesteps.to(device, torch.int64).reshape(-1).expand(batch).contiguous()
 
 

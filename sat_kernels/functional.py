@@ -9,7 +9,6 @@ naming the argument.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -18,12 +17,16 @@ from . import checks, reference
 
 
 def _op(name: str):
-    """The Triton op module ``sat_kernels.ops.<name>``, imported on first use."""
+    """The Triton op module ``sat_kernels.ops.<name>``, imported on first use (an import statement,
+    not importlib: dynamo traces it, so a compiled caller keeps one graph)."""
     if (os.environ.get("TRITON_INTERPRET", "0") == "1") != checks.INTERPRETING:
         raise RuntimeError(
             "TRITON_INTERPRET changed after sat_kernels was imported; set it before the import"
         )
-    return importlib.import_module(f"{__package__}.ops.{name}")
+    from . import ops
+    from .ops import attention_mass, blur, degrade, saliency_mask, token_probs  # noqa: F401
+
+    return getattr(ops, name)
 
 
 def attention_mass(probs: torch.Tensor, heads: int, *, backend: str = "auto") -> torch.Tensor:

@@ -10,6 +10,9 @@ Three statistics for thresholding (no autograd: results are detached float32):
   ``mass[b, j] = mean_h sum_i exp(scale * q[b,h,i] . k[b,h,j] - lse[b,h,i])``; each program owns
   a key tile and recomputes BLOCK_Q x BLOCK_K score tiles with ``tl.dot``, reusing lse.
 
+Each is a ``torch.library`` op (torch.ops.sat_kernels.attention_mass / attention_lse /
+attention_mass_from_qk) with a fake implementation: one node in a compiled graph.
+
 No atomics: grid (B, key tiles, SPLIT); a program owns one (batch, key tile) output slice and
 loops over heads and query tiles. Under the interpreter SPLIT = 1 and the program writes the
 mass directly (one launch). On GPU, B * Nk / BLOCK_K programs cannot fill the SMs (64 at the
@@ -25,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .utils import LOG2E, attention_tile_config, block_d, cdiv, dot_in_f32, interpreting
+from .utils import LOG2E, attention_tile_config, block_d, cdiv, custom_op, dot_in_f32, interpreting
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -234,15 +237,10 @@ def qk_mass_config(head_dim: int, dot_f32: bool, interpret: bool) -> tuple[int, 
     return (*tiles, False, dot_precision(interpret))
 
 
-def attention_mass(probs4d: torch.Tensor, heads: int, *, split=None, config=None) -> torch.Tensor:
-    """(B, Nk) float32: mean over heads of the sum over queries of probs4d (B, heads, Nq, Nk).
-
-    ``split`` (SPLIT_H, SPLIT_Q) / ``config`` (probs_mass_config's tuple) override the launch
-    (tests use them to run the GPU's split grid under the interpreter).
-    """
+def launch_attention_mass(probs4d: torch.Tensor, heads: int, split=None, config=None) -> torch.Tensor:
+    """(B, Nk) float32: mean over heads of the sum over queries of probs4d (B, heads, Nq, Nk)."""
     if probs4d.numel() == 0:
         return reference.attention_mass(probs4d, heads)
-    probs4d = probs4d.detach()
     b, h, nq, nk = probs4d.shape
     block_q, block_k, warps, acc_2d = config or probs_mass_config(interpreting(probs4d))
     k_tiles = cdiv(nk, block_k)
@@ -255,13 +253,12 @@ def attention_mass(probs4d: torch.Tensor, heads: int, *, split=None, config=None
     return out[0] if split_h * split_q == 1 else out.sum(0)
 
 
-def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def launch_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """(B, H, Nq) float32 natural-log row log-sum-exp of scale * q @ k^T, online over key tiles."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_lse(q, k, scale)
-    q, k = q.detach(), k.detach()
     dot_f32, interpret = dot_in_f32(q, k), interpreting(q)
     block_q, block_k, warps, stages = lse_config(d, dot_f32, interpret)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
@@ -273,18 +270,16 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return lse
 
 
-def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float, *,
-                           split=None, config=None) -> torch.Tensor:
+def launch_attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float,
+                                  split=None, config=None) -> torch.Tensor:
     """(B, Nk) float32 mass[b, j] = mean_h sum_i exp(scale q[b,h,i].k[b,h,j] - lse[b,h,i]).
 
     One launch with lse given, two (attention_lse first) with lse None; plus a (SPLIT, B, Nk)
-    sum when the grid is split on GPU. ``split`` / ``config`` (qk_mass_config's tuple) override
-    the launch, as in attention_mass.
+    sum when the grid is split on GPU.
     """
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_mass_from_qk(q, k, lse, scale)
-    q, k = q.detach(), k.detach()
-    lse = attention_lse(q, k, scale) if lse is None else lse.detach()
+    lse = launch_attention_lse(q, k, scale) if lse is None else lse
     b, h, nq, d = q.shape
     nk = k.shape[2]
     dot_f32 = dot_in_f32(q, k)
@@ -299,3 +294,63 @@ def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor |
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
     )
     return out[0] if split_h * split_q == 1 else out.sum(0)
+
+
+# ----------------------------------------------------------------------------- ops (statistics: no autograd)
+
+
+@custom_op("attention_mass")
+def attention_mass_op(probs4d: torch.Tensor, heads: int) -> torch.Tensor:
+    return launch_attention_mass(probs4d, heads)
+
+
+@custom_op("attention_lse")
+def attention_lse_op(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    return launch_attention_lse(q, k, scale)
+
+
+@custom_op("attention_mass_from_qk")
+def attention_mass_from_qk_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
+                              scale: float) -> torch.Tensor:
+    return launch_attention_mass_from_qk(q, k, lse, scale)
+
+
+@attention_mass_op.register_fake
+def _(probs4d, heads):
+    return probs4d.new_empty((probs4d.shape[0], probs4d.shape[3]), dtype=torch.float32)
+
+
+@attention_lse_op.register_fake
+def _(q, k, scale):
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@attention_mass_from_qk_op.register_fake
+def _(q, k, lse, scale):
+    return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
+
+
+def attention_mass(probs4d: torch.Tensor, heads: int, *, split=None, config=None) -> torch.Tensor:
+    """(B, Nk) float32 (detached): mean over heads of the sum over queries of probs4d (B, heads, Nq, Nk).
+
+    ``split`` (SPLIT_H, SPLIT_Q) / ``config`` (probs_mass_config's tuple) override the launch
+    (tests use them to run the GPU's split grid under the interpreter; the op takes the default).
+    """
+    if split is None and config is None:
+        return attention_mass_op(probs4d.detach(), heads)
+    return launch_attention_mass(probs4d.detach(), heads, split, config)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, H, Nq) float32 (detached) natural-log row log-sum-exp of scale * q @ k^T."""
+    return attention_lse_op(q.detach(), k.detach(), float(scale))
+
+
+def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float, *,
+                           split=None, config=None) -> torch.Tensor:
+    """(B, Nk) float32 (detached) attention mass from q, k and lse (None: computed first).
+    ``split`` / ``config`` (qk_mass_config's tuple) override the launch, as in attention_mass."""
+    q, k, lse = q.detach(), k.detach(), None if lse is None else lse.detach()
+    if split is None and config is None:
+        return attention_mass_from_qk_op(q, k, lse, float(scale))
+    return launch_attention_mass_from_qk(q, k, lse, scale, split, config)

@@ -7,7 +7,8 @@ shifted adds, so a NaN/inf reaches exactly the outputs whose window holds it.
 
 The backward is the exact adjoint, walked the same way with the adjoint's gather weights (the
 transpose of the 1-D reflect blur is the same gather with a few border weights changed). Each
-direction's autograd.Function has the other as its backward, so gradients are differentiable.
+direction is a ``torch.library`` op (torch.ops.sat_kernels.gaussian_blur / gaussian_blur_adjoint)
+whose autograd is the other op, so gradients are differentiable and dynamo sees one graph node.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import triton.language as tl
 
 from .. import reference
 from .utils import (TL_DTYPE, blur_along_w, blur_down_h, cdiv, gather_weights, h_weights_at, int32_columns,
-                    ring_before, row_walk_tiles, strip_coords, strip_invariants)
+                    custom_op, ring_before, row_walk_tiles, strip_coords, strip_invariants)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -84,38 +85,50 @@ def gaussian_blur_backward(grad: torch.Tensor, kernel_size: int, sigma: float, o
     return _launch(grad, kernel_size, sigma, True, out_dtype, rows, block_w)
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- ops and autograd
 
 
-class GaussianBlurFunction(torch.autograd.Function):
-    """The blur; its backward is GaussianBlurAdjointFunction, so gradients keep a graph."""
-
-    @staticmethod
-    def forward(ctx, x, kernel_size, sigma, rows=None, block_w=None):
-        ctx.params = (kernel_size, sigma, x.dtype, rows, block_w)
-        return gaussian_blur_forward(x, kernel_size, sigma, rows, block_w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        kernel_size, sigma, x_dtype, rows, block_w = ctx.params
-        grad_x = GaussianBlurAdjointFunction.apply(grad, kernel_size, sigma, x_dtype, rows, block_w)
-        return grad_x, None, None, None, None
+@custom_op("gaussian_blur")
+def gaussian_blur_op(x: torch.Tensor, kernel_size: int, sigma: float, rows: int | None,
+                     block_w: int | None) -> torch.Tensor:
+    """The blur as torch.ops.sat_kernels.gaussian_blur; its backward is gaussian_blur_adjoint_op."""
+    return gaussian_blur_forward(x, kernel_size, sigma, rows, block_w)
 
 
-class GaussianBlurAdjointFunction(torch.autograd.Function):
+@custom_op("gaussian_blur_adjoint")
+def gaussian_blur_adjoint_op(grad: torch.Tensor, kernel_size: int, sigma: float, out_dtype: torch.dtype,
+                             rows: int | None, block_w: int | None) -> torch.Tensor:
     """The blur's adjoint B^T applied to a gradient. It is linear, so its own backward is the
     adjoint of B^T, the blur B: any order of derivative is exact, as on the torch backend."""
+    return gaussian_blur_backward(grad, kernel_size, sigma, out_dtype, rows, block_w)
 
-    @staticmethod
-    def forward(ctx, grad, kernel_size, sigma, out_dtype, rows=None, block_w=None):
-        ctx.params = (kernel_size, sigma, rows, block_w)
-        return gaussian_blur_backward(grad, kernel_size, sigma, out_dtype, rows, block_w)
 
-    @staticmethod
-    def backward(ctx, grad_of_grad):
-        kernel_size, sigma, rows, block_w = ctx.params
-        # grad_of_grad has x's dtype; the blur returns its compute dtype, which is grad's
-        return GaussianBlurFunction.apply(grad_of_grad, kernel_size, sigma, rows, block_w), None, None, None, None, None
+@gaussian_blur_op.register_fake
+def _(x, kernel_size, sigma, rows, block_w):
+    return x.new_empty(x.shape, dtype=reference.compute_dtype(x))
+
+
+@gaussian_blur_adjoint_op.register_fake
+def _(grad, kernel_size, sigma, out_dtype, rows, block_w):
+    return grad.new_empty(grad.shape, dtype=out_dtype)
+
+
+def _save_blur_params(ctx, inputs, output):
+    """Both ops' inputs are (tensor, kernel_size, sigma, [out_dtype,] rows, block_w)."""
+    ctx.x_dtype, ctx.params, ctx.tiles = inputs[0].dtype, inputs[1:3], inputs[-2:]
+
+
+def _blur_backward(ctx, grad):
+    return (gaussian_blur_adjoint_op(grad, *ctx.params, ctx.x_dtype, *ctx.tiles),) + (None,) * 4
+
+
+def _adjoint_backward(ctx, grad_of_grad):
+    # grad_of_grad has x's dtype; the blur returns its compute dtype, which is grad's
+    return (gaussian_blur_op(grad_of_grad, *ctx.params, *ctx.tiles),) + (None,) * 5
+
+
+gaussian_blur_op.register_autograd(_blur_backward, setup_context=_save_blur_params)
+gaussian_blur_adjoint_op.register_autograd(_adjoint_backward, setup_context=_save_blur_params)
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0, *, rows: int | None = None,
@@ -125,4 +138,4 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0, *, 
     ``rows`` / ``block_w`` override the rows per program and the strip width (tests use them to cross
     chunk and strip borders).
     """
-    return GaussianBlurFunction.apply(x, int(kernel_size), float(sigma), rows, block_w)
+    return gaussian_blur_op(x, int(kernel_size), float(sigma), rows, block_w)

@@ -19,8 +19,10 @@ down BLOCK_ROWS rows with up to 4 channels at once (a (BLOCK_C, BLOCK_W) tile: t
      eps, store.
 The backward is one launch too: d_eps = sqrt(1 - ab) g and
 d_x0 = sqrt(ab) (blur_adjoint(m g) + (1 - m) g), with m saved by the forward as a (B, H, W)
-uint8 plane (written by the same forward launch, only when x0 needs a gradient). The backward is
-an autograd.Function whose own backward is the forward again: gradients are differentiable.
+uint8 plane (written by the same forward launch, only when x0 needs a gradient). Forward and
+backward are ``torch.library`` ops (torch.ops.sat_kernels.degrade_latents / _backward: one graph
+node each under torch.compile); the backward's own backward is the forward again: gradients are
+differentiable.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .utils import (TL_DTYPE, blur_along_w, blur_down_h, cdiv, fp32_ratio, gather_weights, h_weights_at, int32_columns,
-                    next_pow2, ring_before, row_walk_tiles, strip_coords, strip_invariants, token_mean)
+from .utils import (TL_DTYPE, blur_along_w, blur_down_h, cdiv, custom_op, fp32_ratio, gather_weights, h_weights_at,
+                    int32_columns, next_pow2, no_tensor, or_none, ring_before, row_walk_tiles, strip_coords,
+                    strip_invariants, threshold_args, threshold_of, token_mean)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -246,68 +249,94 @@ def degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, 
     return grad_x0, grad_eps
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- ops and autograd
 
 
-class DegradeLatentsFunction(torch.autograd.Function):
-    """The fused degrade; its backward is DegradeLatentsBackwardFunction, so gradients keep a graph."""
-
-    @staticmethod
-    def forward(ctx, x0, eps, saliency, heads, map_size, alphas_cumprod, timesteps, threshold,
-                kernel_size, sigma, rows=None, block_w=None):
-        need_x0 = ctx.needs_input_grad[0]
-        out, mask = degrade_forward(x0, eps, saliency, heads, map_size, alphas_cumprod, timesteps,
-                                    threshold, kernel_size, sigma, need_x0, rows, block_w)
-        ctx.save_for_backward(mask if need_x0 else None, alphas_cumprod, timesteps)
-        ctx.params = (kernel_size, sigma, x0.dtype, eps.dtype, rows, block_w)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        mask, alphas_cumprod, timesteps = ctx.saved_tensors
-        kernel_size, sigma, x0_dtype, eps_dtype, rows, block_w = ctx.params
-        need_x0, need_eps = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        args = (grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0, need_eps, x0_dtype, eps_dtype,
-                rows, block_w)
-        if torch.is_grad_enabled():  # create_graph=True: the gradients get a backward of their own
-            dx0, deps = DegradeLatentsBackwardFunction.apply(*args)
-        else:
-            dx0, deps = degrade_backward(*args)
-        return (dx0, deps) + (None,) * 10
+@custom_op("degrade_latents")
+def degrade_latents_op(x0: torch.Tensor, eps: torch.Tensor, saliency: torch.Tensor, heads: int | None, map_h: int,
+                       map_w: int, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, threshold: float,
+                       mean_threshold: bool, kernel_size: int, sigma: float, write_mask: bool, rows: int | None,
+                       block_w: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused degrade as torch.ops.sat_kernels.degrade_latents: (x_deg, mask). The mask (B, H, W)
+    uint8 is what the backward reads; it is written only with ``write_mask`` (x0 needs a gradient),
+    else it is an empty tensor. Threshold: threshold_args' pair."""
+    out, mask = degrade_forward(x0, eps, saliency, heads, (map_h, map_w), alphas_cumprod, timesteps,
+                                threshold_of(threshold, mean_threshold), kernel_size, sigma, write_mask, rows, block_w)
+    return out, mask if write_mask else no_tensor(out, torch.uint8)
 
 
-class DegradeLatentsBackwardFunction(torch.autograd.Function):
-    """(d_x0, d_eps) = J^T g as a function of the incoming gradient g. It is linear in g, so its
-    backward is J itself: the degrade forward applied to the gradients' gradients (u, v),
-    sqrt(ab) (m * blur(u) + (1 - m) * u) + sqrt(1 - ab) v, with the saved mask as the saliency
-    (a (B, H*W) map of 0/1 at the latents' size, threshold 0.5). That goes through
-    DegradeLatentsFunction, so any order of derivative is exact, as on the torch backend."""
+@custom_op("degrade_latents_backward")
+def degrade_backward_op(grad: torch.Tensor, mask: torch.Tensor, alphas_cumprod: torch.Tensor,
+                        timesteps: torch.Tensor, kernel_size: int, sigma: float, need_x0: bool, need_eps: bool,
+                        x0_dtype: torch.dtype, eps_dtype: torch.dtype, rows: int | None,
+                        block_w: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_x0, d_eps) = J^T g, each an empty tensor when not needed (see degrade_backward)."""
+    grad_x0, grad_eps = degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0,
+                                         need_eps, x0_dtype, eps_dtype, rows, block_w)
+    return (grad_x0 if need_x0 else no_tensor(grad, x0_dtype)), (grad_eps if need_eps else no_tensor(grad, eps_dtype))
 
-    @staticmethod
-    def forward(ctx, grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0, need_eps, x0_dtype,
-                eps_dtype, rows=None, block_w=None):
-        ctx.set_materialize_grads(False)  # an unused gradient arrives as None: no zeros to blur
-        ctx.save_for_backward(mask, alphas_cumprod, timesteps)
-        ctx.params = (kernel_size, sigma, grad.dtype, rows, block_w)
-        return degrade_backward(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0, need_eps,
-                                x0_dtype, eps_dtype, rows, block_w)
 
-    @staticmethod
-    def backward(ctx, grad_of_dx0, grad_of_deps):
-        mask, alphas_cumprod, timesteps = ctx.saved_tensors
-        kernel_size, sigma, grad_dtype, rows, block_w = ctx.params
-        if grad_of_dx0 is not None:  # d_x0 was computed, so the mask was saved
-            B, _, H, W = grad_of_dx0.shape
-            grad_of_deps = torch.zeros_like(grad_of_dx0) if grad_of_deps is None else grad_of_deps
-            grad_of_grad = degrade_latents(grad_of_dx0, grad_of_deps, mask.view(B, H * W), None, (H, W),
-                                           alphas_cumprod, timesteps, 0.5, kernel_size, sigma, rows=rows,
-                                           block_w=block_w)
-        elif grad_of_deps is not None:  # only the re-noise term: sqrt(1 - ab) v
-            ab = alphas_cumprod.to(grad_dtype)[timesteps].view(-1, 1, 1, 1)
-            grad_of_grad = (1 - ab).sqrt() * grad_of_deps.to(grad_dtype)
-        else:
-            grad_of_grad = None
-        return (grad_of_grad,) + (None,) * 11
+@degrade_latents_op.register_fake
+def _(x0, eps, saliency, heads, map_h, map_w, alphas_cumprod, timesteps, threshold, mean_threshold, kernel_size,
+      sigma, write_mask, rows, block_w):
+    out = x0.new_empty(x0.shape, dtype=reference.compute_dtype(x0))
+    B, _, H, W = x0.shape
+    return out, (x0.new_empty((B, H, W), dtype=torch.uint8) if write_mask else no_tensor(x0, torch.uint8))
+
+
+@degrade_backward_op.register_fake
+def _(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0, need_eps, x0_dtype, eps_dtype, rows,
+      block_w):
+    def gradient(needed, dtype):
+        return grad.new_empty(grad.shape, dtype=dtype) if needed else no_tensor(grad, dtype)
+    return gradient(need_x0, x0_dtype), gradient(need_eps, eps_dtype)
+
+
+def _save_degrade(ctx, inputs, output):
+    x0, eps, *_ = inputs
+    ctx.save_for_backward(output[1], inputs[6], inputs[7])  # mask, alphas_cumprod, timesteps
+    ctx.params = (inputs[10], inputs[11])  # kernel_size, sigma
+    ctx.dtypes, ctx.tiles = (x0.dtype, eps.dtype), inputs[13:15]
+    ctx.mask_written = inputs[12]
+
+
+def _degrade_backward(ctx, grad, _grad_of_mask):
+    mask, alphas_cumprod, timesteps = ctx.saved_tensors
+    need_x0, need_eps = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if need_x0 and not ctx.mask_written:
+        raise RuntimeError("sat_kernels.degrade_latents: x0 needs a gradient but the op ran with write_mask=False")
+    dx0, deps = degrade_backward_op(grad, mask, alphas_cumprod, timesteps, *ctx.params, need_x0, need_eps,
+                                    *ctx.dtypes, *ctx.tiles)
+    return (or_none(dx0, need_x0), or_none(deps, need_eps)) + (None,) * 13
+
+
+def _save_degrade_backward(ctx, inputs, output):
+    grad, mask, alphas_cumprod, timesteps = inputs[:4]
+    ctx.save_for_backward(mask, alphas_cumprod, timesteps)
+    ctx.params, ctx.needed, ctx.tiles = inputs[4:6], inputs[6:8], inputs[10:12]
+    ctx.grad_dtype = grad.dtype
+
+
+def _degrade_double_backward(ctx, grad_of_dx0, grad_of_deps):
+    """(d_x0, d_eps) = J^T g is linear in g, so its backward is J itself: the degrade forward applied
+    to the gradients' gradients (u, v), sqrt(ab) (m * blur(u) + (1 - m) * u) + sqrt(1 - ab) v, with
+    the saved mask as the saliency (a (B, H*W) map of 0/1 at the latents' size, threshold 0.5).
+    That is the degrade op again, so any order of derivative is exact, as on the torch backend."""
+    mask, alphas_cumprod, timesteps = ctx.saved_tensors
+    need_x0, need_eps = ctx.needed
+    if need_x0:  # d_x0 was computed, so the mask was saved
+        B, _, H, W = grad_of_dx0.shape
+        v = grad_of_deps if need_eps else torch.zeros_like(grad_of_dx0)
+        grad_of_grad = degrade_latents(grad_of_dx0, v, mask.view(B, H * W), None, (H, W), alphas_cumprod,
+                                       timesteps, 0.5, *ctx.params, rows=ctx.tiles[0], block_w=ctx.tiles[1])
+    else:  # only the re-noise term: sqrt(1 - ab) v
+        ab = alphas_cumprod.to(ctx.grad_dtype)[timesteps].view(-1, 1, 1, 1)
+        grad_of_grad = (1 - ab).sqrt() * grad_of_deps.to(ctx.grad_dtype)
+    return (grad_of_grad,) + (None,) * 11
+
+
+degrade_latents_op.register_autograd(_degrade_backward, setup_context=_save_degrade)
+degrade_backward_op.register_autograd(_degrade_double_backward, setup_context=_save_degrade_backward)
 
 
 def degrade_latents(x0, eps, saliency, heads, map_size, alphas_cumprod, timesteps, threshold=1.0,
@@ -315,9 +344,7 @@ def degrade_latents(x0, eps, saliency, heads, map_size, alphas_cumprod, timestep
     """reference.degrade_latents in one launch. ``saliency``: mass (B, h*w) with heads=None, or
     probabilities (B, heads, N, N) (any strides) with ``heads``. ``rows``/``block_w`` override
     the tile (tests use them to cross tile borders)."""
-    if torch.is_grad_enabled() and (x0.requires_grad or eps.requires_grad):
-        return DegradeLatentsFunction.apply(x0, eps, saliency, heads, tuple(map_size), alphas_cumprod,
-                                            timesteps, threshold, int(kernel_size), float(sigma), rows, block_w)
-    # nothing to differentiate: skip autograd's bookkeeping (host time: benchmarks/RESULTS.md) and the saved mask
-    return degrade_forward(x0, eps, saliency, heads, tuple(map_size), alphas_cumprod, timesteps, threshold,
-                           int(kernel_size), float(sigma), False, rows, block_w)[0]
+    write_mask = torch.is_grad_enabled() and x0.requires_grad  # the backward's d_x0 reads it
+    value, mean = threshold_args(threshold)
+    return degrade_latents_op(x0, eps, saliency.detach(), heads, *map_size, alphas_cumprod, timesteps, value, mean,
+                              int(kernel_size), float(sigma), write_mask, rows, block_w)[0]

@@ -6,7 +6,7 @@ in - 1)`` with the product in fp32 (the identity when no size is given: the rati
 
 Grid: (row tiles * column tiles of the output, B); each program computes its sample's threshold
 (a sweep over the mass for "mean") and writes one (BLOCK_ROWS, BLOCK_COLS) tile of uint8, viewed
-as bool.
+as bool. A ``torch.library`` op (torch.ops.sat_kernels.saliency_mask) with a fake implementation.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, fp32_ratio, next_pow2, token_mean
+from .utils import cdiv, custom_op, fp32_ratio, next_pow2, threshold_args, threshold_of, token_mean
 
 # ----------------------------------------------------------------------------- kernel
 
@@ -57,11 +57,18 @@ def mask_blocks(out_h: int, out_w: int, n_tokens: int, interpret: bool) -> tuple
     return block_rows, block_cols, min(next_pow2(n_tokens), 1024)
 
 
-def saliency_mask(mass: torch.Tensor, map_size, threshold=1.0, size=None) -> torch.Tensor:
-    """reference.saliency_mask: bool (B, h, w), or (B, *size) nearest-upsampled."""
+def mask_size(map_h: int, map_w: int, size: list[int] | None) -> tuple[int, int]:
+    return (map_h, map_w) if size is None else tuple(size)
+
+
+@custom_op("saliency_mask")
+def saliency_mask_op(mass: torch.Tensor, map_h: int, map_w: int, threshold: float, mean_threshold: bool,
+                     size: list[int] | None) -> torch.Tensor:
+    """reference.saliency_mask: bool (B, h, w), or (B, *size) nearest-upsampled; the threshold is
+    utils.threshold_args' pair."""
     B, n_tokens = mass.shape
-    map_h, map_w = map_size
-    out_h, out_w = (map_h, map_w) if size is None else tuple(size)
+    out_h, out_w = mask_size(map_h, map_w, size)
+    threshold = threshold_of(threshold, mean_threshold)
     out = torch.empty((B, out_h, out_w), dtype=torch.uint8, device=mass.device)
     if out.numel() == 0:
         return out.view(torch.bool)
@@ -75,3 +82,13 @@ def saliency_mask(mass: torch.Tensor, map_size, threshold=1.0, size=None) -> tor
         num_warps=4, num_stages=1,
     )
     return out.view(torch.bool)
+
+
+@saliency_mask_op.register_fake
+def _(mass, map_h, map_w, threshold, mean_threshold, size):
+    return mass.new_empty((mass.shape[0], *mask_size(map_h, map_w, size)), dtype=torch.bool)
+
+
+def saliency_mask(mass: torch.Tensor, map_size, threshold=1.0, size=None) -> torch.Tensor:
+    """torch.ops.sat_kernels.saliency_mask (a bool result: no autograd)."""
+    return saliency_mask_op(mass.detach(), *map_size, *threshold_args(threshold), None if size is None else list(size))

@@ -7,7 +7,8 @@ caption tokens, so the S selected key rows are gathered into one padded tile per
 
 Grid: (B, query tiles); each program loops over heads, recomputes a BLOCK_Q x BLOCK_S score tile
 with ``tl.dot`` and accumulates the head mean in fp32. lse None -> one ``attention_lse`` launch
-first. Statistics only: no autograd, results are detached.
+first. Statistics only: no autograd, results are detached. A ``torch.library`` op
+(torch.ops.sat_kernels.token_attention_probs) with a fake implementation: one node in a compiled graph.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .attention_mass import attention_lse
-from .utils import LOG2E, attention_tile_config, block_d, cdiv, dot_in_f32, interpreting, next_pow2
+from .attention_mass import launch_attention_lse
+from .utils import LOG2E, attention_tile_config, block_d, cdiv, custom_op, dot_in_f32, interpreting, next_pow2
 
 
 @triton.jit
@@ -73,9 +74,9 @@ def token_probs_config(head_dim: int, n_selected: int, dot_f32: bool, interpret:
     return block_q, block_s, warps, stages
 
 
-def token_attention_probs(
-    q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor | None, scale: float
-) -> torch.Tensor:
+@custom_op("token_attention_probs")
+def token_attention_probs_op(q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor | None,
+                             scale: float) -> torch.Tensor:
     """(B, Nq, S) float32 head-mean probability of each query for key tokens (B, S); -1 -> 0.
 
     One launch with lse given; two (``attention_lse`` first) with lse None.
@@ -84,8 +85,7 @@ def token_attention_probs(
     s = tokens.shape[1]
     if q.numel() == 0 or k.numel() == 0 or tokens.numel() == 0:
         return reference.token_attention_probs(q, k, tokens, lse, scale)
-    q, k = q.detach(), k.detach()
-    lse = attention_lse(q, k, scale) if lse is None else lse.detach()
+    lse = launch_attention_lse(q, k, scale) if lse is None else lse
     dot_f32 = dot_in_f32(q, k)
     block_q, block_s, warps, stages = token_probs_config(d, s, dot_f32, interpreting(q))
     out = torch.empty((b, nq, s), dtype=torch.float32, device=q.device)
@@ -96,3 +96,15 @@ def token_attention_probs(
         DOT_F32=dot_f32, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
     )
     return out
+
+
+@token_attention_probs_op.register_fake
+def _(q, k, tokens, lse, scale):
+    return q.new_empty((q.shape[0], q.shape[2], tokens.shape[1]), dtype=torch.float32)
+
+
+def token_attention_probs(q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor | None,
+                          scale: float) -> torch.Tensor:
+    """torch.ops.sat_kernels.token_attention_probs on detached inputs (statistics: no autograd)."""
+    return token_attention_probs_op(q.detach(), k.detach(), tokens, None if lse is None else lse.detach(),
+                                    float(scale))

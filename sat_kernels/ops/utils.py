@@ -244,3 +244,36 @@ def attention_tile_config(padded_dim: int, block_q: int, block_k: int, warps: in
             stages = 1
             break
     return block_q, block_k, warps, stages
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+LIBRARY = "sat_kernels"  # the ops are torch.ops.sat_kernels.<name>
+
+
+def custom_op(name: str):
+    """``torch.library.custom_op("sat_kernels::<name>")`` for a launcher that writes only fresh
+    tensors: dynamo puts each call into a compiled graph as one node (with the op's fake
+    implementation for shapes) instead of tracing into the launcher's Python."""
+    return torch.library.custom_op(f"{LIBRARY}::{name}", mutates_args=())
+
+
+def no_tensor(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The empty tensor an op returns in place of an output it did not compute: an op's outputs
+    are tensors, never None (``or_none`` turns it back)."""
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def or_none(t: torch.Tensor, computed: bool) -> torch.Tensor | None:
+    """``t`` when the op computed it, else None (see no_tensor)."""
+    return t if computed else None
+
+
+def threshold_args(threshold: float | str) -> tuple[float, bool]:
+    """(value, mean): an op's schema has no float-or-str, so the "mean" threshold is a flag."""
+    return (0.0, True) if isinstance(threshold, str) else (float(threshold), False)
+
+
+def threshold_of(value: float, mean: bool) -> float | str:
+    """The launchers' threshold from threshold_args' pair."""
+    return "mean" if mean else value
