@@ -1,6 +1,8 @@
 """--torch_compile: the SAT step with a compiled UNet (the kohya-style attention module of
 test_capture_hooks in the mid block, LoRA by peft) equals the eager step, with no graph break and
-one graph per capture state (armed / not armed) at one shape; the flags' checks."""
+one graph per capture state (armed / not armed) at one shape; the drop-in (install_sat_capture +
+guided_prediction) on a UNet whose every attention is kohya-style, compiled with fullgraph=True on
+both kernel backends (the Triton ops as graph nodes); the flags' checks."""
 
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from peft import LoraConfig
+
 from sat_train.config import GuideSettings, UsageError
+from sat_train.dropin import guided_prediction, install_sat_capture
 from sat_train.guidance import SATGuide, make_saliency
-from test_capture_hooks import inputs, lora_grads, tiny_unet
-from train_helpers import tiny_config
+from test_capture_hooks import HEADS, KohyaStyleAttention, inputs, lora_grads, tiny_unet
+from train_helpers import tiny_config, two_level_unet
 
 
 # inductor (C++ codegen + gcc) takes ~9 minutes on a shared 2-core CPU: opt in with SAT_TEST_INDUCTOR=1
@@ -52,6 +57,68 @@ def test_compiled_sac_step_equals_eager_with_one_graph_per_capture_state(backend
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6,
                                    msg=lambda detail, name=name: f"{name}: {detail}")
+
+
+class KohyaStyleCrossAttention(KohyaStyleAttention):
+    """The kohya-style module called as diffusers' transformer block calls attn1/attn2 (the
+    context by keyword ``encoder_hidden_states``)."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return super().forward(hidden_states, encoder_hidden_states, attention_mask)
+
+
+def kohya_attention_unet():
+    """two_level_unet with every attn1 / attn2 a KohyaStyleCrossAttention (no diffusers Attention
+    left), LoRA by peft on to_q/to_k/to_v/to_out.0 with B random."""
+    unet = two_level_unet(HEADS)
+    blocks = [m for m in unet.modules() if hasattr(m, "attn1") and hasattr(m, "attn2")]
+    for block in blocks:
+        block.attn1 = KohyaStyleCrossAttention(block.attn1.query_dim, HEADS)
+        block.attn2 = KohyaStyleCrossAttention(block.attn2.query_dim, HEADS, block.attn2.cross_attention_dim)
+    assert len(blocks) == 4 and not any(type(m).__name__ == "Attention" for m in unet.modules())
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return unet
+
+
+@pytest.mark.parametrize("guide", ["sac", "cac"])
+@pytest.mark.parametrize("kernel_backend", ["torch", "triton"])
+def test_dropin_on_kohya_attention_compiles_fullgraph_with_one_graph_per_armed_and_shape(guide, kernel_backend):
+    unet = kohya_attention_unet()
+    handle = install_sat_capture(unet, guide, kernel_backend=kernel_backend)
+    tokens = torch.tensor([[1, 3], [-1, -1]])  # sample 1 has no chosen word: CAC falls back to SAC
+
+    def step(height, width):
+        s, scheduler = inputs(height, width)
+        pred, info = guided_prediction(unet, s.noisy, s.x0, s.timesteps, s.cond, scheduler, handle, ratio=0.5,
+                                       tokens=tokens if guide == "cac" else None)
+        loss = torch.nn.functional.mse_loss(pred, s.target)
+        loss.backward()
+        return loss.detach(), info["mask"], lora_grads(unet)
+
+    shapes = [(16, 8), (8, 16)]
+    eager = [step(*shape) for shape in shapes]
+    torch._dynamo.reset()
+    counters.clear()
+    unet.compile(backend="aot_eager", fullgraph=True)  # any graph break inside the UNet raises
+    graphs = []
+    for shape, (eager_loss, eager_mask, eager_grads) in zip(shapes, eager, strict=True):
+        for _ in range(2):  # the second step at a shape reuses its graphs
+            loss, mask, grads = step(*shape)
+            graphs.append(counters["stats"]["unique_graphs"])
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-7)
+        assert torch.equal(mask, eager_mask) and mask.any() and not mask.all()
+        assert grads.keys() == eager_grads.keys() and len(grads) == 4 * 2 * 4 * 2  # blocks, attn1/2, projections, A/B
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-7,
+                                       msg=lambda detail, name=name: f"{name}: {detail}")
+    # one graph per (armed, shape): the armed first forward and the degraded one, per shape
+    assert graphs[0] == graphs[1] <= 2 and graphs[2] == graphs[3] <= 4, graphs
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
 def test_compile_flags_are_checked(tmp_path):
