@@ -85,8 +85,21 @@ def kohya_attention_unet():
     return unet
 
 
-@pytest.mark.parametrize("guide", ["sac", "cac"])
-@pytest.mark.parametrize("kernel_backend", ["torch", "triton"])
+def unet_graph_counter():
+    """(backend, graphs): aot_eager, keeping each dynamo graph that holds a convolution (the UNet
+    forward's; the capture's pre-hook on the UNet itself compiles as a frame of its own)."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        if any("conv2d" in str(node.target) for node in gm.graph.nodes):
+            graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    return backend, graphs
+
+
+@pytest.mark.parametrize("guide, kernel_backend", [("sac", "triton"), ("cac", "torch")])
 def test_dropin_on_kohya_attention_compiles_fullgraph_with_one_graph_per_armed_and_shape(guide, kernel_backend):
     unet = kohya_attention_unet()
     handle = install_sat_capture(unet, guide, kernel_backend=kernel_backend)
@@ -104,20 +117,24 @@ def test_dropin_on_kohya_attention_compiles_fullgraph_with_one_graph_per_armed_a
     eager = [step(*shape) for shape in shapes]
     torch._dynamo.reset()
     counters.clear()
-    unet.compile(backend="aot_eager", fullgraph=True)  # any graph break inside the UNet raises
-    graphs = []
+    backend, graphs = unet_graph_counter()
+    unet.compile(backend=backend, fullgraph=True)  # a graph break inside the UNet raises
+    counts = []
     for shape, (eager_loss, eager_mask, eager_grads) in zip(shapes, eager, strict=True):
         for _ in range(2):  # the second step at a shape reuses its graphs
             loss, mask, grads = step(*shape)
-            graphs.append(counters["stats"]["unique_graphs"])
+            counts.append(len(graphs))
         torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-7)
         assert torch.equal(mask, eager_mask) and mask.any() and not mask.all()
         assert grads.keys() == eager_grads.keys() and len(grads) == 4 * 2 * 4 * 2  # blocks, attn1/2, projections, A/B
         for name, grad in grads.items():
             torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-7,
                                        msg=lambda detail, name=name: f"{name}: {detail}")
-    # one graph per (armed, shape): the armed first forward and the degraded one, per shape
-    assert graphs[0] == graphs[1] <= 2 and graphs[2] == graphs[3] <= 4, graphs
+    # per shape one graph for the armed first forward and one for the degraded forward (whose
+    # input requires grad); the second step at a shape compiles nothing
+    assert counts == [2, 2, 4, 4], counts
+    if kernel_backend == "triton":  # the capture's Triton op is a node of the armed forward's graph
+        assert any(str(n.target) == "sat_kernels.attention_mass_from_qk.default" for n in graphs[0].graph.nodes)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 

@@ -1,0 +1,71 @@
+"""A compiled UNet (torch.compile, what --torch_compile does) against the eager one, per guide.
+
+The UNets and inputs are test_bench_train_step's (CPU: the embedded tiny SD-shaped UNet, B=4,
+32x32 latents; CUDA: SD v1.5's UNet at 512 px, fp16), one fresh copy per side, the compiled one
+compiled in place as the trainer does. A step is forward(s) + backward of the LoRA loss.
+``compile_s`` is the first compiled step's wall time (tracing and code generation included, the
+capture's armed and unarmed graphs for sac); ``step_ratio`` the compiled step's median over the
+eager one's, timed interleaved. On CPU inductor's LoRA gradients are wrong (benchmarks/RESULTS.md,
+"The inductor gap"): its times stand, its training does not.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import device_name, interleaved_medians, record, run_ours
+from test_bench_train_step import _setup
+
+from sat_train.capture import stock_processor
+from sat_train.config import GuideSettings
+from sat_train.guidance import Guide, SATGuide, make_saliency
+
+
+def backends(device: torch.device) -> list[str]:
+    return ["aot_eager", "inductor"] if device.type == "cpu" else ["inductor"]
+
+
+def fresh_step(device: torch.device, guide_name: str, compile_backend: str | None):
+    """One step of ``guide_name`` ("none" | "sac") on a fresh LoRA UNet, compiled in place with
+    ``compile_backend`` unless None."""
+    unet, s, alphas, attention = _setup.__wrapped__(device.type)
+    unet.set_attn_processor(stock_processor(attention))
+    guide = Guide() if guide_name == "none" else SATGuide(make_saliency(unet, guide_name), alphas,
+                                                          GuideSettings(ratio=0.01))
+    if compile_backend is not None:
+        unet.compile(backend=compile_backend)
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = guide(unet, s).loss
+        loss.backward()
+        unet.zero_grad(set_to_none=True)
+
+    return step
+
+
+def first_call_seconds(fn, device: torch.device) -> float:
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("guide_name", ["none", "sac"])
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiled_step_vs_eager(benchmark, device, guide_name, compile_backend):
+    if compile_backend not in backends(device):
+        pytest.skip(f"{compile_backend} is timed on CPU only")
+    torch._dynamo.reset()
+    eager = fresh_step(device, guide_name, None)
+    compiled = fresh_step(device, guide_name, compile_backend)
+    compile_s = first_call_seconds(compiled, device)
+    times = interleaved_medians({"eager": eager, "compiled": compiled}, device, min_run_time=5.0)
+    run_ours(benchmark, compiled, device)
+    record(benchmark, f"compiled step {guide_name} {compile_backend} [{device_name(device)}]",
+           compile_s=compile_s, eager_ms=times["eager"] * 1e3, compiled_ms=times["compiled"] * 1e3,
+           step_ratio=times["compiled"] / times["eager"])
