@@ -5,10 +5,11 @@
 #   bash benchmarks/gpu_check.sh --fetch     # here, once: wheels the device image lacks, into .whl/
 #   device run: command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560
 #
-# Four files land in $OUT (the device tool brings back at most 8): log.txt (everything printed),
-# rows.txt (one line per finished benchmark), bench_kernels.json and bench_train_step.json (draw
-# them here: python benchmarks/report.py FILE --png FILE.png). Under 560 s: the benchmarks get what
-# the tests leave, and whatever finished is kept.
+# Five files land in $OUT (the device tool brings back at most 8): log.txt (everything printed),
+# rows.txt (one line per finished benchmark), bench_kernels.json, bench_train_step.json and
+# bench_compile.json (draw them here: python benchmarks/report.py FILE --png FILE.png). Under 560 s:
+# the benchmarks get what the tests leave, in order (the compiled UNet last: it only uses time the
+# others leave), and whatever finished is kept.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,9 +35,10 @@ timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs 2>&1 
 timeout 120 python3 benchmarks/compile_report.py --arch 90 --jobs 16 2>&1 | tee -a "$OUT/log.txt"
 
 # -k: the CUDA parametrizations and the CUDA-only bandwidth rows. Kernels first (a minute or two),
-# then the full-size SD v1.5 step; rows.txt keeps every finished row even if a limit cuts a run off.
+# then the full-size SD v1.5 step, then its inductor-compiled step (minutes of compiling per guide);
+# rows.txt keeps every finished row even if a limit cuts a run off.
 export SAT_BENCH_ROWS="$OUT/rows.txt"
-for part in kernels train_step; do
+for part in kernels train_step compile; do
   left=$((545 - (SECONDS - start)))
   echo "benchmarks ($part): ${left}s left" | tee -a "$OUT/log.txt"
   [ "$left" -gt 20 ] || break

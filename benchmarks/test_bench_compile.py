@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 from conftest import device_name, interleaved_medians, record, run_ours
-from test_bench_train_step import _setup
+from test_bench_train_step import _setup, train_step
 
 from sat_train.capture import stock_processor
 from sat_train.config import GuideSettings
@@ -36,15 +36,7 @@ def fresh_step(device: torch.device, guide_name: str, compile_backend: str | Non
                                                           GuideSettings(ratio=0.01))
     if compile_backend is not None:
         unet.compile(backend=compile_backend)
-    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
-
-    def step():
-        with autocast:
-            loss = guide(unet, s).loss
-        loss.backward()
-        unet.zero_grad(set_to_none=True)
-
-    return step
+    return train_step(unet, s, guide, device)
 
 
 def first_call_seconds(fn, device: torch.device) -> float:

@@ -92,6 +92,11 @@ def _step_fn(device: torch.device, guide_name: str):
     else:
         _HOOKED.append(make_saliency(unet, kind))
         guide = SATGuide(_HOOKED[-1], alphas, GuideSettings(ratio=0.01, **options))
+    return train_step(unet, s, guide, device)
+
+
+def train_step(unet, s: StepInputs, guide: Guide, device: torch.device):
+    """One step: ``guide``'s loss (fp16 autocast on CUDA), backward, gradients cleared."""
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():

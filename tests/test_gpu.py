@@ -2,7 +2,8 @@
 
 Skipped without CUDA, and under TRITON_INTERPRET=1 (the interpreter is covered by the other
 tests). Run on a GPU machine: ``TRITON_INTERPRET=0 python -m pytest tests/test_gpu.py``.
-bf16 is checked here only: the interpreter's bf16 tl.dot is known wrong.
+bf16 is checked here only: the interpreter's bf16 tl.dot is known wrong. The last test runs the
+Triton ops (torch.ops.sat_kernels.*) inside inductor-compiled graphs.
 """
 
 import os
@@ -113,14 +114,10 @@ def test_nonfinite_values_stay_in_their_window_cuda():
         torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_sac_step_cuda_matches_torch_kernels(recompute):
-    """A whole SAC step on device (demo UNet, Triton kernels inside autograd, --guide_recompute's
-    rerun in backward) against the same step with the torch kernels."""
+def cuda_demo_step_inputs():
+    """(components, the demo LoRA UNet on CUDA with SDPA, its step inputs at 32x32 latents on CUDA)."""
     from sat_train.capture import stock_processor
-    from sat_train.config import GuideSettings
-    from sat_train.guidance import SATGuide, make_saliency
-    from train_helpers import lora_grads, lora_unet, step_inputs
+    from train_helpers import lora_unet, step_inputs
 
     components = lora_unet()
     unet = components.unet.cuda()
@@ -128,14 +125,37 @@ def test_sac_step_cuda_matches_torch_kernels(recompute):
     s = step_inputs(components, size=32)
     for field in ("x0", "noise", "noisy", "timesteps", "cond", "target"):
         setattr(s, field, getattr(s, field).cuda())
+    return components, unet, s
+
+
+def sac_step(components, unet, s, saliency, kernels, recompute=False):
+    """(loss, LoRA gradients) of one SAC step with ``saliency`` (make_saliency's, on ``unet``) and
+    the ``kernels`` backend."""
+    from sat_train.config import GuideSettings
+    from sat_train.guidance import SATGuide
+    from train_helpers import lora_grads
+
+    guide = SATGuide(saliency, components.noise_scheduler.alphas_cumprod,
+                     GuideSettings(ratio=0.5, kernel_backend=kernels, recompute=recompute))
+    loss = guide(unet, s).loss
+    loss.backward()
+    grads = lora_grads(unet)
+    unet.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_sac_step_cuda_matches_torch_kernels(recompute):
+    """A whole SAC step on device (demo UNet, Triton kernels inside autograd, --guide_recompute's
+    rerun in backward) against the same step with the torch kernels."""
+    from sat_train.guidance import make_saliency
+
+    components, unet, s = cuda_demo_step_inputs()
     results = []
     for kernels in ("triton", "torch"):
-        guide = SATGuide(make_saliency(unet, "sac", kernels), components.noise_scheduler.alphas_cumprod,
-                         GuideSettings(ratio=0.5, kernel_backend=kernels, recompute=recompute))
-        loss = guide(unet, s).loss
-        loss.backward()
-        results.append((loss.detach(), lora_grads(unet)))
-        unet.zero_grad(set_to_none=True)
+        saliency = make_saliency(unet, "sac", kernels)
+        results.append(sac_step(components, unet, s, saliency, kernels, recompute))
+        saliency.remove_hooks()
     (loss, grads), (loss_ref, grads_ref) = results
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for name, grad in grads_ref.items():
@@ -162,3 +182,40 @@ def test_double_backward_cuda():
         results.append(torch.autograd.grad(loss + (ga * v).sum() + (ge * u).sum(), (a, e)))
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sac_step_with_triton_ops_in_an_inductor_compiled_unet_cuda():
+    """The SAT step with backend triton in a UNet compiled by inductor (the capture's
+    attention_mass_from_qk op inside the UNet graph, as --torch_compile runs it) and the degrade
+    and blur ops compiled into one graph: equal to eager within fp32 noise, no graph break."""
+    from torch._dynamo.utils import counters
+
+    from sat_train.guidance import make_saliency
+
+    components, unet, s = cuda_demo_step_inputs()
+    saliency = make_saliency(unet, "sac", "triton")  # hooks before compiling: the graphs include them
+    loss_ref, grads_ref = sac_step(components, unet, s, saliency, "triton")
+    torch._dynamo.reset()
+    counters.clear()
+    unet.compile(backend="inductor")
+    for _ in range(2):  # the second step reuses the graphs
+        loss, grads = sac_step(components, unet, s, saliency, "triton")
+    assert counters["stats"]["unique_graphs"] <= 3  # armed, degraded, and the UNet's own pre-hook frame
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-6)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+    x0 = s.x0.clone().requires_grad_()
+    mass = 2 * torch.rand(x0.shape[0], 16, device="cuda", generator=torch.Generator(device="cuda").manual_seed(6))
+    alphas = components.noise_scheduler.alphas_cumprod.cuda()
+
+    def degrade_blur(x0, eps):
+        out = sat_kernels.degrade_latents(x0, eps, mass, (4, 4), alphas, s.timesteps, backend="triton")
+        return (sat_kernels.gaussian_blur(out, backend="triton") ** 2).sum()
+
+    eager = degrade_blur(x0, s.noise)
+    compiled = torch.compile(degrade_blur, backend="inductor", fullgraph=True)(x0, s.noise)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(compiled, x0), torch.autograd.grad(eager, x0), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
