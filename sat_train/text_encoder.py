@@ -80,6 +80,14 @@ def add_sdxl_text_encoder_loras(text_encoder, text_encoder_2, rank: int, alpha: 
     add_text_encoder_lora(text_encoder_2, rank, alpha, dropout)
 
 
+def add_text_encoder_loras(components, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
+    """--train_text_encoder's adapters: SD v1.5's one text encoder, or SDXL's two."""
+    if components.is_sdxl:
+        add_sdxl_text_encoder_loras(components.text_encoder, components.text_encoder_2, rank, alpha, dropout)
+    else:
+        add_text_encoder_lora(components.text_encoder, rank, alpha, dropout)
+
+
 def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
     """--gradient_checkpointing for the text encoder. Non-reentrant: the reentrant kind would cut the
     LoRA's gradients, since the frozen embeddings feeding the first layer need no gradient."""

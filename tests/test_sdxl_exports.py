@@ -309,3 +309,46 @@ def test_checkpoint_without_one_of_the_text_encoders_is_refused(tmp_path):
     for folder in ("first-only", "second-only"):
         with pytest.raises(UsageError, match="only one of SDXL's text encoders"):
             check_checkpoint_text_encoder(tmp_path / folder, True, sdxl=True)
+
+
+def test_prepare_models_puts_fp32_loras_on_both_text_encoders(monkeypatch):
+    from types import SimpleNamespace
+
+    import sat_train.train as train_module
+
+    monkeypatch.setattr(train_module.demo, "build_components", build_sdxl_components)  # the demo, made SDXL
+    config = TrainConfig(train_text_encoder=True, gradient_checkpointing=True, output_dir="unused")
+    components, _ = train_module.prepare_models(config, SimpleNamespace(device=torch.device("cpu")), torch.bfloat16)
+    assert components.is_sdxl
+    for model in (components.text_encoder, components.text_encoder_2):
+        dtypes = {}
+        for name, param in model.named_parameters():
+            dtypes.setdefault(("lora" if "lora_" in name else "frozen", param.requires_grad), set()).add(param.dtype)
+        assert dtypes == {("lora", True): {torch.float32}, ("frozen", False): {torch.bfloat16}}
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert len(lora_modules(components.text_encoder)) < len(lora_modules(components.text_encoder_2))
+
+
+def test_checkpoint_hooks_save_and_load_both_text_encoders(tmp_path):
+    """train.py's accelerate hooks: the save hook writes one SDXL file, the load hook restores all three LoRAs."""
+    from types import SimpleNamespace
+
+    from sat_train.train import register_lora_checkpoint_hooks
+
+    hooks = {}
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model, is_main_process=True,
+                                  register_save_state_pre_hook=lambda hook: hooks.setdefault("save", hook),
+                                  register_load_state_pre_hook=lambda hook: hooks.setdefault("load", hook))
+    trained, fresh = with_loras(seed=0), with_loras(seed=1)
+    register_lora_checkpoint_hooks(accelerator, trained.unet, torch.float32, trained.text_encoder,
+                                   trained.text_encoder_2, sdxl=True)
+    names = ("unet", "text_encoder", "text_encoder_2")
+    weights = [None] * 3
+    hooks["save"]([getattr(trained, n) for n in names], weights, str(tmp_path))
+    assert weights == []  # accelerate saves nothing of the whole models
+    with safe_open(str(tmp_path / LORA_WEIGHTS_NAME), "pt") as f:
+        assert {key.split(".")[0] for key in f.keys()} == set(names)
+    hooks["load"]([getattr(fresh, n) for n in names], str(tmp_path))
+    for name in names:
+        assert all(torch.equal(g, w) for g, w in zip(lora_parameters(getattr(fresh, name)),
+                                                     lora_parameters(getattr(trained, name)), strict=True)), name
