@@ -126,7 +126,8 @@ def _integer(value: str, where: str, low: int = 0, high: int | None = None) -> i
     return number
 
 
-def _size(value: str, where: str) -> int:
+def read_size(value: str, where: str) -> int:
+    """A --w/--h (or any pixel size) value: an int >= 8, a multiple of the VAE's downscale."""
     size = _integer(value, where, low=VAE_SCALE_FACTOR)
     if size % VAE_SCALE_FACTOR:
         raise UsageError(f"{where} must be a multiple of {VAE_SCALE_FACTOR} (the VAE's downscale), got {size}; "
@@ -152,8 +153,8 @@ def _sampler(value: str, where: str) -> str:
 
 OPTION_READERS = {
     "n": lambda value, where: value,
-    "w": _size,
-    "h": _size,
+    "w": read_size,
+    "h": read_size,
     "s": lambda value, where: _integer(value, where, low=1, high=MAX_STEPS),
     "d": _integer,
     "l": _scale,

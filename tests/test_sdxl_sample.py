@@ -5,6 +5,8 @@ prompts on SDXL against diffusers' pipeline."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,13 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file
 
-from sat_train import demo
+from sat_train import demo, sample
+from sat_train.config import UsageError
 from sat_train.sag import sag_sample
 from sat_train.sample_prompts import parse_prompt_line
 from sat_train.text_encoder import add_text_encoder_lora
@@ -142,6 +149,108 @@ def test_sag_layer_choice_changes_the_mask():
     first, second = (reference_sag_latents(xl_pipeline(components), PROMPT, "", 3, 7.5, 1.0, 64, 64, 0, block)[1]
                      for block in (0, 1))
     assert first != second  # the two transformer blocks give different masks: the block test can fail
+
+
+# ----------------------------------------------------------------------------- python -m sat_train.sample
+
+
+def save_sdxl_lora(components, folder):
+    """The UNet's LoRA as diffusers' SDXL LoRA example saves it."""
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(components.unet))
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=state)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=int)
+
+
+def run_sample(lora, out, *extra):
+    return sample.main(["--lora", str(lora), "--prompt", PROMPT, "--num_inference_steps", "2", "--seed", "3",
+                        "--output_dir", str(out), *extra])
+
+
+def test_sample_cli_on_an_sdxl_folder_with_a_lora(tmp_path):
+    base = demo.save_components(demo.build_sdxl_components(), tmp_path / "base")
+    lora_file = save_sdxl_lora(sdxl_lora_components(), tmp_path / "lora")
+    no_sag = run_sample(lora_file, tmp_path / "a", "--pretrained_model_name_or_path", str(base), "--resolution",
+                        "96,64", "--sag_scale", "0")[0]
+    sag = run_sample(lora_file, tmp_path / "b", "--pretrained_model_name_or_path", str(base), "--width", "96",
+                     "--height", "64", "--sag_scale", "0.75", "--negative_prompt", "dark")[0]
+    assert Image.open(no_sag).size == Image.open(sag).size == (96, 64)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=2, width=96, height=64, guidance_scale=7.5,  # SDXL pipeline default: 5
+                generator=torch.Generator().manual_seed(3))
+    without_lora = np.asarray(pipe(PROMPT, **call).images[0], dtype=int)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    call["generator"] = torch.Generator().manual_seed(3)
+    with_lora = np.asarray(pipe(PROMPT, **call).images[0], dtype=int)
+    assert np.abs(pixels(no_sag) - with_lora).max() <= 1  # uint8 rounding at most
+    assert np.abs(with_lora - without_lora).max() > 1  # the LoRA shows: its loading is tested
+    reference, _ = reference_sag_latents(pipe, PROMPT, "dark", 2, 7.5, 0.75, 96, 64, seed=3)
+    assert np.abs(pixels(sag) - decoded(pipe, reference)).max() <= 1
+    assert np.abs(pixels(sag) - pixels(no_sag)).max() > 1
+
+
+def test_sdxl_base_takes_the_vae_flag_and_its_force_zeros_setting(tmp_path):
+    base = demo.save_components(demo.build_sdxl_components(), tmp_path / "base")
+    index = json.loads((base / "model_index.json").read_text(encoding="utf-8"))
+    assert index["force_zeros_for_empty_prompt"] is True  # diffusers' default, saved
+    index["force_zeros_for_empty_prompt"] = False  # as some SDXL fine-tunes ship
+    (base / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    other_vae = demo.build_sdxl_components(seed=1).vae
+    other_vae.save_pretrained(tmp_path / "vae")
+    lora_file = save_sdxl_lora(sdxl_lora_components(), tmp_path / "lora")
+    args = sample.build_parser().parse_args(["--lora", str(lora_file), "--prompt", PROMPT, "--vae", str(tmp_path / "vae"),
+                                             "--pretrained_model_name_or_path", str(base)])
+    components, source, force_zeros = sample.load_pipeline_components(args, torch.device("cpu"))
+    assert components.is_sdxl and source == str(base) and force_zeros is False
+    loaded, expected = components.vae.state_dict(), other_vae.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_demo_sdxl_run_loads_the_tiny_sdxl_at_its_default_size(tmp_path):
+    lora_file = save_sdxl_lora(sdxl_lora_components(), tmp_path)
+    (tmp_path / "train_config.json").write_text(json.dumps({"demo": True, "demo_model": "sdxl"}), encoding="utf-8")
+    args = sample.build_parser().parse_args(["--lora", str(tmp_path), "--prompt", PROMPT])
+    components, source, _ = sample.load_pipeline_components(args, torch.device("cpu"))
+    assert source is None and components.is_sdxl
+    saved = load_file(lora_file)
+    loaded = {n: p for n, p in components.unet.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved) > 0
+    for key, value in saved.items():  # unet.<module>.lora.down/up.weight -> <module>.lora_A/B.sat.weight
+        module, which = key.removeprefix("unet.").rsplit(".lora.", 1)
+        name = f"{module}.{'lora_A' if which == 'down.weight' else 'lora_B'}.sat.weight"
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=key)
+    image = run_sample(tmp_path, tmp_path / "out", "--sag_scale", "0.5")[0]
+    pipe = xl_pipeline(demo.build_sdxl_components())
+    side = pipe.default_sample_size * pipe.vae_scale_factor  # diffusers' SDXL default size
+    assert Image.open(image).size == (side, side)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--resolution", "64"], (64, 64)),
+    (["--resolution", "96,64"], (96, 64)),
+    (["--width", "96", "--height", "64"], (96, 64)),
+    (["--W", "96"], (96, None)),
+    ([], (None, None)),
+    (["--resolution", "60"], "--resolution must be a multiple of 8"),
+    (["--height", "100"], "--height must be a multiple of 8"),
+    (["--resolution", "96x64"], "is not a size"),
+    (["--resolution", "96,64", "--width", "64"], "keep one"),
+])
+def test_sample_size_flags(flags, expected):
+    args = sample.build_parser().parse_args(["--lora", "x", "--prompt", "p", *flags])
+    if isinstance(expected, str):
+        with pytest.raises(UsageError, match=expected):
+            sample.image_size(args)
+    else:
+        assert sample.image_size(args) == expected
 
 
 # ----------------------------------------------------------------------------- validation / sample prompts
