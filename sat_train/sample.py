@@ -185,8 +185,9 @@ def load_pipeline_components(args, device):
 
 
 def image_size(args) -> tuple[int | None, int | None]:
-    """(width, height) from --resolution (an int, or W,H) or --width/--height; None: the model's default."""
-    from .sample_prompts import read_size
+    """(width, height) from --resolution (an int, or W,H) or --width/--height; None: the model's default.
+    With SAG, a side below what its blur needs is refused here rather than by the kernel mid-sampling."""
+    from .sample_prompts import SAG_MIN_SIZE, read_size
 
     if args.resolution is not None and (args.width is not None or args.height is not None):
         raise UsageError(f"--resolution {args.resolution} and --width/--height both give the size; keep one "
@@ -197,8 +198,13 @@ def image_size(args) -> tuple[int | None, int | None]:
     else:
         width, height = args.width, args.height
         flags = ("--width", "--height")
-    return tuple(None if side is None else read_size(str(side), flag)
+    size = tuple(None if side is None else read_size(str(side), flag)
                  for side, flag in zip((width, height), flags, strict=True))
+    given = [side for side in size if side is not None]
+    if args.sag_scale > 0 and given and min(given) < SAG_MIN_SIZE:
+        raise UsageError(f"--sag_scale needs images of at least {SAG_MIN_SIZE} px a side (its blur is 9 latents "
+                         f"wide), got {' x '.join(map(str, given))} from {flags[0]}; give a larger size or --sag_scale 0")
+    return size
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -243,6 +243,9 @@ def test_demo_sdxl_run_loads_the_tiny_sdxl_at_its_default_size(tmp_path):
     (["--height", "100"], "--height must be a multiple of 8"),
     (["--resolution", "96x64"], "is not a size"),
     (["--resolution", "96,64", "--width", "64"], "keep one"),
+    (["--resolution", "40,32"], "--sag_scale needs images of at least 40 px a side"),
+    (["--height", "32"], "--sag_scale needs images of at least 40 px"),
+    (["--resolution", "40,32", "--sag_scale", "0"], (40, 32)),
 ])
 def test_sample_size_flags(flags, expected):
     args = sample.build_parser().parse_args(["--lora", "x", "--prompt", "p", *flags])
