@@ -131,8 +131,8 @@ def diffusers_pipeline(components, scheduler, force_zeros_for_empty_prompt: bool
 def sag_sample(components, prompt: str, negative_prompt: str = "", num_images: int = 1, height: int | None = None,
                width: int | None = None, num_inference_steps: int = 30, guidance_scale: float = 7.5,
                sag_scale: float = 0.75, generator: torch.Generator | None = None, attention_backend: str = "auto",
-               kernel_backend: str = "auto", output_type: str = "pil", self_attention: torch.nn.Module | str | None = None,
-               force_zeros_for_empty_prompt: bool = True):
+               kernel_backend: str = "auto", output_type: str = "pil",
+               self_attention: torch.nn.Module | str | None = None, force_zeros_for_empty_prompt: bool = True):
     """Images (PIL) or final latents (``output_type="latent"``) for ``prompt`` with CFG + SAG, from SD v1.5
     or SDXL ``components``.
 

@@ -203,7 +203,8 @@ def image_size(args) -> tuple[int | None, int | None]:
     given = [side for side in size if side is not None]
     if args.sag_scale > 0 and given and min(given) < SAG_MIN_SIZE:
         raise UsageError(f"--sag_scale needs images of at least {SAG_MIN_SIZE} px a side (its blur is 9 latents "
-                         f"wide), got {' x '.join(map(str, given))} from {flags[0]}; give a larger size or --sag_scale 0")
+                         f"wide), got {' x '.join(map(str, given))} from {flags[0]}; give a larger size or "
+                         "--sag_scale 0")
     return size
 
 

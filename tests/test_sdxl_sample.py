@@ -119,7 +119,8 @@ def test_sag_scale_0_equals_sdxl_pipeline(guidance, negative, force_zeros, width
         guidance_scale=guidance, generator=torch.Generator().manual_seed(0), output_type="latent").images
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     if guidance > 1 and not negative:  # the empty negative's two encodings differ: the option is honoured
-        other = ours_latents(components, negative, width, height, guidance, force_zeros_for_empty_prompt=not force_zeros)
+        other = ours_latents(components, negative, width, height, guidance,
+                             force_zeros_for_empty_prompt=not force_zeros)
         assert (other - theirs).abs().max() > 1e-3
 
 
@@ -204,8 +205,8 @@ def test_sdxl_base_takes_the_vae_flag_and_its_force_zeros_setting(tmp_path):
     other_vae = demo.build_sdxl_components(seed=1).vae
     other_vae.save_pretrained(tmp_path / "vae")
     lora_file = save_sdxl_lora(sdxl_lora_components(), tmp_path / "lora")
-    args = sample.build_parser().parse_args(["--lora", str(lora_file), "--prompt", PROMPT, "--vae", str(tmp_path / "vae"),
-                                             "--pretrained_model_name_or_path", str(base)])
+    args = sample.build_parser().parse_args(["--lora", str(lora_file), "--prompt", PROMPT, "--vae",
+                                             str(tmp_path / "vae"), "--pretrained_model_name_or_path", str(base)])
     components, source, force_zeros = sample.load_pipeline_components(args, torch.device("cpu"))
     assert components.is_sdxl and source == str(base) and force_zeros is False
     loaded, expected = components.vae.state_dict(), other_vae.state_dict()
@@ -283,8 +284,9 @@ def reference_image(components, prompt, scheduler_class) -> np.ndarray:
                                            prompt.sag_scale, prompt.width, prompt.height, seed=5)
         return decoded(pipe, latents)
     pipe = xl_pipeline(components, scheduler_class.from_config(components.noise_scheduler.config))
-    return np.asarray(pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None, num_inference_steps=prompt.steps,
-                           guidance_scale=prompt.cfg_scale, width=prompt.width, height=prompt.height,
+    return np.asarray(pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None,
+                           num_inference_steps=prompt.steps, guidance_scale=prompt.cfg_scale,
+                           width=prompt.width, height=prompt.height,
                            generator=torch.Generator().manual_seed(5)).images[0], dtype=int)
 
 
