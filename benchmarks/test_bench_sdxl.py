@@ -19,6 +19,7 @@ from test_bench_kernels import _materialized_mass
 import sat_kernels
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TOL = {"fp32": (1e-3, 1e-4), "fp16": (2e-3, 2e-3)}  # (rtol, atol) of one probability; fp16: tests/test_gpu.py's
 MID = dict(batch=2, heads=20, tokens=1024, head_dim=64)  # SDXL's mid block at 1024 px (32x32 latents)
 CROSS = dict(batch=2, heads=10, queries=4096, keys=77, head_dim=64)  # its 64x64 level's attn2 at 1024 px
 TINY_GUIDES = ["sac", "sac --guide_detach_degraded", "sac --guide_recompute", "cac", "cac --guide_recompute"]
@@ -58,7 +59,8 @@ def test_sdxl_mid_block_mass_vs_materialized(benchmark, device, dtype_name):
     q, k = (_randn(b, h, n, d, dtype=dtype, device=device, gen=gen) for _ in range(2))
     ours = lambda: sat_kernels.attention_mass_from_qk(q, k)  # noqa: E731
     materialized = lambda: _materialized_mass(q, k)  # noqa: E731
-    torch.testing.assert_close(ours(), materialized(), rtol=1e-3, atol=1e-3)  # same quantity, checked
+    rtol, atol = TOL[dtype_name]
+    torch.testing.assert_close(ours(), materialized(), rtol=rtol, atol=atol * n**0.5)  # a sum of n: same quantity
     _compare(benchmark, {"materialized": materialized, "ours": ours}, device,
              f"sdxl mid mass B={b} H={h} N={n} D={d} {dtype_name}", min_run_time=1.0)
 
@@ -83,7 +85,7 @@ def test_sdxl_cross_token_probs_vs_materialized(benchmark, device, dtype_name):
     tokens = torch.tensor([[1, 4, 9, -1], [2, 3, 30, 31]], device=device)
     ours = lambda: sat_kernels.token_attention_probs(q, k, tokens)  # noqa: E731
     materialized = lambda: _materialized_token_probs(q, k, tokens)  # noqa: E731
-    torch.testing.assert_close(ours(), materialized(), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(ours(), materialized(), rtol=TOL[dtype_name][0], atol=TOL[dtype_name][1])
     _compare(benchmark, {"materialized": materialized, "ours": ours}, device,
              f"sdxl cross token probs B={b} H={h} Nq={nq} Nk={nk} S=4 {dtype_name}", min_run_time=0.5)
 
