@@ -42,7 +42,7 @@ def build_unet(tiny: bool, device: torch.device, dtype: torch.dtype):
     if tiny:
         from sat_train.demo import build_sdxl_components
 
-        return with_lora(build_sdxl_components().unet.to(device, dtype))
+        return with_lora(build_sdxl_components().unet.to(device))  # measure_config casts it
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -64,6 +64,11 @@ def is_out_of_memory(err: Exception) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
 
 
+def free_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def measure_peaks(steps: GuideSteps, fns: dict) -> dict:
     """guide -> its step's peak memory {peak_mib: added by the step, peak_gib: all allocated}, or
     {"error": "OOM"}; a guide that ran out of memory leaves ``fns``."""
@@ -77,8 +82,7 @@ def measure_peaks(steps: GuideSteps, fns: dict) -> dict:
             if not is_out_of_memory(err):
                 raise
             steps.unet.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_cached_memory(device)
             peaks[guide] = {"error": "OOM"}
             del fns[guide]
     return peaks
@@ -118,6 +122,16 @@ def format_row(row: dict, device: torch.device) -> str:
     return f"sdxl unet step {row['guide']} {row['dtype']} B={row['batch']} {row['pixels']}px [{device_name(device)}]: {shown}"
 
 
+def show_rows(rows: list[dict], device: torch.device, rows_path: str | None) -> None:
+    """Print each row, and append it to ``rows_path`` at once (a run cut off by a time limit keeps it)."""
+    for row in rows:
+        line = format_row(row, device)
+        print(line, flush=True)
+        if rows_path:
+            with open(rows_path, "a", encoding="utf-8") as rows_file:
+                rows_file.write(line + "\n")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny SDXL-shaped UNet (an end-to-end check on CPU)")
@@ -154,13 +168,16 @@ def main(argv=None) -> int:
                   f"would pass --budget_s {args.budget_s:.0f}", flush=True)
             continue
         config_start = time.perf_counter()
-        for row in measure_config(unet, dtype_name, batch, args, device):
-            rows.append(row)
-            line = format_row(row, device)
-            print(line, flush=True)
-            if args.rows:
-                with open(args.rows, "a", encoding="utf-8") as rows_file:
-                    rows_file.write(line + "\n")
+        try:
+            config_rows = measure_config(unet, dtype_name, batch, args, device)
+        except RuntimeError as err:  # out of memory while timing (fragmentation): the next configuration may fit
+            if not is_out_of_memory(err):
+                raise
+            print(f"{dtype_name} B={batch}: out of memory while timing the steps", flush=True)
+            free_cached_memory(device)
+            continue
+        rows += config_rows
+        show_rows(config_rows, device, args.rows)
         seconds_per_sample = max(seconds_per_sample or 0.0, (time.perf_counter() - config_start) / batch)
     if args.json:
         from sat_train.faults import write_atomically
