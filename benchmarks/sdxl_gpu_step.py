@@ -119,7 +119,8 @@ def measure_config(unet, dtype_name: str, batch: int, args, device: torch.device
 def format_row(row: dict, device: torch.device) -> str:
     numbers = {k: v for k, v in row.items() if k not in ("guide", "dtype", "batch", "pixels")}
     shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
-    return f"sdxl unet step {row['guide']} {row['dtype']} B={row['batch']} {row['pixels']}px [{device_name(device)}]: {shown}"
+    case = f"sdxl unet step {row['guide']} {row['dtype']} B={row['batch']} {row['pixels']}px"
+    return f"{case} [{device_name(device)}]: {shown}"
 
 
 def show_rows(rows: list[dict], device: torch.device, rows_path: str | None) -> None:
