@@ -56,18 +56,18 @@ def load_folder_components(config: TrainConfig) -> Components:
     common = {"revision": config.revision, "cache_dir": config.cache_dir}
     weights = {"variant": config.variant, **common}
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
-        sdxl = is_sdxl_unet(unet)
-        return Components(
+        components = Components(
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
             text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
             vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            unet=unet,
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
-            tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common) if sdxl else None,
-            text_encoder_2=(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **weights)
-                            if sdxl else None),
         )
+        if is_sdxl_unet(components.unet):  # the UNet says SDXL, for a hub id as for a folder
+            components.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
+            components.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", **weights)
+        return components
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         import os

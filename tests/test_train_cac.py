@@ -85,18 +85,19 @@ def test_dataset_and_collate_give_padded_positions(tmp_path):
 TOKENS = torch.tensor([[3, 5, 9], [-1, -1, -1]])  # sample 1 has none of the words: SAC fallback
 
 
-def materialized_cac_map(components, s, tokens):
-    """Eager attention everywhere; the highest-res attn2 layers keep their softmax probabilities."""
+def materialized_cac_map(components, s, tokens, layers=demo_highres_attn2):
+    """Eager attention everywhere; the highest-res attn2 layers (``layers(unet)``, written out per model)
+    keep their softmax probabilities."""
     unet = components.unet
     unet.set_attn_processor(AttnProcessor())
     stores = []
-    for attn2 in demo_highres_attn2(unet):
+    for attn2 in layers(unet):
         stores.append(ProbsStoringProcessor())
         attn2.set_processor(stores[-1])
     mid = ProbsStoringProcessor()
     mid_block_self_attention(unet).set_processor(mid)
-    pred = unet(s.noisy, s.timesteps, s.cond).sample
-    batch, heads = s.x0.shape[0], demo_highres_attn2(unet)[0].heads
+    pred = unet(s.noisy, s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs).sample  # SDXL: pooled, time ids
+    batch, heads = s.x0.shape[0], layers(unet)[0].heads
     per_layer = []
     for store in stores:
         probs = store.probs[0]  # (B*heads, N, 77)
