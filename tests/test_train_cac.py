@@ -109,6 +109,23 @@ def materialized_cac_map(components, s, tokens, layers=demo_highres_attn2):
     return pred, cac, mass, (stores, mid)
 
 
+def written_out_cac_step(components, s, ratio, cac_map_size, mid_map_size, layers=demo_highres_attn2):
+    """DESIGN.md's CAC step with materialized maps, sample 0 by its words, sample 1 by the SAC fallback:
+    (loss, the CAC map (B, h*w), the LoRA gradients of backward, cleared from the UNet afterwards)."""
+    unet, ac = components.unet, components.noise_scheduler.alphas_cumprod
+    pred, cac, mass, _ = materialized_cac_map(components, s, s.tokens, layers)
+    assert cac.shape == (2, cac_map_size[0] * cac_map_size[1])
+    x_cac = reference.degrade_latents(s.x0, pred, cac, cac_map_size, ac, s.timesteps, "mean", 9, 1.0)
+    x_sac = reference.degrade_latents(s.x0, pred, mass, mid_map_size, ac, s.timesteps, 1.0, 9, 1.0)
+    pred_deg = unet(torch.cat([x_cac[:1], x_sac[1:]]), s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs
+                    ).sample
+    loss = F.mse_loss(pred + ratio * (pred - pred_deg), s.target)
+    loss.backward()
+    grads = lora_grads(unet)
+    unet.zero_grad(set_to_none=True)
+    return loss, cac, grads
+
+
 def cac_guide(components, kernels="torch", ratio=0.5, backend="sdpa", **settings):
     unet = components.unet
     unet.set_attn_processor(stock_processor(backend))

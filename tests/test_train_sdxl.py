@@ -26,7 +26,7 @@ from sat_train.models import fp16_vae_warning, load_components, vae_dtype
 from sat_train.sdxl import SIZE_KEYS, encode_sdxl_prompt, time_ids
 from sat_train.train import CONFIG_NAME, make_step_inputs, train
 from test_train_buckets import as_pixels, bucket_config, write_folder
-from test_train_cac import cac_guide, materialized_cac_map
+from test_train_cac import cac_guide, written_out_cac_step
 from test_train_crash import run as crash_run
 from test_train_guidance import reference_sac_loss, sac_guide
 from train_helpers import DEMO_DATA_DIR, LORA_FILE, lora_grads, lora_unet, run_cli, step_inputs, tiny_config
@@ -233,22 +233,12 @@ def test_sac_step_on_sdxl_matches_the_written_out_step():
 
 
 def test_cac_step_on_sdxl_matches_the_written_out_step():
-    from sat_kernels import reference
-
     components = lora_unet(sdxl=True)
     s = step_inputs(components, size=16)
     s.tokens = torch.tensor([[3, 5, 9], [-1, -1, -1]])  # sample 1 has no chosen word: SAC fallback
-    unet, ratio, ac = components.unet, 0.5, components.noise_scheduler.alphas_cumprod
-    pred, cac, mass, _ = materialized_cac_map(components, s, s.tokens, layers=sdxl_level1_attn2)
-    assert cac.shape == (2, 64)  # level 1 of 16x16 latents: 8x8
-    x_cac = reference.degrade_latents(s.x0, pred, cac, (8, 8), ac, s.timesteps, "mean", 9, 1.0)
-    x_sac = reference.degrade_latents(s.x0, pred, mass, (4, 4), ac, s.timesteps, 1.0, 9, 1.0)
-    pred_deg = unet(torch.cat([x_cac[:1], x_sac[1:]]), s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs
-                    ).sample
-    ref_loss = torch.nn.functional.mse_loss(pred + ratio * (pred - pred_deg), s.target)
-    ref_loss.backward()
-    ref_grads = lora_grads(unet)
-    unet.zero_grad(set_to_none=True)
+    unet, ratio = components.unet, 0.5
+    # level 1 of 16x16 latents: an 8x8 CAC map; the mid block: 4x4
+    ref_loss, cac, ref_grads = written_out_cac_step(components, s, ratio, (8, 8), (4, 4), layers=sdxl_level1_attn2)
     result = cac_guide(components, ratio=ratio)(unet, s)
     result.loss.backward()
     torch.testing.assert_close(result.loss, ref_loss, rtol=0, atol=1e-5)
