@@ -80,9 +80,10 @@ class GuideSettings:
 class TrainConfig:
     # --- model
     pretrained_model_name_or_path: str | None = _opt(
-        None, "SD v1.5 folder, hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or single-file "
-        "checkpoint (a community .safetensors in the original LDM layout). Left out (with no data flags): the "
-        "embedded offline demo model.")
+        None, "SD v1.5 or SDXL folder or hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, "
+        "stabilityai/stable-diffusion-xl-base-1.0; SDXL is recognised by its folder), or an SD v1.5 single-file "
+        "checkpoint (a community .safetensors in the original LDM layout; single-file SDXL is refused: pass its "
+        "diffusers folder). Left out (with no data flags): the embedded offline demo model (--demo_model).")
     demo_model: str = _opt(
         "sd15", "The embedded demo's tiny model (no --pretrained_model_name_or_path and no data): SD v1.5- or "
         "SDXL-shaped.", choices=DEMO_MODELS, aliases=("--demo",))
@@ -103,7 +104,8 @@ class TrainConfig:
         False, "Allow .ckpt/.pt/.pth checkpoints (pickles, which can run code when loaded); read with "
         "torch.load(weights_only=True) where possible.")
     vae: str | None = _opt(
-        None, "VAE to use instead of the base model's: a diffusers folder or a .safetensors file.",
+        None, "VAE to use instead of the base model's: a diffusers folder or a .safetensors file (SDXL under fp16: "
+        "an fp16-safe one such as madebyollin/sdxl-vae-fp16-fix; the stock SDXL VAE then encodes in float32).",
         aliases=("--pretrained_vae_model_name_or_path",))
     # --- data
     dataset_name: str | None = _opt(None, "Hugging Face dataset name or path (needs `pip install datasets`).")

@@ -61,6 +61,10 @@ def test_sdxl_folder_loads_as_sdxl_and_a_partial_one_names_its_subfolders(tmp_pa
     with_vae = load_components(TrainConfig(pretrained_model_name_or_path=str(tmp_path / "sdxl"),
                                            vae=str(tmp_path / "sdxl" / "vae")))
     assert with_vae.is_sdxl and with_vae.vae is not loaded.vae
+    # ... and takes a hub id, as diffusers' SDXL example (offline here: a one-line error naming it)
+    hub_vae = TrainConfig(pretrained_model_name_or_path=str(tmp_path / "sdxl"), vae="madebyollin/sdxl-vae-fp16-fix")
+    with pytest.raises(UsageError, match="--vae madebyollin/sdxl-vae-fp16-fix: cannot load it from the hub"):
+        load_components(hub_vae.validate())
     shutil.rmtree(tmp_path / "sdxl" / "tokenizer_2")
     with pytest.raises(UsageError, match=r"not an SDXL folder: missing tokenizer_2/ \(expected .*text_encoder_2/"):
         load_components(TrainConfig(pretrained_model_name_or_path=str(tmp_path / "sdxl")))
@@ -77,6 +81,24 @@ def test_fp16_with_a_force_upcast_sdxl_vae_encodes_in_float32_and_warns():
         assert vae_dtype(components, dtype) == dtype and fp16_vae_warning(components, dtype) is None
     sdxl.vae.register_to_config(force_upcast=False)  # as sdxl-vae-fp16-fix's config
     assert vae_dtype(sdxl, torch.float16) == torch.float16 and fp16_vae_warning(sdxl, torch.float16) is None
+
+
+def test_fp16_step_inputs_encode_with_the_float32_vae(tmp_path):
+    """fp16 weights (as prepare_models casts them) with the force_upcast VAE kept in float32: the latents
+    are the float32 encode's draw, in fp16, and so are the pooled embeddings and time ids."""
+    c = demo.build_sdxl_components()
+    config = tiny_config(tmp_path)
+    records, names = read_records(config, DEMO_DATA_DIR, quiet=True)
+    batch = collate([build_dataset(config, records, names, c.tokenizer, tokenizer_2=c.tokenizer_2)[i] for i in (0, 1)])
+    with torch.no_grad():
+        expected = c.vae.encode(batch["pixel_values"]).latent_dist.sample(torch.Generator().manual_seed(0))
+    for model in (c.unet, c.text_encoder, c.text_encoder_2):
+        model.to(torch.float16)
+    c.vae.to(vae_dtype(c, torch.float16))
+    s = make_step_inputs(batch, c, config, torch.float16, torch.Generator().manual_seed(0))
+    assert c.vae.dtype == torch.float32 and s.x0.dtype == s.cond.dtype == torch.float16
+    torch.testing.assert_close(s.x0, expected.half() * c.vae.config.scaling_factor, rtol=0, atol=0)
+    assert {v.dtype for v in s.added_cond_kwargs.values()} == {torch.float16}
 
 
 # ----------------------------------------------------------------------------- conditioning
@@ -317,7 +339,9 @@ def test_exported_lora_loads_into_the_sdxl_pipeline(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_demo_model_flag_needs_the_demo(tmp_path):
+def test_demo_model_flag_needs_the_demo_and_sdxl_text_encoder_training_is_refused(tmp_path):
     with pytest.raises(UsageError, match="--demo_model sdxl picks the embedded demo's model"):
         tiny_config(tmp_path, demo_model="sdxl", pretrained_model_name_or_path=str(tmp_path),
                     train_data_dir=str(tmp_path)).validate()
+    with pytest.raises(UsageError, match="--train_text_encoder is not supported for SDXL yet"):
+        train(tiny_config(tmp_path / "te", demo_model="sdxl", train_text_encoder=True))
