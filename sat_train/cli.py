@@ -56,8 +56,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if config.is_demo:
         from .demo import demo_defaults
 
-        config = dataclasses.replace(config, **{k: v for k, v in demo_defaults(config.demo_model).items()
-                                                if k not in given})
+        config = dataclasses.replace(config, **{k: v for k, v in demo_defaults().items() if k not in given})
     return config.validate()
 
 

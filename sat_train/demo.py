@@ -65,9 +65,8 @@ def mask_preview_steps(config) -> int | None:
     return MASK_PREVIEW_STEPS if config.is_demo and config.guide != "none" else None
 
 
-def demo_defaults(demo_model: str = "sd15") -> dict:
-    """Settings the demo uses for every flag the user did not give. The SDXL demo validates nothing
-    (validation.py samples with SD v1.5's pipeline until it learns SDXL's)."""
+def demo_defaults() -> dict:
+    """Settings the demo uses for every flag the user did not give (the same for both --demo_model)."""
     return {
         "resolution": 128,
         "train_batch_size": 2,
@@ -84,7 +83,6 @@ def demo_defaults(demo_model: str = "sd15") -> dict:
         "num_validation_images": 2,
         "validation_epochs": 10,  # 3 steps per epoch: once, at the end
         "output_dir": "sat-demo-output",
-        **({"validation_prompt": None} if demo_model == "sdxl" else {}),
     }
 
 

@@ -39,7 +39,8 @@ def size_conditioning(image_size: tuple[int, int], crop_box: tuple[int, int, int
     """SIZE_KEYS of one sample as long tensors (2,), (H, W) / (top, left) order, from the image's
     (W, H) ``image_size`` and the (left, top, right, bottom) ``crop_box`` of ImageTransform.crop_box."""
     (width, height), (left, top, right, bottom) = image_size, crop_box
-    values = {"original_size": (height, width), "crop_top_left": (top, left), "target_size": (bottom - top, right - left)}
+    values = {"original_size": (height, width), "crop_top_left": (top, left),
+              "target_size": (bottom - top, right - left)}
     return {key: torch.tensor(value, dtype=torch.long) for key, value in values.items()}
 
 

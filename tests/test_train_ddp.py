@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sat_train.capture import stock_processor
 from sat_train.config import GuideSettings
+from sat_train.demo import build_components, build_sdxl_components
 from sat_train.guidance import SATGuide, make_saliency
 from train_helpers import lora_grads, lora_unet, step_inputs
 
@@ -38,7 +39,8 @@ def worker(rank: int, port: int, guide_name: str, recompute: bool, sdxl: bool) -
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        components = lora_unet(sdxl=sdxl)  # same seed: the same weights on every rank, as DDP requires
+        # same seed: the same weights on every rank, as DDP requires
+        components = lora_unet(build=build_sdxl_components if sdxl else build_components)
         guide = make_guide(components, guide_name, recompute)
         unet = components.unet
         # expected: each rank's input on the bare model, gradients averaged

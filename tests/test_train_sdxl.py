@@ -191,7 +191,7 @@ def sdxl_level1_attn2(unet):
 
 
 def test_cac_layers_are_level_1_and_sac_layer_is_configurable(tmp_path):
-    unet = lora_unet(sdxl=True).unet
+    unet = lora_unet(build=demo.build_sdxl_components).unet
     assert highest_resolution_cross_attentions(unet) == sdxl_level1_attn2(unet)
     mid = unet.mid_block.attentions[0]
     default = build_guide(tiny_config(tmp_path, guide="sac"), unet, demo.build_sdxl_components().noise_scheduler)
@@ -228,14 +228,15 @@ def test_both_tokenizers_put_the_words_at_the_same_positions(tmp_path, monkeypat
     monkeypatch.setattr(demo, "WORDS", tuple(w for w in demo.WORDS if w != "portrait"))
     other = demo.build_tokenizer(pad_token="!")
     with pytest.raises(UsageError, match=r"--guide cac: the caption of .* tokenizer_2/"):
-        check_word_positions_agree(c.tokenizer, other, config.cac_word_list, [(None, "a portrait of a face")], ["line 1"])
+        check_word_positions_agree(c.tokenizer, other, config.cac_word_list, [(None, "a portrait of a face")],
+                                   ["line 1"])
 
 
 # ----------------------------------------------------------------------------- the guided steps
 
 
 def test_sac_step_on_sdxl_matches_the_written_out_step():
-    components = lora_unet(sdxl=True)
+    components = lora_unet(build=demo.build_sdxl_components)
     s = step_inputs(components, size=16)
     unet = components.unet
     ref_loss, mass = reference_sac_loss(components, s, 0.5)  # added_cond_kwargs in both forwards
@@ -255,7 +256,7 @@ def test_sac_step_on_sdxl_matches_the_written_out_step():
 
 
 def test_cac_step_on_sdxl_matches_the_written_out_step():
-    components = lora_unet(sdxl=True)
+    components = lora_unet(build=demo.build_sdxl_components)
     s = step_inputs(components, size=16)
     s.tokens = torch.tensor([[3, 5, 9], [-1, -1, -1]])  # sample 1 has no chosen word: SAC fallback
     unet, ratio = components.unet, 0.5
@@ -288,7 +289,7 @@ def test_sdxl_demo_cli_run(tmp_path):
     assert "--pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0" in proc.stdout
     assert "--resolution 1024" in proc.stdout
     saved = json.loads((out / CONFIG_NAME).read_text())
-    assert saved["demo_model"] == "sdxl" and saved["validation_prompt"] is None
+    assert saved["demo_model"] == "sdxl"
     assert (out / LORA_FILE).is_file()
     assert list((out / "masks").glob("*.png"))
     assert "CAC: 0 of 4 samples had none of --cac_words" in proc.stdout
@@ -325,7 +326,7 @@ def test_sdxl_run_killed_while_checkpointing_resumes_bit_exact(tmp_path):
 def test_exported_lora_loads_into_the_sdxl_pipeline(tmp_path):
     from sat_train.export import export_lora
 
-    trained = lora_unet(sdxl=True)
+    trained = lora_unet(build=demo.build_sdxl_components)
     s = step_inputs(trained, size=8)
     with torch.no_grad():
         expected = trained.unet(s.noisy, s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs).sample

@@ -28,10 +28,10 @@ def tiny_config(output_dir, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def lora_unet(seed: int = 0, randomize_b: bool = True, sdxl: bool = False):
-    """The demo UNet (the tiny SDXL's with ``sdxl``) with LoRA; B matrices random (so LoRA changes
-    outputs) unless told otherwise."""
-    components = build_sdxl_components() if sdxl else build_components()
+def lora_unet(seed: int = 0, randomize_b: bool = True, build=build_components):
+    """The demo UNet (``build``: demo.build_components, or build_sdxl_components) with LoRA; B matrices
+    random (so LoRA changes outputs) unless told otherwise."""
+    components = build()
     torch.manual_seed(seed)
     add_lora(components.unet, rank=4)
     if randomize_b:
