@@ -346,3 +346,14 @@ def test_demo_model_flag_needs_the_demo_and_sdxl_text_encoder_training_is_refuse
                     train_data_dir=str(tmp_path)).validate()
     with pytest.raises(UsageError, match="--train_text_encoder is not supported for SDXL yet"):
         train(tiny_config(tmp_path / "te", demo_model="sdxl", train_text_encoder=True))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_bucketed_run_on_an_sdxl_folder(tmp_path, cache):
+    """An SDXL folder, aspect-ratio buckets, CAC (both tokenizers checked), with and without a latent cache."""
+    write_folder(tmp_path / "data", {"1_a": [(100, 64), (70, 64), (64, 100), (64, 64)]})
+    demo.save_components(demo.build_sdxl_components(), tmp_path / "model")
+    config = bucket_config(tmp_path, guide="cac", cac_words="face", max_train_steps=2, cache_latents_to_disk=cache)
+    weights = load_file(train(config))
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+    assert json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["demo_model"] == "sd15"  # not a demo run
