@@ -40,7 +40,8 @@ from .faults import crash_hook, fsync_dir
 from .guidance import StepInputs, build_guide
 from .latent_cache import cache_latents, sample_latents
 from .lora_files import kohya_file_metadata
-from .models import Components, add_lora, load_components, lora_parameters
+from .models import Components, add_lora, fp16_vae_warning, load_components, lora_parameters, vae_dtype
+from .sdxl import added_cond_kwargs, encode_sdxl_prompt
 from .optimizers import build_optimizer
 from .pictures import RunPictures
 from .seeding import derived_generator, seeded_global_rng
@@ -184,20 +185,30 @@ def make_optimizer(config: TrainConfig, params):
 
 
 def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, generator=None,
-                     text_encoder=None) -> StepInputs:
+                     text_encoder=None, text_encoder_2=None) -> StepInputs:
     """Encode images and captions, draw noise and timesteps, noise the latents, pick the target.
-    ``text_encoder``: the (prepared) text encoder whose LoRA trains; captions then encode with gradients."""
+    ``text_encoder``: the (prepared) text encoder whose LoRA trains; captions then encode with gradients.
+    SDXL: both text encoders (``text_encoder_2``: the prepared second, when they train), and the pooled
+    embeddings and time ids as ``added_cond_kwargs`` (sdxl.py)."""
     from diffusers.training_utils import compute_snr
 
     scheduler = components.noise_scheduler
     with torch.no_grad():
         if LATENT_PARAMS in batch:  # --cache_latents: the VAE encoded the images before training
             latents = sample_latents(batch[LATENT_PARAMS].to(weight_dtype), generator)
-        else:
-            latents = components.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
+        else:  # in the VAE's dtype: float32 for a force_upcast SDXL VAE under fp16 (models.vae_dtype)
+            vae = components.vae
+            latents = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.sample(generator).to(weight_dtype)
         latents = latents * components.vae.config.scaling_factor
-    cond = encode_captions(components.text_encoder if text_encoder is None else text_encoder, batch["input_ids"],
-                           trainable=text_encoder is not None)
+    trained_encoder = components.text_encoder if text_encoder is None else text_encoder
+    added = None
+    if components.is_sdxl:
+        second = components.text_encoder_2 if text_encoder_2 is None else text_encoder_2
+        cond, pooled = encode_sdxl_prompt(trained_encoder, second, batch["input_ids"],
+                                          batch["input_ids_2"], trainable=text_encoder is not None)
+        added = added_cond_kwargs(batch, pooled, weight_dtype)
+    else:
+        cond = encode_captions(trained_encoder, batch["input_ids"], trainable=text_encoder is not None)
     batch_size, channels, device = latents.shape[0], latents.shape[1], latents.device
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     if config.noise_offset:
@@ -218,7 +229,7 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
         weights = torch.clamp(snr, max=config.snr_gamma)
         weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
     return StepInputs(x0=latents, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=target,
-                      loss_weights=weights, tokens=batch.get("cac_tokens"))
+                      loss_weights=weights, tokens=batch.get("cac_tokens"), added_cond_kwargs=added)
 
 
 @dataclass
@@ -300,8 +311,9 @@ def prepare_run(config: TrainConfig) -> Run:
     optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes, text_encoder_params,
                                                      text_encoder_2_params)
     seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
-    dataset = build_dataset(config, records, names, components.tokenizer, seed=seed)
-    cache_latents(config, accelerator, components.vae, dataset, weight_dtype)  # no-op without --cache_latents*
+    dataset = build_dataset(config, records, names, components.tokenizer, seed=seed, tokenizer_2=components.tokenizer_2)
+    # no-op without --cache_latents*; encodes in the VAE's dtype (models.vae_dtype)
+    cache_latents(config, accelerator, components.vae, dataset, components.vae.dtype)
     dataloader = make_dataloader(config, dataset, seed)
     if dataset.buckets is not None:
         accelerator.print(bucket_table_text(dataset.buckets))
@@ -358,7 +370,7 @@ def prepare_models(config: TrainConfig, accelerator, weight_dtype):
     on the UNet, on the device; returns them and the attention backend their processors use."""
     from diffusers.training_utils import cast_training_params
 
-    components = demo.build_components() if config.is_demo else load_components(config)
+    components = demo.build_demo_components(config.demo_model) if config.is_demo else load_components(config)
     unet, vae = components.unet, components.vae
     text_encoders = [m for m in (components.text_encoder, components.text_encoder_2) if m is not None]
     for model in (unet, vae, *text_encoders):
@@ -368,10 +380,14 @@ def prepare_models(config: TrainConfig, accelerator, weight_dtype):
     add_lora(unet, config.rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
     if config.train_text_encoder:  # after the UNet's: its A matrices are the next draws of the seeded generator
         add_text_encoder_loras(components, config.rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
+    warning = fp16_vae_warning(components, weight_dtype)
+    if warning:
+        accelerator.print(warning)
     for model in (unet, vae, *text_encoders):
         model.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            model.to(dtype=weight_dtype)
+        dtype = vae_dtype(components, weight_dtype) if model is vae else weight_dtype
+        if dtype != torch.float32:
+            model.to(dtype=dtype)
     if weight_dtype != torch.float32:
         # frozen weights in half precision, LoRA in fp32 (a frozen text encoder has no trainable params)
         cast_training_params([unet, *text_encoders], dtype=torch.float32)
@@ -470,7 +486,7 @@ def announce_run(run: Run, backend: str, learning_rate: float, num_samples: int)
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
         accelerator.init_trackers("sat_train", config=tracker_config)
     if config.is_demo:
-        accelerator.print(demo.BANNER.format(n=num_samples))
+        accelerator.print(demo.banner(config.demo_model, num_samples))
     accelerator.print(f"sat_train: guide={config.guide} ({run.guide.forwards_per_step} UNet forwards/step), "
                       f"attention={backend}, {num_samples} samples, {run.max_train_steps} steps, "
                       f"batch {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation "
@@ -554,7 +570,7 @@ def train_micro_batch(run: Run, batch):
                        if run.config.lora_dropout > 0 else contextlib.nullcontext())
         with dropout_rng:
             inputs = make_step_inputs(batch, run.components, run.config, run.weight_dtype, generator,
-                                      run.text_encoder)
+                                      run.text_encoder, run.text_encoder_2)
             result = run.guide(run.unet, inputs)
         accelerator.backward(result.loss)
         if accelerator.sync_gradients and run.config.max_grad_norm > 0:

@@ -7,6 +7,8 @@ encoder; a checkpoint's LoRA loads back bit for bit."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -20,6 +22,7 @@ from sat_train.export import (KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, export_lora
                               load_lora, save_lora, save_lora_kohya)
 from sat_train.lora_files import kohya_file_metadata
 from sat_train.models import add_lora, lora_parameters
+from sat_train.sdxl import encode_sdxl_prompt
 from sat_train.text_encoder import (FILE_PREFIX_2, TEXT_ENCODER_LORA_TARGET_MODULES, add_sdxl_text_encoder_loras,
                                     check_checkpoint_text_encoder,
                                     load_text_encoder_lora, optimizer_param_groups, split_hook_models)
@@ -72,9 +75,9 @@ def sdxl_conditioning(components):
     return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
 
 
-def sdxl_step_inputs(components):
+def sdxl_step_inputs(components, encode=sdxl_conditioning):
     s = step_inputs(components)
-    s.cond, pooled = sdxl_conditioning(components)
+    s.cond, pooled = encode(components)
     s.added_cond_kwargs = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
     return s
 
@@ -130,6 +133,12 @@ def comfyui_names(components) -> set[str]:
     return names
 
 
+def trainer_conditioning(components):
+    """The trainer's encoding (sdxl.encode_sdxl_prompt), with gradients for the text encoders' LoRA."""
+    return encode_sdxl_prompt(components.text_encoder, components.text_encoder_2, caption_ids(components.tokenizer),
+                              caption_ids(components.tokenizer_2), trainable=True)
+
+
 def in_float64(components):
     """The models and the schedule in float64: the tiny SDXL's float32 gradients differ by ~3e-3
     (relative) between any two orders of summation (eager vs SDPA attention), in the UNet's own LoRA
@@ -141,8 +150,8 @@ def in_float64(components):
     return components
 
 
-def float64_step_inputs(components):
-    s = sdxl_step_inputs(components)
+def float64_step_inputs(components, encode=sdxl_conditioning):
+    s = sdxl_step_inputs(components, encode)
     for name in ("x0", "noise", "noisy", "target"):
         setattr(s, name, getattr(s, name).double())
     s.added_cond_kwargs["time_ids"] = s.added_cond_kwargs["time_ids"].double()
@@ -167,7 +176,7 @@ def test_guided_loss_gradient_reaches_both_text_encoders_as_the_written_out_loss
 
     def guided_grads(detach_degraded: bool) -> tuple[torch.Tensor, list[dict]]:
         guide = sac_guide(components, ratio=0.5, detach_degraded=detach_degraded)
-        result = guide(unet, float64_step_inputs(components))
+        result = guide(unet, float64_step_inputs(components, trainer_conditioning))
         result.loss.backward()
         grads = [lora_grads(encoder) for encoder in encoders]
         for model in (unet, *encoders):
@@ -311,14 +320,13 @@ def test_checkpoint_without_one_of_the_text_encoders_is_refused(tmp_path):
             check_checkpoint_text_encoder(tmp_path / folder, True, sdxl=True)
 
 
-def test_prepare_models_puts_fp32_loras_on_both_text_encoders(monkeypatch):
+def test_prepare_models_puts_fp32_loras_on_both_text_encoders():
     from types import SimpleNamespace
 
-    import sat_train.train as train_module
+    from sat_train.train import prepare_models
 
-    monkeypatch.setattr(train_module.demo, "build_components", build_sdxl_components)  # the demo, made SDXL
-    config = TrainConfig(train_text_encoder=True, gradient_checkpointing=True, output_dir="unused")
-    components, _ = train_module.prepare_models(config, SimpleNamespace(device=torch.device("cpu")), torch.bfloat16)
+    config = TrainConfig(demo_model="sdxl", train_text_encoder=True, gradient_checkpointing=True, output_dir="unused")
+    components, _ = prepare_models(config, SimpleNamespace(device=torch.device("cpu")), torch.bfloat16)
     assert components.is_sdxl
     for model in (components.text_encoder, components.text_encoder_2):
         dtypes = {}
@@ -352,3 +360,28 @@ def test_checkpoint_hooks_save_and_load_both_text_encoders(tmp_path):
     for name in names:
         assert all(torch.equal(g, w) for g, w in zip(lora_parameters(getattr(fresh, name)),
                                                      lora_parameters(getattr(trained, name)), strict=True)), name
+
+
+def test_killed_sdxl_run_resumes_to_the_uninterrupted_loras(tmp_path):
+    """As test_train_crash, on the tiny SDXL with --train_text_encoder: killed while checkpoint-4 is
+    written, resumed from checkpoint-2; the final file (UNet and both encoders) is bit-identical."""
+    from test_train_crash import run as run_crashable
+    from train_helpers import tiny_config
+
+    from sat_train.train import train
+
+    extra = ["--demo_model", "sdxl", "--train_text_encoder", "--text_encoder_lr", "5e-4", "--lora_dropout", "0.1"]
+    expected = load_file(train(tiny_config(tmp_path / "straight", max_train_steps=4, guide="sac", demo_model="sdxl",
+                                           train_text_encoder=True, text_encoder_lr=5e-4, lora_dropout=0.1)))
+    assert {key.split(".")[0] for key in expected} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(v.abs().max() > 0 for k, v in expected.items() if ".lora_B." in k)  # each LoRA trained
+    out = tmp_path / "crashy"
+    proc = run_crashable(out, "checkpoint-4:mid", resume=False, extra=extra)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    proc = run_crashable(out, None, resume=True, extra=extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in proc.stdout
+    got = load_file(out / LORA_WEIGHTS_NAME)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)

@@ -31,7 +31,7 @@ def reference_sac_loss(components, s, ratio, threshold=1.0, prediction_type="eps
     unet.set_attn_processor(AttnProcessor())
     store = ProbsStoringProcessor()
     mid_block_self_attention(unet).set_processor(store)
-    pred = unet(s.noisy, s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs).sample  # SDXL: text_time
+    pred = unet(s.noisy, s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs).sample  # SDXL: pooled, time ids
     probs = store.probs[0]  # (B*heads, N, N), diffusers' head_to_batch_dim layout
     heads = mid_block_self_attention(unet).heads
     mass = reference.attention_mass(probs, heads)
