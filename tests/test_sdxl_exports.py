@@ -3,11 +3,9 @@ through both UNet forwards of the SAT step (against the written-out loss); the d
 through StableDiffusionXLPipeline.load_lora_weights to the trained modules; the kohya file (SGM UNet
 names, lora_te1_/lora_te2_) gives what the diffusers file gives through diffusers' own kohya-SDXL
 converter, with ComfyUI's key names; its metadata names SDXL; --save_precision covers the second
-encoder; a checkpoint's LoRA loads back bit for bit."""
+encoder; a checkpoint's LoRA loads back bit for bit (a killed SDXL run's resume: test_train_text_encoder.py)."""
 
 from __future__ import annotations
-
-import signal
 
 import pytest
 import torch
@@ -361,27 +359,3 @@ def test_checkpoint_hooks_save_and_load_both_text_encoders(tmp_path):
         assert all(torch.equal(g, w) for g, w in zip(lora_parameters(getattr(fresh, name)),
                                                      lora_parameters(getattr(trained, name)), strict=True)), name
 
-
-def test_killed_sdxl_run_resumes_to_the_uninterrupted_loras(tmp_path):
-    """As test_train_crash, on the tiny SDXL with --train_text_encoder: killed while checkpoint-4 is
-    written, resumed from checkpoint-2; the final file (UNet and both encoders) is bit-identical."""
-    from test_train_crash import run as run_crashable
-    from train_helpers import tiny_config
-
-    from sat_train.train import train
-
-    extra = ["--demo_model", "sdxl", "--train_text_encoder", "--text_encoder_lr", "5e-4", "--lora_dropout", "0.1"]
-    expected = load_file(train(tiny_config(tmp_path / "straight", max_train_steps=4, guide="sac", demo_model="sdxl",
-                                           train_text_encoder=True, text_encoder_lr=5e-4, lora_dropout=0.1)))
-    assert {key.split(".")[0] for key in expected} == {"unet", "text_encoder", "text_encoder_2"}
-    assert all(v.abs().max() > 0 for k, v in expected.items() if ".lora_B." in k)  # each LoRA trained
-    out = tmp_path / "crashy"
-    proc = run_crashable(out, "checkpoint-4:mid", resume=False, extra=extra)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    proc = run_crashable(out, None, resume=True, extra=extra)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"resuming from {out / 'checkpoint-2'}" in proc.stdout
-    got = load_file(out / LORA_WEIGHTS_NAME)
-    assert got.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
