@@ -104,48 +104,22 @@ def demo_components(lora: Path):
     return demo.build_components()
 
 
-def is_sdxl_model(config) -> bool:
-    """A diffusers SDXL folder or hub id: one with a second text encoder (a single file, or a hub id
-    that cannot be read, is left to models.load_components and its errors)."""
+def force_zeros_for_empty_prompt(config) -> bool:
+    """An SDXL model's pipeline option (its model_index.json; StableDiffusionXLPipeline's default, True,
+    when the model has none or it cannot be read)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from .single_file import is_checkpoint_path
-
-    source = config.pretrained_model_name_or_path
-    path = Path(source).expanduser()
-    if path.is_dir() or is_checkpoint_path(source):
-        return (path / "text_encoder_2").is_dir()
     try:
-        index = StableDiffusionXLPipeline.load_config(source, revision=config.revision, cache_dir=config.cache_dir)
+        index = StableDiffusionXLPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision,
+                                                      cache_dir=config.cache_dir)
     except (OSError, ValueError):
-        return False
-    return "text_encoder_2" in index
-
-
-def sdxl_components(config):
-    """An SDXL diffusers folder or hub id, loaded by diffusers' StableDiffusionXLPipeline (its VAE replaced
-    by --vae), and its force_zeros_for_empty_prompt. (To become models.load_components once that
-    recognises SDXL.)"""
-    from diffusers import StableDiffusionXLPipeline
-
-    from .models import Components
-    from .single_file import load_vae
-
-    vae = {"vae": load_vae(config)} if config.vae is not None else {}
-    try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(config.pretrained_model_name_or_path, revision=config.revision,
-                                                         variant=config.variant, cache_dir=config.cache_dir, **vae)
-    except (OSError, ValueError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"cannot load SDXL from {config.pretrained_model_name_or_path!r}: {first_line}") from err
-    components = Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler, pipe.tokenizer_2,
-                            pipe.text_encoder_2)
-    return components, pipe.config.force_zeros_for_empty_prompt
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True))
 
 
 def load_base_components(args, lora: Path, source: str | None):
-    """(components, force_zeros_for_empty_prompt) of the base model: the demo model, an SDXL model, or
-    what models.load_components reads (SD v1.5 folders, hub ids, single files)."""
+    """(components, force_zeros_for_empty_prompt) of the base model: the demo model, or what
+    models.load_components reads (SD v1.5 and SDXL folders and hub ids, single files)."""
     from .models import load_components
     from .single_file import check_model_flags
 
@@ -153,10 +127,9 @@ def load_base_components(args, lora: Path, source: str | None):
         return demo_components(lora), True
     config = TrainConfig(pretrained_model_name_or_path=source, revision=args.revision, variant=args.variant,
                          cache_dir=args.cache_dir, **model_settings(args, lora))
-    if is_sdxl_model(config):
-        return sdxl_components(config)
     check_model_flags(config)
-    return load_components(config), True
+    components = load_components(config)
+    return components, force_zeros_for_empty_prompt(config) if components.is_sdxl else True
 
 
 def load_pipeline_components(args, device):
