@@ -24,10 +24,14 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view (or in-place result) of an input allocates nothing: without this, every weight a
+        # step reads through a view (linear's weight.t()) counted as new bytes, weights made before too
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                if storage.data_ptr() and storage.data_ptr() not in self.live:
+                if storage.data_ptr() and storage.data_ptr() not in self.live and storage.data_ptr() not in inputs:
                     self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
                     self.current += storage.nbytes()
         if self.current > self.peak:  # only a new high needs the dead ones dropped first

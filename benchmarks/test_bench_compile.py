@@ -16,11 +16,7 @@ import time
 import pytest
 import torch
 from conftest import device_name, interleaved_medians, record, run_ours
-from test_bench_train_step import _setup, train_step
-
-from sat_train.capture import stock_processor
-from sat_train.config import GuideSettings
-from sat_train.guidance import Guide, SATGuide, make_saliency
+from test_bench_train_step import _setup
 
 
 def backends(device: torch.device) -> list[str]:
@@ -28,15 +24,13 @@ def backends(device: torch.device) -> list[str]:
 
 
 def fresh_step(device: torch.device, guide_name: str, compile_backend: str | None):
-    """One step of ``guide_name`` ("none" | "sac") on a fresh LoRA UNet, compiled in place with
-    ``compile_backend`` unless None."""
-    unet, s, alphas, attention = _setup.__wrapped__(device.type)
-    unet.set_attn_processor(stock_processor(attention))
-    guide = Guide() if guide_name == "none" else SATGuide(make_saliency(unet, guide_name), alphas,
-                                                          GuideSettings(ratio=0.01))
+    """One step of ``guide_name`` ("none" | "sac") on a fresh LoRA UNet (test_bench_train_step's),
+    compiled in place with ``compile_backend`` unless None."""
+    steps = _setup.__wrapped__(device.type)
+    step = steps.step(guide_name)  # processors and capture hooks first: the compiled graphs include them
     if compile_backend is not None:
-        unet.compile(backend=compile_backend)
-    return train_step(unet, s, guide, device)
+        steps.unet.compile(backend=compile_backend)
+    return step
 
 
 def first_call_seconds(fn, device: torch.device) -> float:

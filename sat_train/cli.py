@@ -26,7 +26,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 def build_parser(parser_class=_OneLineErrorParser) -> argparse.ArgumentParser:
     parser = parser_class(
         prog="sat-train",
-        description="LoRA fine-tuning of Stable Diffusion v1.5 with SAT (self-attention control) guidance. "
+        description="LoRA fine-tuning of Stable Diffusion v1.5 and SDXL with SAT (self-attention control) guidance. "
         "With no --pretrained_model_name_or_path and no data flags it trains a tiny embedded demo model "
         "offline on bundled photos.",
         argument_default=argparse.SUPPRESS,  # only flags the user gave reach the namespace

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 GUIDES = ("none", "sac", "cac")
@@ -24,6 +25,11 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "adafactor")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")  # --save_precision, kohya's names
+DEMO_MODELS = ("sd15", "sdxl")  # --demo_model: the embedded tiny SD v1.5 or SDXL (demo.py)
+# SAC's layer, SD v1.5's and SDXL's alike: the mid block's first self-attention. SDXL's mid block stacks ten
+# transformer blocks; the first one's attn1 reads the mid block's own features (after its first ResNet),
+# the input closest to SD v1.5's single mid-block attn1, where the paper captured the map.
+DEFAULT_SAC_LAYER = "mid_block.attentions[0].transformer_blocks[0].attn1"
 # diffusers' train_text_to_image_lora.py offers torchvision's InterpolationMode names, lowercased
 INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
 # kohya-ss/sd-scripts' --sample_sampler names (validation.SCHEDULER_CLASSES maps them to diffusers' schedulers)
@@ -74,9 +80,13 @@ class GuideSettings:
 class TrainConfig:
     # --- model
     pretrained_model_name_or_path: str | None = _opt(
-        None, "SD v1.5 folder, hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or single-file "
-        "checkpoint (a community .safetensors in the original LDM layout). Left out (with no data flags): the "
-        "embedded offline demo model.")
+        None, "SD v1.5 or SDXL folder or hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, "
+        "stabilityai/stable-diffusion-xl-base-1.0; SDXL is recognised by its folder), or an SD v1.5 single-file "
+        "checkpoint (a community .safetensors in the original LDM layout; single-file SDXL is refused: pass its "
+        "diffusers folder). Left out (with no data flags): the embedded offline demo model (--demo_model).")
+    demo_model: str = _opt(
+        "sd15", "The embedded demo's tiny model (no --pretrained_model_name_or_path and no data): SD v1.5- or "
+        "SDXL-shaped.", choices=DEMO_MODELS, aliases=("--demo",))
     revision: str | None = _opt(None, "Model revision on the hub.")
     variant: str | None = _opt(None, "Weight variant, e.g. fp16.")
     cache_dir: str | None = _opt(None, "Where downloaded models and datasets are cached.")
@@ -94,7 +104,8 @@ class TrainConfig:
         False, "Allow .ckpt/.pt/.pth checkpoints (pickles, which can run code when loaded); read with "
         "torch.load(weights_only=True) where possible.")
     vae: str | None = _opt(
-        None, "VAE to use instead of the base model's: a diffusers folder or a .safetensors file.",
+        None, "VAE to use instead of the base model's: a diffusers folder or a .safetensors file (SDXL under fp16: "
+        "an fp16-safe one such as madebyollin/sdxl-vae-fp16-fix; the stock SDXL VAE then encodes in float32).",
         aliases=("--pretrained_vae_model_name_or_path",))
     # --- data
     dataset_name: str | None = _opt(None, "Hugging Face dataset name or path (needs `pip install datasets`).")
@@ -200,6 +211,9 @@ class TrainConfig:
     cac_words: str = _opt(
         DEFAULT_CAC_WORDS, "--guide cac: comma-separated caption words whose cross-attention marks the region "
         "to blur; samples whose caption has none of them use the SAC mask.")
+    sac_layer: str = _opt(
+        DEFAULT_SAC_LAYER, "The self-attention layer whose attention mass SAC (and CAC's fallback) blurs by, as a "
+        "dotted path in the UNet (indices as [0] or .0).")
     guide_ratio: float = _opt(0.01, "r in pred + r * (pred - pred_deg); the paper used 0.01, 0.1, 1.", type=float)
     guide_threshold: float | str = _opt(
         1.0, "Mask tokens whose attention mass exceeds this (or \"mean\").", type=_threshold)
@@ -306,6 +320,7 @@ class TrainConfig:
                              "--dataset_name does not run (its images are decoded per sample); drop them, or "
                              "give the folder as --train_data_dir without --dataset_name")
         self._check_model_files()
+        self._check_demo_and_layer_flags()
         self._check_caption_flags()
         self._check_latent_cache_flags()
         self._check_lora_flags()
@@ -335,6 +350,16 @@ class TrainConfig:
         from .single_file import check_model_flags  # single-file checkpoints, --vae, --tokenizer_name
 
         check_model_flags(self)
+
+    def _check_demo_and_layer_flags(self) -> None:
+        if self.demo_model != "sd15" and not self.is_demo:
+            raise UsageError(f"--demo_model {self.demo_model} picks the embedded demo's model: drop it when you give "
+                             "--pretrained_model_name_or_path or data (an SDXL folder is recognised by itself)")
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.\w+|\[\d+\])*", self.sac_layer):
+            raise UsageError(f"--sac_layer {self.sac_layer!r} is not a dotted module path: give one like "
+                             f"{DEFAULT_SAC_LAYER}")
+        if self.sac_layer != DEFAULT_SAC_LAYER and self.guide == "none":
+            raise UsageError("--sac_layer picks the layer SAC captures: use it with --guide sac or cac")
 
     def _check_caption_flags(self) -> None:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):

@@ -59,14 +59,20 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None,
                  size: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.with_crop_box(image, generator, size)[0]
+
+    def with_crop_box(self, image: Image.Image, generator: torch.Generator | None = None,
+                      size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The transformed image and its crop box in the resized image (SDXL's crop conditioning)."""
         target = size or self.size
         image = to_rgb(image)  # grayscale, 16-bit, RGBA, CMYK, palette → 8-bit RGB
         image = image.resize(self.resized_size(image.size, target), self.resample)
-        image = image.crop(self.crop_box(image.size, generator, target))
+        box = self.crop_box(image.size, generator, target)
+        image = image.crop(box)
         if self.draws_flip(generator):
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return pixels.float().div(127.5).sub(1.0)
+        return pixels.float().div(127.5).sub(1.0), box
 
     def resized_size(self, size: tuple[int, int], target: tuple[int, int] | None = None) -> tuple[int, int]:
         """(W, H) of an image of ``size`` once resized to cover ``target`` (default: the resolution's
@@ -138,8 +144,9 @@ class CaptionedImages(Dataset):
     """
 
     def __init__(self, records: list[tuple[object, str | tuple[str, ...]]], transform: ImageTransform, tokenizer,
-                 describe, seed: int = 0, augment: CaptionAugment = CaptionAugment()):
+                 describe, seed: int = 0, augment: CaptionAugment = CaptionAugment(), tokenizer_2=None):
         self.records, self.transform, self.tokenizer, self.describe = records, transform, tokenizer, describe
+        self.tokenizer_2 = tokenizer_2  # SDXL's second tokenizer: items then carry input_ids_2 and sdxl.SIZE_KEYS
         self.seed, self.epoch, self.augment = seed, 0, augment
         self.cac_word_ids: list[tuple[int, ...]] | None = None  # set by build_dataset for --guide cac
         self.buckets: list[tuple[int, int]] | None = None  # each sample's (W, H) bucket; set for --enable_bucket
@@ -153,8 +160,11 @@ class CaptionedImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.image_item(index)
+        caption = self.caption(index)
         # the caption as the text encoder sees it; CAC's words are found in it below
-        item["input_ids"] = tokenize(self.tokenizer, [self.caption(index)])[0]
+        item["input_ids"] = tokenize(self.tokenizer, [caption])[0]
+        if self.tokenizer_2 is not None:
+            item["input_ids_2"] = tokenize(self.tokenizer_2, [caption])[0]
         if self.cac_word_ids is not None:  # --guide cac: where the chosen words sit in the caption
             item["cac_tokens"] = torch.tensor(
                 word_token_positions(self.tokenizer, item["input_ids"], self.cac_word_ids), dtype=torch.long)
@@ -165,17 +175,26 @@ class CaptionedImages(Dataset):
         VAE distribution of the flip this epoch draws}: the same flip draw as the uncached center crop."""
         generator = derived_generator(self.seed, self.epoch, index)
         if self.latent_cache is not None:
-            return {LATENT_PARAMS: self.latent_cache.params(index, flipped=self.transform.draws_flip(generator))}
-        return {"pixel_values": self.pixels(index, generator)}
+            item = {LATENT_PARAMS: self.latent_cache.params(index, flipped=self.transform.draws_flip(generator))}
+            return {**item, **self.latent_cache.size_conditioning(index)} if self.tokenizer_2 is not None else item
+        pixels, conditioning = self.transformed(index, generator)
+        return {"pixel_values": pixels, **(conditioning if self.tokenizer_2 is not None else {})}
 
     def pixels(self, index: int, generator: torch.Generator | None = None, transform=None) -> torch.Tensor:
         """Sample ``index``'s image through ``transform`` (default: the dataset's) at its target size,
         drawing from ``generator``."""
+        return self.transformed(index, generator, transform)[0]
+
+    def transformed(self, index: int, generator: torch.Generator | None = None, transform=None):
+        """(pixels, SDXL's size conditioning of them: sdxl.size_conditioning) of sample ``index``."""
+        from .sdxl import size_conditioning
+
         try:
-            return (transform or self.transform)(open_image(self.records[index][0]), generator,
-                                                 self.target_size(index))
+            image = open_image(self.records[index][0])
+            pixels, box = (transform or self.transform).with_crop_box(image, generator, self.target_size(index))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
+        return pixels, size_conditioning(image.size, box)
 
     def target_size(self, index: int) -> tuple[int, int]:
         """(W, H) of sample ``index`` as trained: its bucket with --enable_bucket, else --resolution's."""
@@ -315,7 +334,8 @@ def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool 
     return records, names
 
 
-def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0) -> CaptionedImages:
+def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0, tokenizer_2=None) -> CaptionedImages:
+    """The run's dataset; ``tokenizer_2`` (SDXL's second tokenizer) adds input_ids_2 and the size conditioning."""
     # a latent cache holds each image's center crop (see --random_crop)
     transform = ImageTransform(config.resolution_wh, config.center_crop or config.caches_latents, config.random_flip,
                                config.image_interpolation_mode)
@@ -323,9 +343,12 @@ def build_dataset(config: TrainConfig, records, names, tokenizer, seed: int = 0)
                              dropout_rate=config.caption_dropout_rate, tag_dropout_rate=config.caption_tag_dropout_rate)
     # names.__getitem__, not a lambda: spawn/forkserver data loader workers (the Linux default from
     # Python 3.14) receive the dataset by pickle
-    dataset = CaptionedImages(records, transform, tokenizer, describe=names.__getitem__, seed=seed, augment=augment)
+    dataset = CaptionedImages(records, transform, tokenizer, describe=names.__getitem__, seed=seed, augment=augment,
+                              tokenizer_2=tokenizer_2)
     if config.guide == "cac":
         dataset.cac_word_ids = word_token_ids(tokenizer, config.cac_word_list)
+        if tokenizer_2 is not None:
+            check_word_positions_agree(tokenizer, tokenizer_2, config.cac_word_list, records, names)
     if config.enable_bucket:
         dataset.buckets = assign_buckets(config, image_sizes(records, names.__getitem__))
     return dataset
@@ -357,7 +380,12 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         **({"cac_tokens": pad_token_positions([e["cac_tokens"] for e in examples])}
            if "cac_tokens" in examples[0] else {}),
+        **{key: torch.stack([e[key] for e in examples]) for key in SDXL_BATCH_KEYS if key in examples[0]},
     }
+
+
+# what an SDXL batch carries besides SD v1.5's (sdxl.py): the second tokenizer's ids, sdxl.SIZE_KEYS
+SDXL_BATCH_KEYS = ("input_ids_2", "original_size", "crop_top_left", "target_size")
 
 
 # ----------------------------------------------------------------------------- CAC token picks
@@ -393,6 +421,22 @@ def word_token_positions(tokenizer, input_ids, word_ids: list[tuple[int, ...]]) 
                 continue  # the match continues an earlier word
             positions.update(range(p, p + n))
     return sorted(positions)
+
+
+def check_word_positions_agree(tokenizer, tokenizer_2, words: list[str], records, names) -> None:
+    """SDXL's CAC reads positions from the first tokenizer's ids; the UNet's context at a position is
+    both encoders' states there, so the second tokenizer must put the chosen words at the same
+    positions (SDXL's two CLIP tokenizers share the vocabulary and differ only in padding). Checked
+    for every caption before training: a pair that disagrees would blur where other words attend."""
+    word_ids, word_ids_2 = word_token_ids(tokenizer, words), word_token_ids(tokenizer_2, words)
+    for index, (_, captions) in enumerate(records):
+        for caption in (captions,) if isinstance(captions, str) else captions:
+            first = word_token_positions(tokenizer, tokenize(tokenizer, [caption])[0], word_ids)
+            second = word_token_positions(tokenizer_2, tokenize(tokenizer_2, [caption])[0], word_ids_2)
+            if first != second:
+                raise UsageError(f"--guide cac: the caption of {names[index]} puts --cac_words at positions {first} "
+                                 f"for tokenizer/ but {second} for tokenizer_2/: SDXL's two tokenizers must split "
+                                 "captions alike; use the model's own tokenizers, or --guide sac")
 
 
 def pad_token_positions(rows: list[torch.Tensor]) -> torch.Tensor:

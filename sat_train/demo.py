@@ -32,6 +32,24 @@ To train Stable Diffusion v1.5 instead:
       --train_data_dir YOUR_IMAGES --resolution 512 --train_batch_size 4 --mixed_precision fp16
 (YOUR_IMAGES holds the images and a metadata.jsonl with lines {{"file_name": "a.jpg", "text": "a caption"}})"""
 
+SDXL_BANNER = """\
+=== sat_train DEMO: a tiny random SDXL-shaped model on {n} bundled photos (offline, CPU) ===
+It shows the SDXL training path (two text encoders, text_time conditioning) and the SAT guidance working;
+its images are noise. To train Stable Diffusion XL instead:
+  python -m sat_train --guide sac \\
+      --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+      --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \\
+      --train_data_dir YOUR_IMAGES --resolution 1024 --train_batch_size 1 --mixed_precision fp16
+(YOUR_IMAGES holds the images and a metadata.jsonl with lines {{"file_name": "a.jpg", "text": "a caption"}})"""
+
+def banner(demo_model: str, num_samples: int) -> str:
+    return (SDXL_BANNER if demo_model == "sdxl" else BANNER).format(n=num_samples)
+
+
+def build_demo_components(demo_model: str = "sd15") -> Components:
+    """The tiny model --demo_model names."""
+    return build_sdxl_components() if demo_model == "sdxl" else build_components()
+
 
 # The demo's mask pictures (output_dir/masks/): every 10 steps, so steps 10, 20 and 30 (the last) of its 30.
 MASK_PREVIEW_STEPS = 10
@@ -48,7 +66,7 @@ def mask_preview_steps(config) -> int | None:
 
 
 def demo_defaults() -> dict:
-    """Settings the demo uses for every flag the user did not give."""
+    """Settings the demo uses for every flag the user did not give (the same for both --demo_model)."""
     return {
         "resolution": 128,
         "train_batch_size": 2,

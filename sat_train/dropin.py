@@ -13,6 +13,12 @@ captured layers (SAC: mid-block self-attention mass; CAC: highest-resolution cro
 probabilities of chosen caption tokens, see ``caption_token_positions``); every attention layer
 keeps the implementation the trainer gave it. The second forward runs on the blurred, re-noised
 latents (``sat_kernels.degrade_latents``). Gradients flow through both, as in sat_train's own loop.
+
+SDXL (diffusers' train_text_to_image_lora_sdxl.py): pass the UNet's ``added_cond_kwargs``
+(``{"text_embeds": pooled, "time_ids": add_time_ids}``) to ``guided_prediction``; both forwards get
+them. The default layers suit SDXL as they are: SAC's is the mid block's first transformer block's
+attn1, CAC's the highest-resolution level that has cross-attention (SDXL's second); CAC's ``tokens``
+come from the first tokenizer (``caption_token_positions(tokenizer, ...)``).
 """
 
 from __future__ import annotations
@@ -91,8 +97,10 @@ def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, times
     ``alphas_cumprod`` and the prediction type (v-prediction outputs are turned into eps before
     re-noising). With ``handle.guide == "cac"``, ``tokens`` (B, S) long are the caption positions of
     the chosen words (-1 = padding; see ``caption_token_positions``); samples without any use the
-    SAC mask. ``added_cond_kwargs`` (SDXL: ``text_embeds``, ``time_ids``) go to every UNet forward. ``settings`` override fields of ``handle.settings`` for this call (``GuideSettings``:
-    ratio, threshold, kernel_size, sigma, capture, detach_degraded, recompute, kernel_backend); ``recompute`` needs
+    SAC mask. ``added_cond_kwargs`` (SDXL: ``text_embeds`` (B, 1280) pooled, ``time_ids`` (B, 6)) go to
+    every UNet forward (sat_train.sdxl builds them). ``settings`` override fields of ``handle.settings`` for this
+    call (``GuideSettings``: ratio, threshold, kernel_size, sigma, capture, detach_degraded, recompute,
+    kernel_backend); ``recompute`` needs
     one ``backward`` of a loss on the result, as usual.
     info: ``pred``, ``pred_degraded``, ``mask`` (B, H, W) bool at latent size, ``used_cac`` (B,) bool.
     """

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .capture import CrossAttentionCapture, MidBlockCapture, lora_disabled
+from .capture import CrossAttentionCapture, MidBlockCapture, lora_disabled, sac_layer
 from .config import GuideSettings
 
 
@@ -299,7 +299,8 @@ def build_guide(config, unet, noise_scheduler) -> Guide:
     if config.guide == "none":
         return Guide()
     settings = config.guide_settings
-    saliency = make_saliency(unet, config.guide, settings.kernel_backend, words=f"--cac_words ({config.cac_words})")
+    saliency = make_saliency(unet, config.guide, settings.kernel_backend, words=f"--cac_words ({config.cac_words})",
+                             self_attention=sac_layer(unet, config.sac_layer))
     return SATGuide(saliency, noise_scheduler.alphas_cumprod, settings, noise_scheduler.config.prediction_type)
 
 

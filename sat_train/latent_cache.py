@@ -97,6 +97,8 @@ class CacheEntry:
     key: str
     index: int
     target_size: tuple[int, int]
+    image_size: tuple[int, int]  # (W, H) of the image file
+    crop_box: tuple[int, int, int, int]  # the cached center crop's, in the resized image (SDXL's time ids)
 
 
 def run_fingerprint(vae, transform: ImageTransform, dtype: torch.dtype) -> dict:
@@ -110,19 +112,28 @@ def cache_entry(dataset: CaptionedImages, index: int, size: tuple[int, int], cen
     """Sample ``index``'s entry, its image ``size`` (W, H) giving the crop box."""
     source = dataset.records[index][0]
     target = tuple(dataset.target_size(index))
-    key = {**fingerprint, "image": image_identity(source), "target_size": list(target),
-           "crop_box": list(center.crop_box(center.resized_size(size, target), target=target))}
+    box = center.crop_box(center.resized_size(size, target), target=target)
+    key = {**fingerprint, "image": image_identity(source), "target_size": list(target), "crop_box": list(box)}
     name = hashlib.sha256(image_location(source).encode()).hexdigest()[:32] + ".safetensors"
-    return CacheEntry(name=name, key=json.dumps(key, sort_keys=True), index=index, target_size=target)
+    return CacheEntry(name=name, key=json.dumps(key, sort_keys=True), index=index, target_size=target,
+                      image_size=tuple(size), crop_box=box)
 
 
 class LatentCache:
     """What CaptionedImages reads: ``params(index, flipped)``, the (2C, h, w) latent distribution of
-    sample ``index``; from memory (``store``: name → flip → tensor) or from its file in ``folder``."""
+    sample ``index``; from memory (``store``: name → flip → tensor) or from its file in ``folder``;
+    ``size_conditioning(index)``: SDXL's sizes of that cached center crop (``entries``: one per sample)."""
 
-    def __init__(self, names: list[str], store: dict[str, dict[bool, torch.Tensor]] | None = None,
+    def __init__(self, entries: list[CacheEntry], store: dict[str, dict[bool, torch.Tensor]] | None = None,
                  folder: Path | None = None):
-        self.names, self.store, self.folder = names, store, folder
+        self.entries, self.store, self.folder = entries, store, folder
+        self.names = [e.name for e in entries]
+
+    def size_conditioning(self, index: int) -> dict[str, torch.Tensor]:
+        from .sdxl import size_conditioning
+
+        entry = self.entries[index]
+        return size_conditioning(entry.image_size, entry.crop_box)
 
     def params(self, index: int, flipped: bool = False) -> torch.Tensor:
         name = self.names[index]
@@ -225,15 +236,14 @@ def cache_latents(config, accelerator, vae, dataset: CaptionedImages, dtype: tor
         return encode_entries(todo, dataset, center, vae, dtype, fingerprint["flips"], config.train_batch_size,
                               show_progress=accelerator.is_main_process)
 
-    names = [e.name for e in per_sample]
     if config.cache_latents_to_disk:
         folder = Path(config.output_dir) / CACHE_FOLDER
         if accelerator.is_main_process:
             build_disk_cache(folder, entries, encode, fingerprint, say)
         accelerator.wait_for_everyone()  # the others read the files the main process wrote
-        cache = LatentCache(names, folder=folder)
+        cache = LatentCache(per_sample, folder=folder)
     else:
-        cache = LatentCache(names, store={entry.name: params for entry, params in encode(entries)})
+        cache = LatentCache(per_sample, store={entry.name: params for entry, params in encode(entries)})
         say(f"latent cache: {len(entries)} images encoded, in memory")
     dataset.latent_cache = cache
     if vae.device.type != "cpu":

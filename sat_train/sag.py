@@ -1,4 +1,4 @@
-"""Self-attention guidance (SAG, Hong et al. 2023) at inference, on sat_kernels.
+"""Self-attention guidance (SAG, Hong et al. 2023) at inference, on sat_kernels, for SD v1.5 and SDXL.
 
 The math is diffusers' StableDiffusionSAGPipeline (pipelines/deprecated/stable_diffusion_sag):
 per step, classifier-free guidance, then
@@ -10,9 +10,15 @@ per step, classifier-free guidance, then
 where m is the mid-block self-attention mass of the uncond half > 1. The mass comes from q and k
 (``MidBlockCapture``, a hook beside the memory-efficient attention: no N x N map) and ``x_deg`` is
 one ``sat_kernels.degrade_latents`` call, so inference keeps xformers/SDPA in every layer.
+
+SDXL (diffusers has no SAG pipeline for it) runs the same loop: its conditioning (``Conditioning``)
+adds ``added_cond_kwargs`` (pooled text embeddings, time ids) to every UNet call, the degraded
+forward's included, and comes from ``StableDiffusionXLPipeline.encode_prompt`` itself.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -37,15 +43,103 @@ def pred_x0_and_eps(scheduler, sample, model_output, t):
     raise ValueError(f"SAG supports epsilon and v_prediction models, not {kind!r}")
 
 
+# ----------------------------------------------------------------------------- conditioning
+
+
+def concat_kwargs(first: dict, second: dict) -> dict:
+    """Two halves' UNet keyword arguments as one batch (nested dicts such as added_cond_kwargs too)."""
+    return {name: concat_kwargs(value, second[name]) if isinstance(value, dict) else torch.cat([value, second[name]])
+            for name, value in first.items()}
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The UNet's keyword arguments for the prompt half (``cond``) and, under classifier-free guidance,
+    the negative half (``uncond``; None without CFG): ``encoder_hidden_states``, and for SDXL
+    ``added_cond_kwargs`` too."""
+
+    cond: dict
+    uncond: dict | None = None
+
+    def batch(self) -> dict:
+        """The guided forward's: [uncond, cond] as the latents are stacked (cond alone without CFG)."""
+        return self.cond if self.uncond is None else concat_kwargs(self.uncond, self.cond)
+
+    def reference(self) -> dict:
+        """SAG's degraded forward's: the half whose eps SAG degrades (the uncond one under CFG)."""
+        return self.cond if self.uncond is None else self.uncond
+
+
+def sd_conditioning(components, prompt: str, negative_prompt: str, num_images: int, cfg: bool, device, dtype,
+                    size: tuple[int, int], force_zeros_for_empty_prompt: bool) -> Conditioning:
+    """SD v1.5: the text encoder's last hidden states; the negative prompt ("" too) is encoded, as in
+    diffusers' SAG pipeline. ``size`` and ``force_zeros_for_empty_prompt`` are SDXL's only."""
+    def half(text: str) -> dict:
+        embeds = encode_prompts(components.tokenizer, components.text_encoder, [text] * num_images, device)
+        return {"encoder_hidden_states": embeds.to(dtype)}
+
+    return Conditioning(half(prompt), half(negative_prompt) if cfg else None)
+
+
+def sdxl_conditioning(components, prompt: str, negative_prompt: str, num_images: int, cfg: bool, device, dtype,
+                      size: tuple[int, int], force_zeros_for_empty_prompt: bool) -> Conditioning:
+    """SDXL, as ``StableDiffusionXLPipeline.__call__`` conditions its UNet: ``encode_prompt`` (both
+    encoders; an empty negative prompt gives zeros when ``force_zeros_for_empty_prompt``, the
+    pipeline's default), time ids for original = target = ``size`` (height, width), crop (0, 0),
+    the same for both halves."""
+    pipeline = diffusers_pipeline(components, components.noise_scheduler, force_zeros_for_empty_prompt)
+    embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
+        prompt, device=device, num_images_per_prompt=num_images, do_classifier_free_guidance=cfg,
+        negative_prompt=negative_prompt or None)
+    # the pipeline's own time-id builder (it also checks them against the UNet's add_embedding)
+    time_ids = pipeline._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=embeds.dtype,
+                                          text_encoder_projection_dim=components.text_encoder_2.config.projection_dim)
+    time_ids = time_ids.to(device, dtype).repeat(num_images, 1)
+
+    def half(hidden_states: torch.Tensor, text_embeds: torch.Tensor) -> dict:
+        return {"encoder_hidden_states": hidden_states.to(dtype),
+                "added_cond_kwargs": {"text_embeds": text_embeds.to(dtype), "time_ids": time_ids}}
+
+    return Conditioning(half(embeds, pooled), half(negative_embeds, negative_pooled) if cfg else None)
+
+
+def diffusers_pipeline(components, scheduler, force_zeros_for_empty_prompt: bool = True):
+    """diffusers' text-to-image pipeline of ``components`` (StableDiffusionXLPipeline for SDXL, without
+    the invisible watermark; StableDiffusionPipeline without the safety checker) with ``scheduler``."""
+    if components.is_sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipeline = StableDiffusionXLPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
+            scheduler=scheduler, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipeline = StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+            unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
 @torch.no_grad()
 def sag_sample(components, prompt: str, negative_prompt: str = "", num_images: int = 1, height: int | None = None,
                width: int | None = None, num_inference_steps: int = 30, guidance_scale: float = 7.5,
                sag_scale: float = 0.75, generator: torch.Generator | None = None, attention_backend: str = "auto",
-               kernel_backend: str = "auto", output_type: str = "pil"):
-    """Images (PIL) or final latents (``output_type="latent"``) for ``prompt`` with CFG + SAG.
+               kernel_backend: str = "auto", output_type: str = "pil",
+               self_attention: torch.nn.Module | str | None = None, force_zeros_for_empty_prompt: bool = True):
+    """Images (PIL) or final latents (``output_type="latent"``) for ``prompt`` with CFG + SAG, from SD v1.5
+    or SDXL ``components``.
 
     Uses a DDIM scheduler (eta 0) built from the model's scheduler config: deterministic given
-    ``generator``. ``sag_scale=0`` skips the mask capture and the extra forward.
+    ``generator``. ``sag_scale=0`` skips the mask capture and the extra forward. The mask is the mass of
+    ``self_attention`` (a module or path; default the first transformer block's attn1 of the mid block,
+    the layer training's SAC reads). ``force_zeros_for_empty_prompt``: SDXL's pipeline option.
     """
     from diffusers import DDIMScheduler
 
@@ -60,21 +154,21 @@ def sag_sample(components, prompt: str, negative_prompt: str = "", num_images: i
 
     backend = resolve_backend(attention_backend, device)
     unet.set_attn_processor(stock_processor(backend))
-    capture = MidBlockCapture(unet, kernel_backend) if sag_scale > 0 else None
     cfg = guidance_scale > 1.0
-    cond = encode_prompts(components.tokenizer, components.text_encoder, [prompt] * num_images, device).to(dtype)
-    uncond = encode_prompts(components.tokenizer, components.text_encoder, [negative_prompt] * num_images,
-                            device).to(dtype)
-    embeds = torch.cat([uncond, cond]) if cfg else cond
+    encode = sdxl_conditioning if components.is_sdxl else sd_conditioning
+    conditioning = encode(components, prompt, negative_prompt, num_images, cfg, device, dtype, (height, width),
+                          force_zeros_for_empty_prompt)
+    guided_kwargs = conditioning.batch()
     shape = (num_images, unet.config.in_channels, height // scale_factor, width // scale_factor)
     latents = torch.randn(shape, generator=generator, device=generator.device if generator else device,
                           dtype=torch.float32).to(device, dtype) * scheduler.init_noise_sigma
+    capture = MidBlockCapture(unet, kernel_backend, self_attention) if sag_scale > 0 else None
     try:
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
             if capture is not None:
                 capture.arm()
-            noise_pred = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            noise_pred = unet(model_in, t, **guided_kwargs, return_dict=False)[0]
             if cfg:
                 eps_uncond, eps_text = noise_pred.chunk(2)
                 noise_pred = eps_uncond + guidance_scale * (eps_text - eps_uncond)
@@ -82,12 +176,12 @@ def sag_sample(components, prompt: str, negative_prompt: str = "", num_images: i
                 from sat_kernels import degrade_latents
 
                 mass, map_size = capture.take()
-                ref, ref_emb = (eps_uncond, uncond) if cfg else (noise_pred, cond)
+                ref = eps_uncond if cfg else noise_pred
                 mass = mass[:num_images]  # the uncond half under CFG (eq. 25 of the SAG paper)
                 pred_x0, eps = pred_x0_and_eps(scheduler, latents, ref, t)
                 degraded = degrade_latents(pred_x0, eps, mass, map_size, scheduler.alphas_cumprod, t.long(),
                                            threshold=1.0, backend=kernel_backend).to(dtype)
-                degraded_pred = unet(degraded, t, encoder_hidden_states=ref_emb, return_dict=False)[0]
+                degraded_pred = unet(degraded, t, **conditioning.reference(), return_dict=False)[0]
                 noise_pred = noise_pred + sag_scale * (ref - degraded_pred)
             latents = scheduler.step(noise_pred, t, latents, eta=0.0, return_dict=False)[0]
     finally:

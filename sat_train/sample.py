@@ -1,9 +1,11 @@
 """Generate images with a trained LoRA: ``python -m sat_train.sample --lora OUTPUT_DIR --prompt "..."``.
 
-The base model is --pretrained_model_name_or_path, else the one recorded in OUTPUT_DIR's
-train_config.json, else (a demo run) the embedded demo model. ``--sag_scale > 0`` adds
-self-attention guidance (sat_train.sag: mask from q/k inside memory-efficient attention, fused
-degrade). Seeded and deterministic; writes PNGs to --output_dir (default OUTPUT_DIR/samples).
+The base model (SD v1.5 or SDXL) is --pretrained_model_name_or_path, else the one recorded in
+OUTPUT_DIR's train_config.json, else (a demo run) the embedded demo model (the tiny SDXL when the
+run recorded ``"demo_model": "sdxl"``). ``--sag_scale > 0`` adds self-attention guidance
+(sat_train.sag: mask from q/k inside memory-efficient attention, fused degrade). The size is
+--resolution (one int, or W,H as kohya's) or --width/--height, by default the model's (SDXL's
+1024 px). Seeded and deterministic; writes PNGs to --output_dir (default OUTPUT_DIR/samples).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UsageError
+from .config import TrainConfig, UsageError
 from .export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 
 
@@ -25,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="Base SD v1.5 model (default: the one the LoRA was trained on; the demo model for a demo run).")
+                   help="Base SD v1.5 or SDXL model (default: the one the LoRA was trained on; the demo model for "
+                   "a demo run).")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     p.add_argument("--cache_dir", default=None)
@@ -43,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_images", type=int, default=1)
     p.add_argument("--num_inference_steps", type=int, default=30)
-    p.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
+    p.add_argument("--resolution", default=None,
+                   help="Image size: one int (square) or W,H (e.g. 832,1216); default: the model's (SDXL: 1024).")
+    p.add_argument("--width", "--W", type=int, default=None, help="Image width (instead of --resolution).")
+    p.add_argument("--height", "--H", type=int, default=None, help="Image height (instead of --resolution).")
+    p.add_argument("--sag_layer", default=None,
+                   help="The self-attention layer whose mass makes SAG's mask (default: "
+                   "mid_block.attentions[0].transformer_blocks[0].attn1, the one SAC trains with).")
     p.add_argument("--attention_backend", default="auto", choices=("auto", "xformers", "sdpa", "eager"))
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available).")
     p.add_argument("--output_dir", default=None, help="Where PNGs go (default: LORA/samples).")
@@ -82,30 +91,57 @@ def model_settings(args, lora: Path) -> dict:
     return settings
 
 
-def load_pipeline_components(args, device):
-    """Base components with the LoRA loaded (diffusers' load_lora_weights: diffusers or kohya keys)."""
-    from diffusers import StableDiffusionPipeline
+SDXL_DEMO_MODEL = "sdxl"  # train_config.json's "demo_model" of a run on the tiny SDXL (demo.build_sdxl_components)
 
+
+def demo_components(lora: Path):
+    """The embedded demo model a LoRA without a recorded base was trained on: SD v1.5-shaped, or the tiny
+    SDXL when its run recorded ``"demo_model": "sdxl"``."""
     from . import demo
-    from .config import TrainConfig
+
+    if recorded_settings(lora).get("demo_model") == SDXL_DEMO_MODEL:
+        return demo.build_sdxl_components()
+    return demo.build_components()
+
+
+def force_zeros_for_empty_prompt(config) -> bool:
+    """An SDXL model's pipeline option (its model_index.json; StableDiffusionXLPipeline's default, True,
+    when the model has none or it cannot be read)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    try:
+        index = StableDiffusionXLPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision,
+                                                      cache_dir=config.cache_dir)
+    except (OSError, ValueError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True))
+
+
+def load_base_components(args, lora: Path, source: str | None):
+    """(components, force_zeros_for_empty_prompt) of the base model: the demo model, or what
+    models.load_components reads (SD v1.5 and SDXL folders and hub ids, single files)."""
     from .models import load_components
+    from .single_file import check_model_flags
+
+    if source is None:
+        return demo_components(lora), True
+    config = TrainConfig(pretrained_model_name_or_path=source, revision=args.revision, variant=args.variant,
+                         cache_dir=args.cache_dir, **model_settings(args, lora))
+    check_model_flags(config)
+    components = load_components(config)
+    return components, force_zeros_for_empty_prompt(config) if components.is_sdxl else True
+
+
+def load_pipeline_components(args, device):
+    """(components with the LoRA loaded, the base model's source, its force_zeros_for_empty_prompt):
+    diffusers' load_lora_weights (diffusers or kohya keys; StableDiffusionXLPipeline's for an SDXL base)."""
+    from .sag import diffusers_pipeline
 
     lora = Path(args.lora)
     lora_file = find_lora_file(lora)
     source = base_model(args, lora)
-    if source is None:
-        components = demo.build_components()
-    else:
-        from .single_file import check_model_flags
-
-        config = TrainConfig(pretrained_model_name_or_path=source, revision=args.revision, variant=args.variant,
-                             cache_dir=args.cache_dir, **model_settings(args, lora))
-        check_model_flags(config)
-        components = load_components(config)
-    pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
-                                   tokenizer=components.tokenizer, unet=components.unet,
-                                   scheduler=components.noise_scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    components, force_zeros = load_base_components(args, lora, source)
+    pipe = diffusers_pipeline(components, components.noise_scheduler, force_zeros)
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
@@ -115,9 +151,34 @@ def load_pipeline_components(args, device):
     finally:
         diffusers_logging.set_verbosity(verbosity)
     pipe.set_adapters(["sat"], adapter_weights=[args.lora_scale])
-    for model in (components.unet, components.vae, components.text_encoder):
-        model.to(device).eval()
-    return components, source
+    for model in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
+        if model is not None:
+            model.to(device).eval()
+    return components, source, force_zeros
+
+
+def image_size(args) -> tuple[int | None, int | None]:
+    """(width, height) from --resolution (an int, or W,H) or --width/--height; None: the model's default.
+    With SAG, a side below what its blur needs is refused here rather than by the kernel mid-sampling."""
+    from .sample_prompts import SAG_MIN_SIZE, read_size
+
+    if args.resolution is not None and (args.width is not None or args.height is not None):
+        raise UsageError(f"--resolution {args.resolution} and --width/--height both give the size; keep one "
+                         "(--resolution W,H or --width W --height H)")
+    if args.resolution is not None:
+        width, height = TrainConfig(resolution=args.resolution).resolution_wh
+        flags = ("--resolution", "--resolution")
+    else:
+        width, height = args.width, args.height
+        flags = ("--width", "--height")
+    size = tuple(None if side is None else read_size(str(side), flag)
+                 for side, flag in zip((width, height), flags, strict=True))
+    given = [side for side in size if side is not None]
+    if args.sag_scale > 0 and given and min(given) < SAG_MIN_SIZE:
+        raise UsageError(f"--sag_scale needs images of at least {SAG_MIN_SIZE} px a side (its blur is 9 latents "
+                         f"wide), got {' x '.join(map(str, given))} from {flags[0]}; give a larger size or "
+                         "--sag_scale 0")
+    return size
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -128,12 +189,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
     try:
         if args.num_images < 1 or args.num_inference_steps < 1:
             raise UsageError("--num_images and --num_inference_steps must be >= 1")
+        width, height = image_size(args)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        components, source = load_pipeline_components(args, device)
+        components, source, force_zeros = load_pipeline_components(args, device)
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        images = sag_sample(components, args.prompt, args.negative_prompt, args.num_images, args.resolution,
-                            args.resolution, args.num_inference_steps, args.guidance_scale, args.sag_scale,
-                            generator, args.attention_backend)
+        images = sag_sample(components, args.prompt, args.negative_prompt, args.num_images, height, width,
+                            args.num_inference_steps, args.guidance_scale, args.sag_scale, generator,
+                            args.attention_backend, self_attention=args.sag_layer,
+                            force_zeros_for_empty_prompt=force_zeros)
     except UsageError as err:
         print(f"sat_train.sample: error: {err}", file=sys.stderr)
         sys.exit(2)

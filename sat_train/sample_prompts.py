@@ -35,6 +35,7 @@ DEFAULT_STEPS = 30  # kohya's defaults for a line without --s / --l
 DEFAULT_CFG_SCALE = 7.5
 MAX_STEPS = 1000  # kohya clamps --s to 1..1000
 SAG_BLUR_RADIUS = 4  # SAG blurs with a 9-wide kernel, reflect-padded by 4: latents must be wider than that
+SAG_MIN_SIZE = (SAG_BLUR_RADIUS + 1) * VAE_SCALE_FACTOR  # the smallest image side SAG can sample, in pixels
 PNDM_MIN_STEPS = 4  # diffusers' PNDMScheduler takes its 4 Runge-Kutta warm-up timesteps from the schedule
 COMMENT = "#"
 # kohya options for other model families (flux, sd3, controlnet): named in the error rather than "unknown"
@@ -126,7 +127,8 @@ def _integer(value: str, where: str, low: int = 0, high: int | None = None) -> i
     return number
 
 
-def _size(value: str, where: str) -> int:
+def read_size(value: str, where: str) -> int:
+    """A --w/--h (or any pixel size) value: an int >= 8, a multiple of the VAE's downscale."""
     size = _integer(value, where, low=VAE_SCALE_FACTOR)
     if size % VAE_SCALE_FACTOR:
         raise UsageError(f"{where} must be a multiple of {VAE_SCALE_FACTOR} (the VAE's downscale), got {size}; "
@@ -152,8 +154,8 @@ def _sampler(value: str, where: str) -> str:
 
 OPTION_READERS = {
     "n": lambda value, where: value,
-    "w": _size,
-    "h": _size,
+    "w": read_size,
+    "h": read_size,
     "s": lambda value, where: _integer(value, where, low=1, high=MAX_STEPS),
     "d": _integer,
     "l": _scale,
@@ -176,7 +178,6 @@ def check_sample_prompt(prompt: SamplePrompt) -> None:
     if prompt.sampler != SAG_SAMPLER:
         raise UsageError(f"{prompt.source}: --sag samples with its own DDIM sampler, not {prompt.sampler} "
                          f"(--ss or --sample_sampler); use --ss {SAG_SAMPLER} on that line, or drop --sag")
-    smallest = (SAG_BLUR_RADIUS + 1) * VAE_SCALE_FACTOR
-    if min(prompt.width, prompt.height) < smallest:
-        raise UsageError(f"{prompt.source}: --sag needs images of at least {smallest} px a side (its blur is 9 "
-                         f"latents wide), got {prompt.width}x{prompt.height}; set --w/--h >= {smallest}")
+    if min(prompt.width, prompt.height) < SAG_MIN_SIZE:
+        raise UsageError(f"{prompt.source}: --sag needs images of at least {SAG_MIN_SIZE} px a side (its blur is 9 "
+                         f"latents wide), got {prompt.width}x{prompt.height}; set --w/--h >= {SAG_MIN_SIZE}")

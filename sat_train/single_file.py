@@ -72,7 +72,8 @@ def check_model_flags(config) -> None:
     if config.single_file_config is not None:
         check_config_folder(Path(config.single_file_config).expanduser())
     if config.vae is not None:
-        check_vae_source(Path(config.vae).expanduser(), config.allow_pickle_checkpoint)
+        if not is_vae_hub_id(config.vae):
+            check_vae_source(Path(config.vae).expanduser(), config.allow_pickle_checkpoint)
     if config.tokenizer_name is not None:
         tokenizer_folder(Path(config.tokenizer_name).expanduser())
 
@@ -169,6 +170,13 @@ def check_config_folder(path: Path) -> None:
     if missing:
         raise UsageError(f"--single_file_config {path} is not a diffusers SD v1.5 config folder: missing "
                          f"{', '.join(missing)}")
+
+
+def is_vae_hub_id(source: str) -> bool:
+    """--vae given as a hub id (``owner/name``, e.g. madebyollin/sdxl-vae-fp16-fix, as diffusers' SDXL
+    example takes it): nothing local by that name, no checkpoint suffix."""
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None and not Path(source).expanduser().exists()
+            and Path(source).suffix.lower() not in CHECKPOINT_SUFFIXES)
 
 
 def check_vae_source(path: Path, allow_pickle: bool) -> None:
@@ -394,6 +402,12 @@ def load_vae(config):
     from diffusers import AutoencoderKL
 
     path = Path(config.vae).expanduser()
+    if is_vae_hub_id(config.vae):
+        try:
+            return AutoencoderKL.from_pretrained(config.vae, cache_dir=config.cache_dir)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--vae {config.vae}: cannot load it from the hub: {first_line(err)} (give a hub id of "
+                             "a diffusers VAE, a folder or a .safetensors file)") from err
     if path.is_dir():
         return AutoencoderKL.from_pretrained(str(vae_folder(path)))
     state = read_checkpoint(path, "--vae", config.allow_pickle_checkpoint)

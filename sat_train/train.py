@@ -40,12 +40,14 @@ from .faults import crash_hook, fsync_dir
 from .guidance import StepInputs, build_guide
 from .latent_cache import cache_latents, sample_latents
 from .lora_files import kohya_file_metadata
-from .models import Components, add_lora, load_components, lora_parameters
+from .models import Components, add_lora, fp16_vae_warning, load_components, lora_parameters, vae_dtype
+from .sdxl import added_cond_kwargs, encode_sdxl_prompt
 from .optimizers import build_optimizer
 from .pictures import RunPictures
 from .seeding import derived_generator, seeded_global_rng
-from .text_encoder import (add_text_encoder_lora, check_checkpoint_text_encoder, enable_text_encoder_checkpointing,
-                           encode_captions, load_text_encoder_lora, optimizer_param_groups, split_hook_models)
+from .text_encoder import (FILE_PREFIX_2, add_text_encoder_loras, check_checkpoint_text_encoder,
+                           enable_text_encoder_checkpointing, encode_captions, load_text_encoder_lora,
+                           optimizer_param_groups, split_hook_models)
 from .validation import TrainingSamples
 
 CONFIG_NAME = "train_config.json"
@@ -183,20 +185,30 @@ def make_optimizer(config: TrainConfig, params):
 
 
 def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, generator=None,
-                     text_encoder=None) -> StepInputs:
+                     text_encoder=None, text_encoder_2=None) -> StepInputs:
     """Encode images and captions, draw noise and timesteps, noise the latents, pick the target.
-    ``text_encoder``: the (prepared) text encoder whose LoRA trains; captions then encode with gradients."""
+    ``text_encoder``: the (prepared) text encoder whose LoRA trains; captions then encode with gradients.
+    SDXL: both text encoders (``text_encoder_2``: the prepared second, when they train), and the pooled
+    embeddings and time ids as ``added_cond_kwargs`` (sdxl.py)."""
     from diffusers.training_utils import compute_snr
 
     scheduler = components.noise_scheduler
     with torch.no_grad():
         if LATENT_PARAMS in batch:  # --cache_latents: the VAE encoded the images before training
             latents = sample_latents(batch[LATENT_PARAMS].to(weight_dtype), generator)
-        else:
-            latents = components.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
+        else:  # in the VAE's dtype: float32 for a force_upcast SDXL VAE under fp16 (models.vae_dtype)
+            vae = components.vae
+            latents = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.sample(generator).to(weight_dtype)
         latents = latents * components.vae.config.scaling_factor
-    cond = encode_captions(components.text_encoder if text_encoder is None else text_encoder, batch["input_ids"],
-                           trainable=text_encoder is not None)
+    trained_encoder = components.text_encoder if text_encoder is None else text_encoder
+    added = None
+    if components.is_sdxl:
+        second = components.text_encoder_2 if text_encoder_2 is None else text_encoder_2
+        cond, pooled = encode_sdxl_prompt(trained_encoder, second, batch["input_ids"],
+                                          batch["input_ids_2"], trainable=text_encoder is not None)
+        added = added_cond_kwargs(batch, pooled, weight_dtype)
+    else:
+        cond = encode_captions(trained_encoder, batch["input_ids"], trainable=text_encoder is not None)
     batch_size, channels, device = latents.shape[0], latents.shape[1], latents.device
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     if config.noise_offset:
@@ -217,7 +229,7 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
         weights = torch.clamp(snr, max=config.snr_gamma)
         weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
     return StepInputs(x0=latents, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=target,
-                      loss_weights=weights, tokens=batch.get("cac_tokens"))
+                      loss_weights=weights, tokens=batch.get("cac_tokens"), added_cond_kwargs=added)
 
 
 @dataclass
@@ -242,6 +254,7 @@ class Run:
     num_epochs: int
     checkpoint_tag: int  # the main process's pid: every process saves into the same temporary folder
     text_encoder: torch.nn.Module | None = None  # --train_text_encoder: accelerate's wrapper of it, else None
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second, likewise
     pictures: RunPictures | None = None
     global_step: int = 0
     first_epoch: int = 0
@@ -289,23 +302,30 @@ def prepare_run(config: TrainConfig) -> Run:
                               "(benchmarks/RESULTS.md); --dynamo_backend aot_eager matches eager")
         components.unet.compile(backend=config.dynamo_backend)
     trained_text_encoder = components.text_encoder if config.train_text_encoder else None
-    register_lora_checkpoint_hooks(accelerator, components.unet, weight_dtype, trained_text_encoder)
+    trained_text_encoder_2 = components.text_encoder_2 if config.train_text_encoder else None  # None but for SDXL
+    register_lora_checkpoint_hooks(accelerator, components.unet, weight_dtype, trained_text_encoder,
+                                   trained_text_encoder_2, sdxl=components.is_sdxl)
     params = lora_parameters(components.unet)
-    text_encoder_params = lora_parameters(trained_text_encoder) if trained_text_encoder is not None else []
-    optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes, text_encoder_params)
+    text_encoder_params, text_encoder_2_params = (lora_parameters(m) if m is not None else []
+                                                  for m in (trained_text_encoder, trained_text_encoder_2))
+    optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes, text_encoder_params,
+                                                     text_encoder_2_params)
     seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
-    dataset = build_dataset(config, records, names, components.tokenizer, seed=seed)
-    cache_latents(config, accelerator, components.vae, dataset, weight_dtype)  # no-op without --cache_latents*
+    dataset = build_dataset(config, records, names, components.tokenizer, seed=seed, tokenizer_2=components.tokenizer_2)
+    # no-op without --cache_latents*; encodes in the VAE's dtype (models.vae_dtype)
+    cache_latents(config, accelerator, components.vae, dataset, components.vae.dtype)
     dataloader = make_dataloader(config, dataset, seed)
     if dataset.buckets is not None:
         accelerator.print(bucket_table_text(dataset.buckets))
     lr_scheduler, max_train_steps = make_lr_scheduler(config, optimizer, len(dataloader), accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
                                                                     lr_scheduler)
-    text_encoder = None if trained_text_encoder is None else accelerator.prepare(trained_text_encoder)
+    text_encoder, text_encoder_2 = (None if m is None else accelerator.prepare(m)
+                                    for m in (trained_text_encoder, trained_text_encoder_2))
     steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)  # per process, prepared
     run = Run(config=config, accelerator=accelerator, components=components, unet=unet,
-              params=params + text_encoder_params, text_encoder=text_encoder,
+              params=params + text_encoder_params + text_encoder_2_params, text_encoder=text_encoder,
+              text_encoder_2=text_encoder_2,
               optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, guide=guide,
               weight_dtype=weight_dtype, seed=seed, output_dir=Path(config.output_dir),
               max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch,
@@ -350,66 +370,81 @@ def prepare_models(config: TrainConfig, accelerator, weight_dtype):
     on the UNet, on the device; returns them and the attention backend their processors use."""
     from diffusers.training_utils import cast_training_params
 
-    components = demo.build_components() if config.is_demo else load_components(config)
-    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
-    for model in (unet, vae, text_encoder):
+    components = demo.build_demo_components(config.demo_model) if config.is_demo else load_components(config)
+    unet, vae = components.unet, components.vae
+    text_encoders = [m for m in (components.text_encoder, components.text_encoder_2) if m is not None]
+    for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     if config.prediction_type is not None:
         components.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
     add_lora(unet, config.rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
     if config.train_text_encoder:  # after the UNet's: its A matrices are the next draws of the seeded generator
-        add_text_encoder_lora(text_encoder, config.rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
-    for model in (unet, vae, text_encoder):
+        add_text_encoder_loras(components, config.rank, alpha=config.resolved_lora_alpha, dropout=config.lora_dropout)
+    warning = fp16_vae_warning(components, weight_dtype)
+    if warning:
+        accelerator.print(warning)
+    for model in (unet, vae, *text_encoders):
         model.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            model.to(dtype=weight_dtype)
+        dtype = vae_dtype(components, weight_dtype) if model is vae else weight_dtype
+        if dtype != torch.float32:
+            model.to(dtype=dtype)
     if weight_dtype != torch.float32:
         # frozen weights in half precision, LoRA in fp32 (a frozen text encoder has no trainable params)
-        cast_training_params([unet, text_encoder], dtype=torch.float32)
+        cast_training_params([unet, *text_encoders], dtype=torch.float32)
     backend = resolve_backend(config.attention, accelerator.device)
     unet.set_attn_processor(stock_processor(backend))
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            enable_text_encoder_checkpointing(text_encoder)
+            for text_encoder in text_encoders:
+                enable_text_encoder_checkpointing(text_encoder)
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     return components, backend
 
 
-def register_lora_checkpoint_hooks(accelerator, unet, weight_dtype, text_encoder=None) -> None:
-    """Checkpoints hold the LoRA (safetensors), not the whole UNet (nor the whole text encoder, whose
-    LoRA goes into the same file when it trains); loading puts it back in fp32."""
+def register_lora_checkpoint_hooks(accelerator, unet, weight_dtype, text_encoder=None, text_encoder_2=None,
+                                   sdxl: bool = False) -> None:
+    """Checkpoints hold the LoRA (safetensors), not the whole UNet (nor the whole text encoders, whose
+    LoRA goes into the same file when they train); loading puts it back in fp32. ``sdxl``: the file
+    is SDXL's pipeline's."""
     from diffusers.training_utils import cast_training_params
 
-    text_encoder_class = None if text_encoder is None else type(text_encoder)
+    classes = [type(unet)] + [None if m is None else type(m) for m in (text_encoder, text_encoder_2)]
 
     def save_model_hook(models, weights, checkpoint_dir):
-        unet_model, text_encoder_model = split_hook_models(accelerator, models, type(unet), text_encoder_class)
+        unet_model, text_encoder_model, text_encoder_2_model = split_hook_models(accelerator, models, *classes)
         if accelerator.is_main_process:
-            save_lora(unet_model, checkpoint_dir, text_encoder=text_encoder_model)
+            save_lora(unet_model, checkpoint_dir, text_encoder=text_encoder_model,
+                      text_encoder_2=text_encoder_2_model, sdxl=sdxl)
         for _ in models:
             weights.pop()  # only the LoRA is saved, not the whole models
 
     def load_model_hook(models, checkpoint_dir):
-        unet_model, text_encoder_model = split_hook_models(accelerator, models, type(unet), text_encoder_class)
+        unet_model, text_encoder_model, text_encoder_2_model = split_hook_models(accelerator, models, *classes)
         models.clear()  # accelerate loads nothing more: the LoRA is all a checkpoint holds
-        check_checkpoint_text_encoder(checkpoint_dir, text_encoder_model is not None)
-        load_lora(unet_model, checkpoint_dir)
+        check_checkpoint_text_encoder(checkpoint_dir, text_encoder_model is not None, sdxl=sdxl)
+        load_lora(unet_model, checkpoint_dir, sdxl=sdxl)
         if text_encoder_model is not None:
             load_text_encoder_lora(text_encoder_model, checkpoint_dir)
+        if text_encoder_2_model is not None:
+            load_text_encoder_lora(text_encoder_2_model, checkpoint_dir, FILE_PREFIX_2)
         if weight_dtype != torch.float32:
-            cast_training_params([m for m in (unet_model, text_encoder_model) if m is not None], dtype=torch.float32)
+            trained = [m for m in (unet_model, text_encoder_model, text_encoder_2_model) if m is not None]
+            cast_training_params(trained, dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
-def make_scaled_optimizer(config: TrainConfig, params, num_processes: int, text_encoder_params=()):
+def make_scaled_optimizer(config: TrainConfig, params, num_processes: int, text_encoder_params=(),
+                          text_encoder_2_params=()):
     """The optimizer and the UNet's learning rate (--scale_lr: times accumulation x batch x processes);
-    with ``text_encoder_params``, a second param group at --text_encoder_lr, scaled alike."""
+    with ``text_encoder_params`` (and SDXL's ``text_encoder_2_params``), a param group each at
+    --text_encoder_lr, scaled alike."""
     scale = config.gradient_accumulation_steps * config.train_batch_size * num_processes if config.scale_lr else 1
-    optimizer = make_optimizer(config, optimizer_param_groups(config, params, text_encoder_params, lr_scale=scale))
+    optimizer = make_optimizer(config, optimizer_param_groups(config, params, text_encoder_params, lr_scale=scale,
+                                                              text_encoder_2_params=text_encoder_2_params))
     return optimizer, optimizer.param_groups[0]["lr"]
 
 
@@ -451,7 +486,7 @@ def announce_run(run: Run, backend: str, learning_rate: float, num_samples: int)
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
         accelerator.init_trackers("sat_train", config=tracker_config)
     if config.is_demo:
-        accelerator.print(demo.BANNER.format(n=num_samples))
+        accelerator.print(demo.banner(config.demo_model, num_samples))
     accelerator.print(f"sat_train: guide={config.guide} ({run.guide.forwards_per_step} UNet forwards/step), "
                       f"attention={backend}, {num_samples} samples, {run.max_train_steps} steps, "
                       f"batch {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation "
@@ -503,8 +538,8 @@ def check_same_optimizer(run: Run, checkpoint: Path) -> None:
 def train_epoch(run: Run, epoch: int) -> None:
     """Every micro-batch of ``epoch`` (after those a resume skips), until the run's last step."""
     run.unet.train()
-    if run.text_encoder is not None:
-        run.text_encoder.train()
+    for text_encoder in trained_text_encoders(run):
+        text_encoder.train()
     run.dataloader.set_epoch(epoch)
     batches = run.dataloader
     if epoch == run.first_epoch and run.skip_batches:
@@ -524,8 +559,7 @@ def train_micro_batch(run: Run, batch):
     """Noise, the guide's loss, backward; the optimizer steps when accelerate says the accumulation
     is complete (inside accumulate, optimizer.step() is a no-op until then)."""
     accelerator = run.accelerator
-    trained = [run.unet] if run.text_encoder is None else [run.unet, run.text_encoder]
-    with accelerator.accumulate(*trained):
+    with accelerator.accumulate(run.unet, *trained_text_encoders(run)):
         # the noise of a micro-batch is a function of where it is in the run (see seeding.py)
         generator = derived_generator(run.seed, accelerator.process_index, run.global_step, run.micro_batch,
                                       device=accelerator.device)
@@ -536,7 +570,7 @@ def train_micro_batch(run: Run, batch):
                        if run.config.lora_dropout > 0 else contextlib.nullcontext())
         with dropout_rng:
             inputs = make_step_inputs(batch, run.components, run.config, run.weight_dtype, generator,
-                                      run.text_encoder)
+                                      run.text_encoder, run.text_encoder_2)
             result = run.guide(run.unet, inputs)
         accelerator.backward(result.loss)
         if accelerator.sync_gradients and run.config.max_grad_norm > 0:
@@ -620,13 +654,13 @@ def save_run_checkpoint(run: Run) -> Path:
     out: the checkpoint (float) is saved, then the run stops with the error (on every process)."""
     kohya = run.config.export_format in ("kohya", "both")
     problem = (export_precision_problem(run.accelerator.unwrap_model(run.unet), "kohya", run.config.save_precision,
-                                        bare_text_encoder(run)) if kohya else None)
+                                        **exported_models(run)) if kohya else None)
 
     def write_extra(folder: Path) -> None:
         run.pictures.save_history(folder)
         if kohya and not problem:
             save_lora_kohya(run.accelerator.unwrap_model(run.unet), folder, run.config.save_precision,
-                            describe=kohya_describer(run), text_encoder=bare_text_encoder(run))
+                            describe=kohya_describer(run), **exported_models(run))
 
     checkpoint = save_checkpoint(run.accelerator, run.output_dir, run.global_step, run.checkpoint_tag,
                                  write_extra=write_extra)
@@ -637,9 +671,19 @@ def save_run_checkpoint(run: Run) -> Path:
     return checkpoint
 
 
-def bare_text_encoder(run: Run):
-    """The text encoder whose LoRA trains (--train_text_encoder), unwrapped; None when it does not."""
-    return None if run.text_encoder is None else run.accelerator.unwrap_model(run.text_encoder)
+def trained_text_encoders(run: Run) -> list:
+    """The (prepared) text encoders whose LoRA trains: none, SD v1.5's one, or SDXL's two."""
+    return [m for m in (run.text_encoder, run.text_encoder_2) if m is not None]
+
+
+def exported_models(run: Run) -> dict:
+    """The export functions' text-encoder and family arguments: the trained text encoders, unwrapped
+    (None where one does not train), and whether the files are SDXL's."""
+    def bare(model):
+        return None if model is None else run.accelerator.unwrap_model(model)
+
+    return {"text_encoder": bare(run.text_encoder), "text_encoder_2": bare(run.text_encoder_2),
+            "sdxl": run.components.is_sdxl}
 
 
 def kohya_describer(run: Run):
@@ -647,7 +691,8 @@ def kohya_describer(run: Run):
     return functools.partial(kohya_file_metadata, config=run.config, steps=run.global_step,
                              epoch=math.ceil(run.global_step / run.steps_per_epoch),
                              max_train_steps=run.max_train_steps,
-                             prediction_type=run.components.noise_scheduler.config.prediction_type)
+                             prediction_type=run.components.noise_scheduler.config.prediction_type,
+                             sdxl=run.components.is_sdxl)
 
 
 def stop_on_save_precision(run: Run, problem: str, checkpoint: Path) -> None:
@@ -693,7 +738,7 @@ def finish_run(run: Run) -> Path:
     if accelerator.is_main_process:
         lora_path = export_lora(accelerator.unwrap_model(run.unet), run.output_dir, run.config.export_format,
                                 run.config.save_precision, describe_kohya=kohya_describer(run),
-                                text_encoder=bare_text_encoder(run))
+                                **exported_models(run))
         if run.pictures.last_written is not None:
             accelerator.print(f"mask pictures: {run.pictures.masks_folder}")
         accelerator.print(f"LoRA weights: {lora_path}")
@@ -705,7 +750,7 @@ def check_final_export_fits(run: Run) -> None:
     """Before any final file is written (every process): LoRA values beyond --save_precision's range
     stop the run with the error, after a float checkpoint of the last step is saved (unless it was)."""
     problem = export_precision_problem(run.accelerator.unwrap_model(run.unet), run.config.export_format,
-                                       run.config.save_precision, bare_text_encoder(run))
+                                       run.config.save_precision, **exported_models(run))
     if problem is None:
         return
     checkpoint = run.output_dir / f"checkpoint-{run.global_step}"

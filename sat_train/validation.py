@@ -64,13 +64,14 @@ def validation_prompt(config) -> SamplePrompt:
 def generate_images(components, unet, prompt: SamplePrompt, generator: torch.Generator, weight_dtype,
                     attention_backend: str = "auto") -> list:
     """``prompt.num_images`` PIL images, drawn one after another from ``generator``, with ``unet`` (the
-    bare model, LoRA active) and the text encoder (its LoRA too, with --train_text_encoder) in eval mode
-    (no LoRA dropout); their training modes and the UNet's attention processors (which SAG's sampler
-    replaces while it runs) are restored afterwards. Under mixed precision
+    bare model, LoRA active) and the text encoders (SDXL's two; their LoRA too, with --train_text_encoder)
+    in eval mode (no LoRA dropout); their training modes and the UNet's attention processors (which
+    SAG's sampler replaces while it runs) are restored afterwards. SD v1.5 or SDXL ``components``: diffusers'
+    pipeline of the family, or sag.sag_sample for a --sag line. Under mixed precision
     (``weight_dtype`` not float32) the UNet runs under autocast, as in training."""
     device = next(unet.parameters()).device
     components = dataclasses.replace(components, unet=unet)
-    models = (unet, components.text_encoder)
+    models = [model for model in (unet, components.text_encoder, components.text_encoder_2) if model is not None]
     was_training, processors = [model.training for model in models], unet.attn_processors
     for model in models:
         model.eval()
@@ -92,14 +93,11 @@ def generate_images(components, unet, prompt: SamplePrompt, generator: torch.Gen
 
 
 def make_pipeline(components, sampler: str):
-    from diffusers import StableDiffusionPipeline
+    """diffusers' pipeline of ``components`` (StableDiffusionPipeline, or StableDiffusionXLPipeline for
+    SDXL) sampling with ``sampler``."""
+    from .sag import diffusers_pipeline
 
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=make_scheduler(sampler, components.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return diffusers_pipeline(components, make_scheduler(sampler, components.noise_scheduler.config))
 
 
 def sag_image(components, prompt: SamplePrompt, generator: torch.Generator, attention_backend: str):

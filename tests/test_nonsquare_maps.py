@@ -19,7 +19,7 @@ from sat_train.capture import MidBlockCapture, mid_block_self_attention, stock_p
 from sat_train.guidance import StepInputs
 from sat_train.pictures import MASK_COLOR, mask_preview
 from test_degrade import latents, sag_self, saliency
-from test_train_cac import TOKENS, cac_guide, materialized_cac_map
+from test_train_cac import TOKENS, cac_guide, written_out_cac_step
 from test_train_guidance import sac_guide
 from train_helpers import ProbsStoringProcessor, lora_grads, lora_unet
 
@@ -151,16 +151,8 @@ def test_cac_step_on_nonsquare_latents_matches_the_written_out_step():
     s = nonsquare_inputs(components)
     s.tokens = TOKENS  # sample 1 has no chosen word: it falls back to the SAC map
     unet, ratio = components.unet, 0.5
-    ac = components.noise_scheduler.alphas_cumprod
-    pred, cac, mass, _ = materialized_cac_map(components, s, TOKENS)
-    assert cac.shape == (2, LATENTS_HW[0] * LATENTS_HW[1])  # the highest-res layers: one value per latent
-    x_cac = reference.degrade_latents(s.x0, pred, cac, LATENTS_HW, ac, s.timesteps, "mean", 9, 1.0)
-    x_sac = reference.degrade_latents(s.x0, pred, mass, MID_MAP_HW, ac, s.timesteps, 1.0, 9, 1.0)
-    pred_deg = unet(torch.cat([x_cac[:1], x_sac[1:]]), s.timesteps, s.cond).sample
-    ref_loss = F.mse_loss(pred + ratio * (pred - pred_deg), s.target)
-    ref_loss.backward()
-    ref_grads = lora_grads(unet)
-    unet.zero_grad(set_to_none=True)
+    # the highest-res layers: one value per latent
+    ref_loss, cac, ref_grads = written_out_cac_step(components, s, ratio, LATENTS_HW, MID_MAP_HW)
 
     result = cac_guide(components, ratio=ratio)(unet, s)
     result.loss.backward()

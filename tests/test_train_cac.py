@@ -85,18 +85,19 @@ def test_dataset_and_collate_give_padded_positions(tmp_path):
 TOKENS = torch.tensor([[3, 5, 9], [-1, -1, -1]])  # sample 1 has none of the words: SAC fallback
 
 
-def materialized_cac_map(components, s, tokens):
-    """Eager attention everywhere; the highest-res attn2 layers keep their softmax probabilities."""
+def materialized_cac_map(components, s, tokens, layers=demo_highres_attn2):
+    """Eager attention everywhere; the highest-res attn2 layers (``layers(unet)``, written out per model)
+    keep their softmax probabilities."""
     unet = components.unet
     unet.set_attn_processor(AttnProcessor())
     stores = []
-    for attn2 in demo_highres_attn2(unet):
+    for attn2 in layers(unet):
         stores.append(ProbsStoringProcessor())
         attn2.set_processor(stores[-1])
     mid = ProbsStoringProcessor()
     mid_block_self_attention(unet).set_processor(mid)
-    pred = unet(s.noisy, s.timesteps, s.cond).sample
-    batch, heads = s.x0.shape[0], demo_highres_attn2(unet)[0].heads
+    pred = unet(s.noisy, s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs).sample  # SDXL: pooled, time ids
+    batch, heads = s.x0.shape[0], layers(unet)[0].heads
     per_layer = []
     for store in stores:
         probs = store.probs[0]  # (B*heads, N, 77)
@@ -106,6 +107,23 @@ def materialized_cac_map(components, s, tokens):
     cac = torch.stack(per_layer).mean(dim=0).amax(dim=-1)  # layers mean, tokens max → (B, N)
     mass = reference.attention_mass(mid.probs[0], mid_block_self_attention(unet).heads)
     return pred, cac, mass, (stores, mid)
+
+
+def written_out_cac_step(components, s, ratio, cac_map_size, mid_map_size, layers=demo_highres_attn2):
+    """DESIGN.md's CAC step with materialized maps, sample 0 by its words, sample 1 by the SAC fallback:
+    (loss, the CAC map (B, h*w), the LoRA gradients of backward, cleared from the UNet afterwards)."""
+    unet, ac = components.unet, components.noise_scheduler.alphas_cumprod
+    pred, cac, mass, _ = materialized_cac_map(components, s, s.tokens, layers)
+    assert cac.shape == (2, cac_map_size[0] * cac_map_size[1])
+    x_cac = reference.degrade_latents(s.x0, pred, cac, cac_map_size, ac, s.timesteps, "mean", 9, 1.0)
+    x_sac = reference.degrade_latents(s.x0, pred, mass, mid_map_size, ac, s.timesteps, 1.0, 9, 1.0)
+    pred_deg = unet(torch.cat([x_cac[:1], x_sac[1:]]), s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs
+                    ).sample
+    loss = F.mse_loss(pred + ratio * (pred - pred_deg), s.target)
+    loss.backward()
+    grads = lora_grads(unet)
+    unet.zero_grad(set_to_none=True)
+    return loss, cac, grads
 
 
 def cac_guide(components, kernels="torch", ratio=0.5, backend="sdpa", **settings):

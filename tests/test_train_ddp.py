@@ -1,6 +1,7 @@
 """The guides under DistributedDataParallel (2 CPU processes, gloo): the two forwards of a SAT step,
 and --guide_recompute's rerun of the first one inside backward, must leave every rank with the
-mean of the per-rank gradients, exactly as a single process computes them."""
+mean of the per-rank gradients, exactly as a single process computes them (SD v1.5's tiny UNet and
+SDXL's, whose forwards all take the pooled embeddings and time ids)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sat_train.capture import stock_processor
 from sat_train.config import GuideSettings
+from sat_train.demo import build_components, build_sdxl_components
 from sat_train.guidance import SATGuide, make_saliency
 from train_helpers import lora_grads, lora_unet, step_inputs
 
@@ -33,11 +35,12 @@ def rank_inputs(components, rank: int):
     return s
 
 
-def worker(rank: int, port: int, guide_name: str, recompute: bool) -> None:
+def worker(rank: int, port: int, guide_name: str, recompute: bool, sdxl: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        components = lora_unet()  # same seed: the same weights on every rank, as DDP requires
+        # same seed: the same weights on every rank, as DDP requires
+        components = lora_unet(build=build_sdxl_components if sdxl else build_components)
         guide = make_guide(components, guide_name, recompute)
         unet = components.unet
         # expected: each rank's input on the bare model, gradients averaged
@@ -64,9 +67,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("guide_name, recompute", [("sac", False), ("cac", True)])
-def test_ddp_gradients_are_the_mean_of_the_ranks(guide_name, recompute, monkeypatch):
+@pytest.mark.parametrize("guide_name, recompute, sdxl", [("sac", False, False), ("cac", True, False),
+                                                         ("cac", False, True)])
+def test_ddp_gradients_are_the_mean_of_the_ranks(guide_name, recompute, sdxl, monkeypatch):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the spawned ranks only: later tests' subprocesses keep theirs
-    mp.spawn(worker, args=(free_port(), guide_name, recompute), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), guide_name, recompute, sdxl), nprocs=WORLD, join=True)

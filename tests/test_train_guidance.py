@@ -31,7 +31,7 @@ def reference_sac_loss(components, s, ratio, threshold=1.0, prediction_type="eps
     unet.set_attn_processor(AttnProcessor())
     store = ProbsStoringProcessor()
     mid_block_self_attention(unet).set_processor(store)
-    pred = unet(s.noisy, s.timesteps, s.cond).sample
+    pred = unet(s.noisy, s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs).sample  # SDXL: pooled, time ids
     probs = store.probs[0]  # (B*heads, N, N), diffusers' head_to_batch_dim layout
     heads = mid_block_self_attention(unet).heads
     mass = reference.attention_mass(probs, heads)
@@ -42,7 +42,7 @@ def reference_sac_loss(components, s, ratio, threshold=1.0, prediction_type="eps
         noise_pred = ab.sqrt() * pred + (1 - ab).sqrt() * s.noisy
     x_deg = reference.degrade_latents(s.x0, noise_pred, mass, (side, side), components.noise_scheduler.alphas_cumprod,
                                       s.timesteps, threshold, 9, 1.0)
-    pred_deg = unet(x_deg, s.timesteps, s.cond).sample
+    pred_deg = unet(x_deg, s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs).sample
     assert len(store.probs) == 2
     loss = F.mse_loss(pred + ratio * (pred - pred_deg), s.target)
     return loss, mass

@@ -318,12 +318,16 @@ def test_resume_with_the_other_text_encoder_setting_is_refused(tmp_path):
         check_checkpoint_text_encoder(tmp_path / "both", False)
 
 
-def test_killed_run_resumes_to_the_uninterrupted_text_encoder_lora(tmp_path):
-    """As test_train_crash: killed while checkpoint-4 is written, resumed from checkpoint-2."""
-    extra = ["--train_text_encoder", "--text_encoder_lr", "5e-4", "--lora_dropout", "0.1"]
-    expected = load_file(train(tiny_config(tmp_path / "straight", max_train_steps=4, guide="sac",
+@pytest.mark.parametrize("demo_model, encoders", [("sd15", {"text_encoder"}),
+                                                   ("sdxl", {"text_encoder", "text_encoder_2"})])
+def test_killed_run_resumes_to_the_uninterrupted_text_encoder_lora(tmp_path, demo_model, encoders):
+    """As test_train_crash: killed while checkpoint-4 is written, resumed from checkpoint-2 (SDXL: the
+    LoRA of both text encoders)."""
+    extra = ["--demo_model", demo_model, "--train_text_encoder", "--text_encoder_lr", "5e-4", "--lora_dropout", "0.1"]
+    expected = load_file(train(tiny_config(tmp_path / "straight", max_train_steps=4, guide="sac", demo_model=demo_model,
                                            train_text_encoder=True, text_encoder_lr=5e-4, lora_dropout=0.1)))
-    assert any(k.startswith("text_encoder.") for k in expected)
+    assert {k.split(".")[0] for k in expected} == {"unet", *encoders}
+    assert all(v.abs().max() > 0 for k, v in expected.items() if ".lora_B." in k)  # each LoRA trained
     out = tmp_path / "crashy"
     proc = run_crashable(out, "checkpoint-4:mid", resume=False, extra=extra)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

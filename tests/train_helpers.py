@@ -11,7 +11,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from sat_train.config import TrainConfig
-from sat_train.demo import DEMO_DATA_DIR, build_components
+from sat_train.demo import DEMO_DATA_DIR, build_components, build_sdxl_components
 from sat_train.guidance import StepInputs
 from sat_train.models import add_lora
 
@@ -28,9 +28,10 @@ def tiny_config(output_dir, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def lora_unet(seed: int = 0, randomize_b: bool = True):
-    """The demo UNet with LoRA; B matrices random (so LoRA changes outputs) unless told otherwise."""
-    components = build_components()
+def lora_unet(seed: int = 0, randomize_b: bool = True, build=build_components):
+    """The demo UNet (``build``: demo.build_components, or build_sdxl_components) with LoRA; B matrices
+    random (so LoRA changes outputs) unless told otherwise."""
+    components = build()
     torch.manual_seed(seed)
     add_lora(components.unet, rank=4)
     if randomize_b:
@@ -42,14 +43,21 @@ def lora_unet(seed: int = 0, randomize_b: bool = True):
 
 
 def step_inputs(components, batch: int = 2, size: int = 16, seed: int = 1) -> StepInputs:
-    """A noised batch of random latents with fixed timesteps (spanning low and high noise)."""
+    """A noised batch of random latents with fixed timesteps (spanning low and high noise); for SDXL
+    components also random pooled embeddings and the time ids of a 96x128 px image cropped at (8, 0)."""
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(batch, 4, size, size, generator=gen)
     noise = torch.randn(batch, 4, size, size, generator=gen)
     timesteps = torch.tensor([100, 700, 400, 900][:batch])
-    cond = torch.randn(batch, 77, components.text_encoder.config.hidden_size, generator=gen)
+    cond = torch.randn(batch, 77, components.unet.config.cross_attention_dim, generator=gen)
     noisy = components.noise_scheduler.add_noise(x0, noise, timesteps)
-    return StepInputs(x0=x0, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=noise)
+    added = None
+    if components.is_sdxl:
+        pooled = torch.randn(batch, components.text_encoder_2.config.projection_dim, generator=gen)
+        time_ids = torch.tensor([[96.0, 128.0, 8.0, 0.0, 8.0 * size, 8.0 * size]]).expand(batch, 6)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+    return StepInputs(x0=x0, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=noise,
+                      added_cond_kwargs=added)
 
 
 class ProbsStoringProcessor(AttnProcessor):
