@@ -35,8 +35,8 @@ def max_input_gradient(f, x, backend=None):
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    modules = [nn.GroupNorm(8, 48), nn.Conv2d(48, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.Conv2d(32, 32, 3, padding=1),
-               nn.Conv2d(48, 32, 1), nn.Conv2d(32, 32, 3, padding=1)]
+    modules = [nn.GroupNorm(8, 48), nn.Conv2d(48, 32, 3, padding=1), nn.GroupNorm(8, 32),
+               nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(48, 32, 1), nn.Conv2d(32, 32, 3, padding=1)]
     f = block(*(m.requires_grad_(False) for m in modules))  # frozen, as a LoRA run's base weights
     x = torch.randn(2, 48, 8, 4)
     eager, inductor = max_input_gradient(f, x), max_input_gradient(f, x, "inductor")

@@ -293,11 +293,11 @@ def _(grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0, need_e
 
 
 def _save_degrade(ctx, inputs, output):
-    x0, eps, *_ = inputs
-    ctx.save_for_backward(output[1], inputs[6], inputs[7])  # mask, alphas_cumprod, timesteps
-    ctx.params = (inputs[10], inputs[11])  # kernel_size, sigma
-    ctx.dtypes, ctx.tiles = (x0.dtype, eps.dtype), inputs[13:15]
-    ctx.mask_written = inputs[12]
+    (x0, eps, _saliency, _heads, _map_h, _map_w, alphas_cumprod, timesteps, _threshold, _mean, kernel_size, sigma,
+     write_mask, rows, block_w) = inputs
+    ctx.save_for_backward(output[1], alphas_cumprod, timesteps)  # output[1]: the mask
+    ctx.params, ctx.dtypes, ctx.tiles = (kernel_size, sigma), (x0.dtype, eps.dtype), (rows, block_w)
+    ctx.mask_written = write_mask
 
 
 def _degrade_backward(ctx, grad, _grad_of_mask):
@@ -311,9 +311,10 @@ def _degrade_backward(ctx, grad, _grad_of_mask):
 
 
 def _save_degrade_backward(ctx, inputs, output):
-    grad, mask, alphas_cumprod, timesteps = inputs[:4]
+    (grad, mask, alphas_cumprod, timesteps, kernel_size, sigma, need_x0, need_eps, _x0_dtype, _eps_dtype, rows,
+     block_w) = inputs
     ctx.save_for_backward(mask, alphas_cumprod, timesteps)
-    ctx.params, ctx.needed, ctx.tiles = inputs[4:6], inputs[6:8], inputs[10:12]
+    ctx.params, ctx.needed, ctx.tiles = (kernel_size, sigma), (need_x0, need_eps), (rows, block_w)
     ctx.grad_dtype = grad.dtype
 
 
