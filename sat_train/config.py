@@ -235,7 +235,8 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = _opt(False, "Same as --attention_backend xformers.")
     # --- torch.compile (kohya sd-scripts' flag names)
     torch_compile: bool = _opt(False, "Compile the UNet's forward with torch.compile for training (the SAT "
-                               "capture compiles with it: one graph with the capture armed, one without).")
+                               "capture compiles with it: one graph with the capture armed, one without; inductor on "
+                               "CPU runs without its layout optimization, which gives wrong gradients there).")
     dynamo_backend: str = _opt("inductor", "The torch.compile backend of --torch_compile (inductor, aot_eager, "
                                "eager, cudagraphs, ...).")
     # --- runtime

@@ -110,22 +110,15 @@ def build_tokenizer(pad_token: str = "<|endoftext|>"):
 
 def build_components(seed: int = DEMO_SEED) -> Components:
     """Tiny SD-v1.5-shaped components with weights from ``seed`` (independent of the global RNG)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = build_tokenizer()
     devices = []  # fork_rng restores the caller's generator: the demo model never shifts a run's randomness
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16), layers_per_block=1, sample_size=128, scaling_factor=0.18215)
+        text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
+        vae = tiny_vae(scaling_factor=0.18215)
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
             block_out_channels=(16, 32, 32),
@@ -133,15 +126,40 @@ def build_components(seed: int = DEMO_SEED) -> Components:
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             mid_block_type="UNetMidBlock2DCrossAttn",
             cross_attention_dim=32, attention_head_dim=2)  # SD v1.5 semantics: 2 heads per layer
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False,
-                              steps_offset=1, prediction_type="epsilon")
-    return Components(tokenizer, text_encoder, vae, unet, scheduler)
+    return Components(tokenizer, text_encoder, vae, unet, training_scheduler())
+
+
+def text_encoder_config(tokenizer, hidden: int = 32):
+    """A tiny CLIP text encoder's config for ``tokenizer`` (SD v1.5's, and each of SDXL's two)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH,
+                          projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def tiny_vae(scaling_factor: float):
+    """An AutoencoderKL with SD's 8x downsampling at toy widths (weights from the global generator)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, sample_size=128, scaling_factor=scaling_factor)
+
+
+def training_scheduler():
+    """SD v1.5's (and SDXL's) noise schedule as diffusers' training examples load it."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         clip_sample=False, steps_offset=1, prediction_type="epsilon")
 
 
 # The tiny SDXL's text encoders: CLIP-L-like (penultimate hidden states) and CLIP-G-like (also pooled).
 SDXL_TEXT_HIDDEN = (32, 32)
-SDXL_POOLED_DIM = 32  # text_encoder_2's projection_dim: the UNet's "text_embeds"
+SDXL_POOLED_DIM = 32  # text_encoder_2's projection_dim (text_encoder_config's): the UNet's "text_embeds"
 SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim: each of the 6 time ids embeds to this many features
 
 
@@ -153,26 +171,17 @@ def build_sdxl_components(seed: int = DEMO_SEED) -> Components:
     output of the second text encoder + 6 time ids), cross-attention on both encoders' penultimate
     hidden states concatenated, SDXL's VAE scaling factor. Its second tokenizer pads with "!" as
     SDXL's does."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
-
-    def text_config(hidden: int, tok) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH,
-                              projection_dim=SDXL_POOLED_DIM, bos_token_id=tok.bos_token_id,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
     devices = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(text_config(SDXL_TEXT_HIDDEN[0], tokenizer))
-        text_encoder_2 = CLIPTextModelWithProjection(text_config(SDXL_TEXT_HIDDEN[1], tokenizer_2))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16), layers_per_block=1, sample_size=128, scaling_factor=0.13025)
+        text_encoder = CLIPTextModel(text_encoder_config(tokenizer, SDXL_TEXT_HIDDEN[0]))
+        text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(tokenizer_2, SDXL_TEXT_HIDDEN[1]))
+        vae = tiny_vae(scaling_factor=0.13025)
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
             block_out_channels=(16, 32, 32),
@@ -183,10 +192,7 @@ def build_sdxl_components(seed: int = DEMO_SEED) -> Components:
             cross_attention_dim=sum(SDXL_TEXT_HIDDEN), addition_embed_type="text_time",
             addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
             projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_EMBED_DIM)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False,
-                              steps_offset=1, prediction_type="epsilon")
-    return Components(tokenizer, text_encoder, vae, unet, scheduler, tokenizer_2, text_encoder_2)
+    return Components(tokenizer, text_encoder, vae, unet, training_scheduler(), tokenizer_2, text_encoder_2)
 
 
 def save_components(components: Components, folder: str | Path) -> Path:

@@ -296,11 +296,8 @@ def prepare_run(config: TrainConfig) -> Run:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     components, backend = prepare_models(config, accelerator, weight_dtype)
     guide = build_guide(config, components.unet, components.noise_scheduler)
-    if config.torch_compile:  # in place: the module, its parameter names and the capture hooks stay
-        if config.dynamo_backend == "inductor" and accelerator.device.type == "cpu":
-            accelerator.print("warning: --torch_compile with inductor on CPU gave wrong LoRA gradients in our tests "
-                              "(benchmarks/RESULTS.md); --dynamo_backend aot_eager matches eager")
-        components.unet.compile(backend=config.dynamo_backend)
+    if config.torch_compile:
+        compile_unet(components.unet, config.dynamo_backend, accelerator.device)
     trained_text_encoder = components.text_encoder if config.train_text_encoder else None
     trained_text_encoder_2 = components.text_encoder_2 if config.train_text_encoder else None  # None but for SDXL
     register_lora_checkpoint_hooks(accelerator, components.unet, weight_dtype, trained_text_encoder,
@@ -338,6 +335,18 @@ def prepare_run(config: TrainConfig) -> Run:
     announce_run(run, backend, learning_rate, len(dataset))
     resume_run(run)
     return run
+
+
+def compile_unet(unet, backend: str, device: torch.device) -> None:
+    """--torch_compile: ``unet`` compiled in place (the module, its parameter names and the capture hooks
+    stay). Inductor on CPU compiles without its layout optimization: with it, torch 2.13's inductor zeroes
+    the gradient through a frozen ResnetBlock2D + Upsample2D (benchmarks/inductor_gap_repro.py), which
+    made every LoRA gradient before the first up block wrong."""
+    if backend == "inductor" and device.type == "cpu":
+        import torch._inductor.config
+
+        torch._inductor.config.layout_optimization = False
+    unet.compile(backend=backend)
 
 
 def make_dataloader(config: TrainConfig, dataset, seed: int):

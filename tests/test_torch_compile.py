@@ -18,6 +18,7 @@ from sat_train.config import GuideSettings, UsageError
 from sat_train.dropin import guided_prediction, install_sat_capture
 from sat_train.guidance import SATGuide, make_saliency
 from sat_train.models import add_lora
+from sat_train.train import compile_unet
 from test_capture_hooks import HEADS, KohyaStyleAttention, inputs, lora_grads, tiny_unet
 from train_helpers import tiny_config, two_level_unet
 
@@ -26,7 +27,7 @@ from train_helpers import tiny_config, two_level_unet
 # (and a TORCHINDUCTOR_CACHE_DIR of your own: a shared cache left half-written by a killed run breaks it).
 # inductor's CPU layout optimization zeroes the input gradient of a frozen ResnetBlock2D + Upsample2D
 # (benchmarks/inductor_gap_repro.py), so every LoRA gradient upstream of the first up block was wrong;
-# the test runs inductor with layout_optimization=False, which gives eager's gradients.
+# the trainer (train.compile_unet) turns it off on CPU, which gives eager's gradients.
 INDUCTOR = pytest.param("inductor", marks=pytest.mark.skipif(os.environ.get("SAT_TEST_INDUCTOR") != "1",
                                                              reason="slow on CPU: set SAT_TEST_INDUCTOR=1"))
 
@@ -46,9 +47,9 @@ def test_compiled_sac_step_equals_eager_with_one_graph_per_capture_state(backend
     eager_loss, eager_mask, eager_grads = step()
     torch._dynamo.reset()
     counters.clear()
-    unet.compile(backend=backend)
     start = time.perf_counter()
-    with torch._inductor.config.patch(layout_optimization=False):  # see INDUCTOR
+    with torch._inductor.config.patch(layout_optimization=True):  # restored after the trainer's setting
+        compile_unet(unet, backend, torch.device("cpu"))  # the trainer's --torch_compile (see INDUCTOR)
         for _ in range(2):  # the second step must reuse the first step's graphs
             loss, mask, grads = step()
     print(f"{backend}: two compiled steps (compiling included) {time.perf_counter() - start:.1f} s")
