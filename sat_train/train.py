@@ -341,12 +341,12 @@ def compile_unet(unet, backend: str, device: torch.device) -> None:
     """--torch_compile: ``unet`` compiled in place (the module, its parameter names and the capture hooks
     stay). Inductor on CPU compiles without its layout optimization: with it, torch 2.13's inductor zeroes
     the gradient through a frozen ResnetBlock2D + Upsample2D (benchmarks/inductor_gap_repro.py), which
-    made every LoRA gradient before the first up block wrong."""
+    made every LoRA gradient before the first up block wrong. The setting is this compile's option, not
+    inductor's global config, which other compiles in the process keep."""
     if backend == "inductor" and device.type == "cpu":
-        import torch._inductor.config
-
-        torch._inductor.config.layout_optimization = False
-    unet.compile(backend=backend)
+        unet.compile(backend=backend, options={"layout_optimization": False})
+    else:
+        unet.compile(backend=backend)
 
 
 def make_dataloader(config: TrainConfig, dataset, seed: int):

@@ -48,7 +48,7 @@ def test_compiled_sac_step_equals_eager_with_one_graph_per_capture_state(backend
     torch._dynamo.reset()
     counters.clear()
     start = time.perf_counter()
-    with torch._inductor.config.patch(layout_optimization=True):  # restored after the trainer's setting
+    with torch._inductor.config.patch(layout_optimization=True):  # the default: compile_unet's option must win
         compile_unet(unet, backend, torch.device("cpu"))  # the trainer's --torch_compile (see INDUCTOR)
         for _ in range(2):  # the second step must reuse the first step's graphs
             loss, mask, grads = step()
@@ -138,6 +138,14 @@ def test_dropin_on_kohya_attention_compiles_fullgraph_with_one_graph_per_armed_a
     if kernel_backend == "triton":  # the capture's Triton op is a node of the armed forward's graph
         assert any(str(n.target) == "sat_kernels.attention_mass_from_qk.default" for n in graphs[0].graph.nodes)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("layout_optimization", [True, False])
+def test_compile_unet_leaves_inductors_global_config(layout_optimization):
+    # the CPU workaround is the compile's own option: other compiles in the process keep theirs
+    with torch._inductor.config.patch(layout_optimization=layout_optimization):
+        compile_unet(torch.nn.Linear(2, 2), "inductor", torch.device("cpu"))  # compiles lazily: nothing runs
+        assert torch._inductor.config.layout_optimization is layout_optimization
 
 
 def test_compile_flags_are_checked(tmp_path):
