@@ -5,8 +5,8 @@ The UNets and inputs are test_bench_train_step's (CPU: the embedded tiny SD-shap
 compiled in place as the trainer does. A step is forward(s) + backward of the LoRA loss.
 ``compile_s`` is the first compiled step's wall time (tracing and code generation included, the
 capture's armed and unarmed graphs for sac); ``step_ratio`` the compiled step's median over the
-eager one's, timed interleaved. On CPU inductor's LoRA gradients are wrong (benchmarks/RESULTS.md,
-"The inductor gap"): its times stand, its training does not.
+eager one's, timed interleaved. The UNet compiles through train.compile_unet, so inductor on CPU runs
+without its layout optimization (benchmarks/RESULTS.md, "The inductor gap"), as --torch_compile does.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 from conftest import device_name, interleaved_medians, record, run_ours
 from test_bench_train_step import _setup
 
+from sat_train.train import compile_unet
+
 
 def backends(device: torch.device) -> list[str]:
     return ["aot_eager", "inductor"] if device.type == "cpu" else ["inductor"]
@@ -25,11 +27,11 @@ def backends(device: torch.device) -> list[str]:
 
 def fresh_step(device: torch.device, guide_name: str, compile_backend: str | None):
     """One step of ``guide_name`` ("none" | "sac") on a fresh LoRA UNet (test_bench_train_step's),
-    compiled in place with ``compile_backend`` unless None."""
+    compiled in place as --torch_compile does with ``compile_backend`` unless None."""
     steps = _setup.__wrapped__(device.type)
     step = steps.step(guide_name)  # processors and capture hooks first: the compiled graphs include them
     if compile_backend is not None:
-        steps.unet.compile(backend=compile_backend)
+        compile_unet(steps.unet, compile_backend, device)
     return step
 
 
