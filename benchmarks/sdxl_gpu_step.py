@@ -11,8 +11,9 @@ is (77 x 2048 text states, pooled text embeds, time ids).
 For each dtype and batch size, every guide's step (forward(s) + backward) runs once for its peak
 memory (the allocator's; ``peak_gib`` counts the weights too), then all are timed in turn
 (``interleaved_medians``); ``step_ratio`` and ``peak_ratio`` divide by the ``none`` step's. A step
-that runs out of memory is a row saying so. Rows print (and go to --rows) as each configuration
-finishes; a configuration that would overrun --budget_s is skipped and said so.
+that runs out of memory or fails is a row saying so (the other guides are still measured). Rows print
+(and go to --rows) as each configuration finishes; a configuration that would overrun --budget_s is
+skipped and said so.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 
 import torch
 from conftest import device_name, interleaved_medians
@@ -64,6 +66,14 @@ def is_out_of_memory(err: Exception) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
 
 
+def error_name(err: Exception) -> str:
+    """"OOM", or the error's type and first line (its traceback is printed: gpu_check.sh's log keeps it)."""
+    if is_out_of_memory(err):
+        return "OOM"
+    traceback.print_exc()
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 def free_cached_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -71,19 +81,18 @@ def free_cached_memory(device: torch.device) -> None:
 
 def measure_peaks(steps: GuideSteps, fns: dict) -> dict:
     """guide -> its step's peak memory {peak_mib: added by the step, peak_gib: all allocated}, or
-    {"error": "OOM"}; a guide that ran out of memory leaves ``fns``."""
+    {"error": error_name}; a guide that failed (out of memory, or a kernel's error on this GPU) leaves
+    ``fns``, so the other guides are still measured."""
     device, peaks = steps.device, {}
     for guide in list(fns):
         try:
             peaks[guide] = {"peak_mib": peak_mib(fns[guide], device)}
             if device.type == "cuda":
                 peaks[guide]["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        except RuntimeError as err:
-            if not is_out_of_memory(err):
-                raise
+        except Exception as err:  # noqa: BLE001 (one guide's failure must not lose the others' rows)
             steps.unet.zero_grad(set_to_none=True)
             free_cached_memory(device)
-            peaks[guide] = {"error": "OOM"}
+            peaks[guide] = {"error": error_name(err)}
             del fns[guide]
     return peaks
 
@@ -171,10 +180,8 @@ def main(argv=None) -> int:
         config_start = time.perf_counter()
         try:
             config_rows = measure_config(unet, dtype_name, batch, args, device)
-        except RuntimeError as err:  # out of memory while timing (fragmentation): the next configuration may fit
-            if not is_out_of_memory(err):
-                raise
-            print(f"{dtype_name} B={batch}: out of memory while timing the steps", flush=True)
+        except Exception as err:  # noqa: BLE001 (e.g. out of memory while timing: the next configuration may fit)
+            print(f"{dtype_name} B={batch}: {error_name(err)} while timing the steps", flush=True)
             free_cached_memory(device)
             continue
         rows += config_rows

@@ -41,11 +41,15 @@ def test_benchmark_unet_is_sdxl_base_as_diffusers_converts_it():
     assert len(mid.transformer_blocks) == 10 and mid.transformer_blocks[0].attn1.heads == 20
 
 
+def script_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+
+
 def test_gpu_step_script_runs_on_the_tiny_sdxl(tmp_path):
     """--tiny on CPU: a row per guide, with times; recompute's peak memory below the default SAC
     step's and near the plain step's (it keeps none of the first forward's activations)."""
     out = tmp_path / "step.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+    env = script_env()
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sdxl_gpu_step.py"), "--tiny", "--device", "cpu",
                           "--batch_sizes", "2", "--guides", "sac", "sac --guide_recompute", "--rounds", "1",
                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -55,3 +59,32 @@ def test_gpu_step_script_runs_on_the_tiny_sdxl(tmp_path):
     assert all(row["step_ms"] > 0 and row["batch"] == 2 and row["dtype"] == "fp32" for row in rows.values())
     none, sac, recompute = (rows[g]["peak_mib"] for g in ("none", "sac", "sac --guide_recompute"))
     assert sac > 1.3 * none and recompute < 0.75 * sac
+
+
+# sdxl_gpu_step.main with the "sac" step made to raise as a kernel failing on a GPU would
+FAILING_SAC = """
+import sys
+import guided_step, sdxl_gpu_step
+real_step = guided_step.GuideSteps.step
+def step(self, guide):
+    fn = real_step(self, guide)
+    if guide != "sac":
+        return fn
+    def failing():
+        raise ValueError("a kernel failed")
+    return failing
+guided_step.GuideSteps.step = step
+sys.exit(sdxl_gpu_step.main(sys.argv[1:]))
+"""
+
+
+def test_gpu_step_script_keeps_the_other_guides_when_one_fails(tmp_path):
+    out, rows_file = tmp_path / "step.json", tmp_path / "rows.txt"
+    run = subprocess.run([sys.executable, "-c", FAILING_SAC, "--tiny", "--device", "cpu", "--batch_sizes", "1",
+                          "--guides", "sac", "cac", "--rounds", "1", "--json", str(out), "--rows", str(rows_file)],
+                         cwd=ROOT / "benchmarks", env=script_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {row["guide"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["sac"]["error"] == "ValueError: a kernel failed" and "step_ms" not in rows["sac"]
+    assert rows["none"]["step_ms"] > 0 and rows["cac"]["step_ms"] > 0 and rows["cac"]["step_ratio"] > 0
+    assert "a kernel failed" in rows_file.read_text() and "a kernel failed" in run.stderr  # the traceback
