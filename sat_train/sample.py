@@ -183,6 +183,7 @@ def image_size(args) -> tuple[int | None, int | None]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
+    from .capture import sac_layer
     from .pictures import save_png
     from .sag import sag_sample
 
@@ -192,11 +193,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         width, height = image_size(args)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         components, source, force_zeros = load_pipeline_components(args, device)
+        # checked as training's --sac_layer: a cross-attention map (77 tokens wide) would stop SAG mid-sampling
+        layer = None if args.sag_layer is None else sac_layer(components.unet, args.sag_layer, "--sag_layer")
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         images = sag_sample(components, args.prompt, args.negative_prompt, args.num_images, height, width,
                             args.num_inference_steps, args.guidance_scale, args.sag_scale, generator,
-                            args.attention_backend, self_attention=args.sag_layer,
-                            force_zeros_for_empty_prompt=force_zeros)
+                            args.attention_backend, self_attention=layer, force_zeros_for_empty_prompt=force_zeros)
     except UsageError as err:
         print(f"sat_train.sample: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -234,6 +234,22 @@ def test_demo_sdxl_run_loads_the_tiny_sdxl_at_its_default_size(tmp_path):
     assert Image.open(image).size == (side, side)
 
 
+@pytest.mark.parametrize("layer, message", [
+    ("mid_block.attentions[0].transformer_blocks[0].attn2", "is a Attention, not a self-attention layer"),
+    ("mid_block.attentions.0.transformer_blocks.7.attn1", "has no such module"),
+])
+def test_a_sag_layer_that_is_no_self_attention_is_a_one_line_error(tmp_path, capsys, layer, message):
+    """As training's --sac_layer: a cross-attention layer's map is 77 tokens wide, which SAG cannot blur by."""
+    save_sdxl_lora(sdxl_lora_components(), tmp_path)
+    (tmp_path / "train_config.json").write_text(json.dumps({"demo": True, "demo_model": "sdxl"}), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        run_sample(tmp_path, tmp_path / "out", "--resolution", "64", "--sag_layer", layer)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"sat_train.sample: error: --sag_layer {layer}") and message in error
+    assert "\n" not in error and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--resolution", "64"], (64, 64)),
     (["--resolution", "96,64"], (96, 64)),
