@@ -104,19 +104,6 @@ def demo_components(lora: Path):
     return demo.build_components()
 
 
-def force_zeros_for_empty_prompt(config) -> bool:
-    """An SDXL model's pipeline option (its model_index.json; StableDiffusionXLPipeline's default, True,
-    when the model has none or it cannot be read)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    try:
-        index = StableDiffusionXLPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision,
-                                                      cache_dir=config.cache_dir)
-    except (OSError, ValueError):
-        return True
-    return bool(index.get("force_zeros_for_empty_prompt", True))
-
-
 def load_base_components(args, lora: Path, source: str | None):
     """(components, force_zeros_for_empty_prompt) of the base model: the demo model, or what
     models.load_components reads (SD v1.5 and SDXL folders and hub ids, single files)."""
@@ -129,7 +116,7 @@ def load_base_components(args, lora: Path, source: str | None):
                          cache_dir=args.cache_dir, **model_settings(args, lora))
     check_model_flags(config)
     components = load_components(config)
-    return components, force_zeros_for_empty_prompt(config) if components.is_sdxl else True
+    return components, components.force_zeros_for_empty_prompt
 
 
 def load_pipeline_components(args, device):
