@@ -226,9 +226,10 @@ def mid_block_self_attention(unet):
                          f"(UNetMidBlock2DCrossAttn); this one has {type(unet.mid_block).__name__}") from None
 
 
-def sac_layer(unet, path: str) -> torch.nn.Module:
-    """--sac_layer's module in ``unet``: a self-attention module with the capture's contract (the default
-    path: mid_block_self_attention, whose message names a UNet without mid-block attention)."""
+def sac_layer(unet, path: str, flag: str = "--sac_layer") -> torch.nn.Module:
+    """--sac_layer's (or sample.py's ``flag`` --sag_layer's) module in ``unet``: a self-attention module
+    with the capture's contract (the default path: mid_block_self_attention, whose message names a UNet
+    without mid-block attention)."""
     from .config import DEFAULT_SAC_LAYER
 
     if path == DEFAULT_SAC_LAYER:
@@ -236,10 +237,10 @@ def sac_layer(unet, path: str) -> torch.nn.Module:
     try:
         module = unet.get_submodule(re.sub(r"\[(\d+)\]", r".\1", path))
     except AttributeError:
-        raise UsageError(f"--sac_layer {path}: the {type(unet).__name__} has no such module; give a self-attention "
+        raise UsageError(f"{flag} {path}: the {type(unet).__name__} has no such module; give a self-attention "
                          f"layer such as {DEFAULT_SAC_LAYER}") from None
     if any(not hasattr(module, name) for name in REQUIRED_ATTRIBUTES) or getattr(module, "is_cross_attention", False):
-        raise UsageError(f"--sac_layer {path} is a {type(module).__name__}, not a self-attention layer: give an "
+        raise UsageError(f"{flag} {path} is a {type(module).__name__}, not a self-attention layer: give an "
                          f"attn1 such as {DEFAULT_SAC_LAYER}")
     return module
 

@@ -63,14 +63,18 @@ class ImageTransform:
 
     def with_crop_box(self, image: Image.Image, generator: torch.Generator | None = None,
                       size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-        """The transformed image and its crop box in the resized image (SDXL's crop conditioning)."""
+        """The transformed image and its crop box in the resized image (SDXL's crop conditioning), mirrored
+        when the crop is flipped: the box of the same pixels in the flipped image, as diffusers' SDXL
+        example (which flips, then crops) and sd-scripts report a flipped sample's crop."""
         target = size or self.size
         image = to_rgb(image)  # grayscale, 16-bit, RGBA, CMYK, palette → 8-bit RGB
         image = image.resize(self.resized_size(image.size, target), self.resample)
         box = self.crop_box(image.size, generator, target)
+        width = image.width
         image = image.crop(box)
         if self.draws_flip(generator):
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            box = mirrored_box(box, width)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         return pixels.float().div(127.5).sub(1.0), box
 
@@ -97,6 +101,12 @@ class ImageTransform:
         """--random_flip's pick (one draw from ``generator``, after the crop's); False without the flag.
         The latent cache (latent_cache.py) picks a sample's cached flip with the same draw."""
         return self.random_flip and torch.rand((), generator=generator).item() < 0.5
+
+
+def mirrored_box(box: tuple[int, int, int, int], width: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) ``box`` of an image ``width`` wide, in that image flipped left-right."""
+    left, top, right, bottom = box
+    return width - right, top, width - left, bottom
 
 
 @dataclass(frozen=True)
@@ -175,8 +185,11 @@ class CaptionedImages(Dataset):
         VAE distribution of the flip this epoch draws}: the same flip draw as the uncached center crop."""
         generator = derived_generator(self.seed, self.epoch, index)
         if self.latent_cache is not None:
-            item = {LATENT_PARAMS: self.latent_cache.params(index, flipped=self.transform.draws_flip(generator))}
-            return {**item, **self.latent_cache.size_conditioning(index)} if self.tokenizer_2 is not None else item
+            flipped = self.transform.draws_flip(generator)
+            item = {LATENT_PARAMS: self.latent_cache.params(index, flipped=flipped)}
+            if self.tokenizer_2 is not None:
+                item.update(self.latent_cache.size_conditioning(index, flipped))
+            return item
         pixels, conditioning = self.transformed(index, generator)
         return {"pixel_values": pixels, **(conditioning if self.tokenizer_2 is not None else {})}
 

@@ -72,7 +72,9 @@ def load_lora(unet, folder: str | os.PathLike, sdxl: bool = False) -> None:
         str(folder), weight_name=LORA_WEIGHTS_NAME, use_safetensors=True, return_lora_metadata=True)
     check_same_alpha(unet, metadata, folder)
     unet_state = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    peft_state = convert_unet_state_dict_to_peft(unet_state)
+    check_lora_fits(unet, peft_state, folder)
+    result = set_peft_model_state_dict(unet, peft_state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"checkpoint {folder} has LoRA keys this model lacks: {unexpected[:3]}...")
@@ -88,6 +90,24 @@ def check_same_alpha(unet, metadata: dict | None, folder) -> None:
     if saved is not None and float(saved) != float(current):
         raise UsageError(f"{folder} was trained with --lora_alpha {float(saved):g}, this run has {float(current):g}: "
                          "resume with the same --lora_alpha (and --rank)")
+
+
+def check_lora_fits(unet, peft_state: dict, folder) -> None:
+    """A checkpoint whose LoRA has other modules or shapes than ``unet``'s (another base model, such as
+    SD v1.5's LoRA in an SDXL run, or another --rank) would stop torch's load_state_dict with a
+    traceback, or leave the modules it lacks as they started: refused, naming the fix."""
+    from peft.utils import get_peft_model_state_dict
+
+    from .config import UsageError
+
+    expected = {key: tuple(value.shape) for key, value in get_peft_model_state_dict(unet).items()}
+    saved = {key: tuple(value.shape) for key, value in peft_state.items()}
+    if saved == expected:
+        return
+    differing = sorted(saved.keys() ^ expected.keys()) or sorted(k for k in saved if saved[k] != expected[k])
+    raise UsageError(f"{folder} holds a LoRA that does not fit this UNet ({len(differing)} tensors differ in name or "
+                     f"shape, e.g. {differing[0]}): resume with the base model and --rank of the run that saved "
+                     "it, or train into another --output_dir")
 
 
 # ----------------------------------------------------------------------------- kohya

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .data import CaptionedImages, DatasetRow, ImageTransform, image_sizes, open_image
+from .data import CaptionedImages, DatasetRow, ImageTransform, image_sizes, mirrored_box, open_image
 from .faults import fsync_dir, write_atomically
 
 CACHE_FOLDER = "latent_cache"
@@ -99,6 +99,7 @@ class CacheEntry:
     target_size: tuple[int, int]
     image_size: tuple[int, int]  # (W, H) of the image file
     crop_box: tuple[int, int, int, int]  # the cached center crop's, in the resized image (SDXL's time ids)
+    resized_width: int  # that resized image's (a flipped sample's crop box is mirrored in it)
 
 
 def run_fingerprint(vae, transform: ImageTransform, dtype: torch.dtype) -> dict:
@@ -112,28 +113,32 @@ def cache_entry(dataset: CaptionedImages, index: int, size: tuple[int, int], cen
     """Sample ``index``'s entry, its image ``size`` (W, H) giving the crop box."""
     source = dataset.records[index][0]
     target = tuple(dataset.target_size(index))
-    box = center.crop_box(center.resized_size(size, target), target=target)
+    resized = center.resized_size(size, target)
+    box = center.crop_box(resized, target=target)
     key = {**fingerprint, "image": image_identity(source), "target_size": list(target), "crop_box": list(box)}
     name = hashlib.sha256(image_location(source).encode()).hexdigest()[:32] + ".safetensors"
     return CacheEntry(name=name, key=json.dumps(key, sort_keys=True), index=index, target_size=target,
-                      image_size=tuple(size), crop_box=box)
+                      image_size=tuple(size), crop_box=box, resized_width=resized[0])
 
 
 class LatentCache:
     """What CaptionedImages reads: ``params(index, flipped)``, the (2C, h, w) latent distribution of
     sample ``index``; from memory (``store``: name → flip → tensor) or from its file in ``folder``;
-    ``size_conditioning(index)``: SDXL's sizes of that cached center crop (``entries``: one per sample)."""
+    ``size_conditioning(index, flipped)``: SDXL's sizes of that cached center crop (``entries``: one per
+    sample)."""
 
     def __init__(self, entries: list[CacheEntry], store: dict[str, dict[bool, torch.Tensor]] | None = None,
                  folder: Path | None = None):
         self.entries, self.store, self.folder = entries, store, folder
         self.names = [e.name for e in entries]
 
-    def size_conditioning(self, index: int) -> dict[str, torch.Tensor]:
+    def size_conditioning(self, index: int, flipped: bool = False) -> dict[str, torch.Tensor]:
+        """As ImageTransform.with_crop_box reports the uncached crop: mirrored when ``flipped``."""
         from .sdxl import size_conditioning
 
         entry = self.entries[index]
-        return size_conditioning(entry.image_size, entry.crop_box)
+        return size_conditioning(entry.image_size, mirrored_box(entry.crop_box, entry.resized_width) if flipped
+                                 else entry.crop_box)
 
     def params(self, index: int, flipped: bool = False) -> torch.Tensor:
         name = self.names[index]

@@ -24,6 +24,8 @@ class Components:
     noise_scheduler: object
     tokenizer_2: object = None
     text_encoder_2: torch.nn.Module | None = None
+    # SDXL's pipeline option (the model's model_index.json): an empty negative prompt encodes as zeros
+    force_zeros_for_empty_prompt: bool = True
 
     @property
     def is_sdxl(self) -> bool:
@@ -67,6 +69,7 @@ def load_folder_components(config: TrainConfig) -> Components:
             components.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
             components.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                 source, subfolder="text_encoder_2", **weights)
+            components.force_zeros_for_empty_prompt = read_force_zeros_for_empty_prompt(source, common)
         return components
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -77,6 +80,18 @@ def load_folder_components(config: TrainConfig) -> Components:
         raise UsageError(f"cannot load Stable Diffusion from {source!r}: {first_line} (expected a hub id or "
                          f"a folder with {subfolder_list(SDXL_SUBFOLDERS)} for SDXL, without the _2 ones for "
                          "SD v1.5)") from err
+
+
+def read_force_zeros_for_empty_prompt(source: str, common: dict) -> bool:
+    """An SDXL model's pipeline option, from its model_index.json (StableDiffusionXLPipeline's default,
+    True, when the model has none or it cannot be read)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    try:
+        index = StableDiffusionXLPipeline.load_config(source, **common)
+    except (OSError, ValueError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True))
 
 
 def is_sdxl_unet(unet) -> bool:

@@ -82,7 +82,7 @@ def sd_conditioning(components, prompt: str, negative_prompt: str, num_images: i
 
 
 def sdxl_conditioning(components, prompt: str, negative_prompt: str, num_images: int, cfg: bool, device, dtype,
-                      size: tuple[int, int], force_zeros_for_empty_prompt: bool) -> Conditioning:
+                      size: tuple[int, int], force_zeros_for_empty_prompt: bool | None) -> Conditioning:
     """SDXL, as ``StableDiffusionXLPipeline.__call__`` conditions its UNet: ``encode_prompt`` (both
     encoders; an empty negative prompt gives zeros when ``force_zeros_for_empty_prompt``, the
     pipeline's default), time ids for original = target = ``size`` (height, width), crop (0, 0),
@@ -103,9 +103,12 @@ def sdxl_conditioning(components, prompt: str, negative_prompt: str, num_images:
     return Conditioning(half(embeds, pooled), half(negative_embeds, negative_pooled) if cfg else None)
 
 
-def diffusers_pipeline(components, scheduler, force_zeros_for_empty_prompt: bool = True):
+def diffusers_pipeline(components, scheduler, force_zeros_for_empty_prompt: bool | None = None):
     """diffusers' text-to-image pipeline of ``components`` (StableDiffusionXLPipeline for SDXL, without
-    the invisible watermark; StableDiffusionPipeline without the safety checker) with ``scheduler``."""
+    the invisible watermark, with the model's force_zeros_for_empty_prompt unless told;
+    StableDiffusionPipeline without the safety checker) with ``scheduler``."""
+    if force_zeros_for_empty_prompt is None:
+        force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
     if components.is_sdxl:
         from diffusers import StableDiffusionXLPipeline
 
@@ -132,14 +135,16 @@ def sag_sample(components, prompt: str, negative_prompt: str = "", num_images: i
                width: int | None = None, num_inference_steps: int = 30, guidance_scale: float = 7.5,
                sag_scale: float = 0.75, generator: torch.Generator | None = None, attention_backend: str = "auto",
                kernel_backend: str = "auto", output_type: str = "pil",
-               self_attention: torch.nn.Module | str | None = None, force_zeros_for_empty_prompt: bool = True):
+               self_attention: torch.nn.Module | str | None = None,
+               force_zeros_for_empty_prompt: bool | None = None):
     """Images (PIL) or final latents (``output_type="latent"``) for ``prompt`` with CFG + SAG, from SD v1.5
     or SDXL ``components``.
 
     Uses a DDIM scheduler (eta 0) built from the model's scheduler config: deterministic given
     ``generator``. ``sag_scale=0`` skips the mask capture and the extra forward. The mask is the mass of
     ``self_attention`` (a module or path; default the first transformer block's attn1 of the mid block,
-    the layer training's SAC reads). ``force_zeros_for_empty_prompt``: SDXL's pipeline option.
+    the layer training's SAC reads). ``force_zeros_for_empty_prompt``: SDXL's pipeline option (default:
+    the model's, ``components.force_zeros_for_empty_prompt``).
     """
     from diffusers import DDIMScheduler
 

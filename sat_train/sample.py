@@ -104,19 +104,6 @@ def demo_components(lora: Path):
     return demo.build_components()
 
 
-def force_zeros_for_empty_prompt(config) -> bool:
-    """An SDXL model's pipeline option (its model_index.json; StableDiffusionXLPipeline's default, True,
-    when the model has none or it cannot be read)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    try:
-        index = StableDiffusionXLPipeline.load_config(config.pretrained_model_name_or_path, revision=config.revision,
-                                                      cache_dir=config.cache_dir)
-    except (OSError, ValueError):
-        return True
-    return bool(index.get("force_zeros_for_empty_prompt", True))
-
-
 def load_base_components(args, lora: Path, source: str | None):
     """(components, force_zeros_for_empty_prompt) of the base model: the demo model, or what
     models.load_components reads (SD v1.5 and SDXL folders and hub ids, single files)."""
@@ -129,7 +116,7 @@ def load_base_components(args, lora: Path, source: str | None):
                          cache_dir=args.cache_dir, **model_settings(args, lora))
     check_model_flags(config)
     components = load_components(config)
-    return components, force_zeros_for_empty_prompt(config) if components.is_sdxl else True
+    return components, components.force_zeros_for_empty_prompt
 
 
 def load_pipeline_components(args, device):
@@ -183,6 +170,7 @@ def image_size(args) -> tuple[int | None, int | None]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
+    from .capture import sac_layer
     from .pictures import save_png
     from .sag import sag_sample
 
@@ -192,11 +180,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         width, height = image_size(args)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         components, source, force_zeros = load_pipeline_components(args, device)
+        # checked as training's --sac_layer: a cross-attention map (77 tokens wide) would stop SAG mid-sampling
+        layer = None if args.sag_layer is None else sac_layer(components.unet, args.sag_layer, "--sag_layer")
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         images = sag_sample(components, args.prompt, args.negative_prompt, args.num_images, height, width,
                             args.num_inference_steps, args.guidance_scale, args.sag_scale, generator,
-                            args.attention_backend, self_attention=args.sag_layer,
-                            force_zeros_for_empty_prompt=force_zeros)
+                            args.attention_backend, self_attention=layer, force_zeros_for_empty_prompt=force_zeros)
     except UsageError as err:
         print(f"sat_train.sample: error: {err}", file=sys.stderr)
         sys.exit(2)

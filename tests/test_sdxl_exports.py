@@ -318,6 +318,26 @@ def test_checkpoint_without_one_of_the_text_encoders_is_refused(tmp_path):
             check_checkpoint_text_encoder(tmp_path / folder, True, sdxl=True)
 
 
+@pytest.mark.parametrize("saved, resumed", [("sd15", "sdxl"), ("sdxl", "sd15"), ("sdxl", "sdxl rank 8")])
+def test_a_checkpoint_of_another_model_or_rank_is_refused_in_one_line(tmp_path, saved, resumed):
+    """Resuming into another family's UNet (or another --rank) would fail in torch's load_state_dict
+    with a traceback, or leave LoRA modules the file lacks untouched: a UsageError before loading."""
+    from sat_train.demo import build_components
+
+    def unet_with_lora(family):
+        components = build_sdxl_components() if family.startswith("sdxl") else build_components()
+        add_lora(components.unet, rank=8 if family.endswith("rank 8") else 4, alpha=4.0)  # the same --lora_alpha
+        return components.unet
+
+    save_lora(unet_with_lora(saved), tmp_path, sdxl=saved == "sdxl")
+    unet = unet_with_lora(resumed)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(UsageError, match=rf"{tmp_path} holds a LoRA that does not fit this UNet .*: resume with"):
+        load_lora(unet, tmp_path, sdxl=resumed.startswith("sdxl"))
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())  # nothing loaded
+    load_lora(unet_with_lora(saved), tmp_path, sdxl=saved == "sdxl")  # the model that saved it loads it
+
+
 def test_prepare_models_puts_fp32_loras_on_both_text_encoders():
     from types import SimpleNamespace
 

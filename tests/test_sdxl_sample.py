@@ -234,6 +234,22 @@ def test_demo_sdxl_run_loads_the_tiny_sdxl_at_its_default_size(tmp_path):
     assert Image.open(image).size == (side, side)
 
 
+@pytest.mark.parametrize("layer, message", [
+    ("mid_block.attentions[0].transformer_blocks[0].attn2", "is a Attention, not a self-attention layer"),
+    ("mid_block.attentions.0.transformer_blocks.7.attn1", "has no such module"),
+])
+def test_a_sag_layer_that_is_no_self_attention_is_a_one_line_error(tmp_path, capsys, layer, message):
+    """As training's --sac_layer: a cross-attention layer's map is 77 tokens wide, which SAG cannot blur by."""
+    save_sdxl_lora(sdxl_lora_components(), tmp_path)
+    (tmp_path / "train_config.json").write_text(json.dumps({"demo": True, "demo_model": "sdxl"}), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        run_sample(tmp_path, tmp_path / "out", "--resolution", "64", "--sag_layer", layer)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"sat_train.sample: error: --sag_layer {layer}") and message in error
+    assert "\n" not in error and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--resolution", "64"], (64, 64)),
     (["--resolution", "96,64"], (96, 64)),
@@ -309,3 +325,35 @@ def test_generate_images_on_sdxl_matches_diffusers(training_sdxl, line, schedule
         theirs = reference_image(components, prompt, scheduler_class)
     assert np.abs(ours - theirs).max() <= 1  # uint8 rounding at most
     assert np.abs(with_dropout - theirs).max() > 1  # eval mode shows: the text encoders' switch is tested
+
+
+@pytest.mark.parametrize("line", ["a face, eyes --s 3 --d 5 --w 64 --h 64 --ss ddim",
+                                  "a face, eyes --s 3 --d 5 --w 64 --h 64 --sag 1.0 --ss ddim"])
+def test_training_samples_honour_the_models_force_zeros_setting(tmp_path, line):
+    """A model whose model_index.json turns force_zeros_for_empty_prompt off: training's samples (no
+    --n: an empty negative prompt) encode "" as StableDiffusionXLPipeline.from_pretrained of it would."""
+    from sat_train.config import TrainConfig
+    from sat_train.models import load_components
+
+    base = demo.save_components(demo.build_sdxl_components(), tmp_path / "base")
+    index = json.loads((base / "model_index.json").read_text(encoding="utf-8"))
+    (base / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}),
+                                           encoding="utf-8")
+    components = load_components(TrainConfig(pretrained_model_name_or_path=str(base)))
+    assert StableDiffusionXLPipeline.from_pretrained(base).config.force_zeros_for_empty_prompt is False
+    prompt = parse_prompt_line(line, "test:1").with_defaults(64, "ddim")
+    ours = np.asarray(generate_images(components, components.unet, prompt, torch.Generator().manual_seed(5),
+                                      torch.float32, "sdpa")[0], dtype=int)
+    expected = {}
+    for force_zeros in (False, True):
+        pipe = xl_pipeline(components, force_zeros_for_empty_prompt=force_zeros)
+        if prompt.sag_scale > 0:
+            latents, _ = reference_sag_latents(pipe, prompt.prompt, "", prompt.steps, prompt.cfg_scale,
+                                               prompt.sag_scale, 64, 64, seed=5)
+            expected[force_zeros] = decoded(pipe, latents)
+        else:
+            expected[force_zeros] = np.asarray(pipe(prompt.prompt, num_inference_steps=prompt.steps, width=64,
+                                                    height=64, guidance_scale=prompt.cfg_scale,
+                                                    generator=torch.Generator().manual_seed(5)).images[0], dtype=int)
+    assert np.abs(ours - expected[False]).max() <= 1
+    assert np.abs(expected[True] - expected[False]).max() > 1  # the setting shows: the test can fail

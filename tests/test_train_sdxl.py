@@ -180,6 +180,53 @@ def test_latent_cache_items_carry_the_cached_center_crop(tmp_path):
         assert item["original_size"].tolist() == [h, w] and item["target_size"].tolist() == [bucket_h, bucket_w]
 
 
+def crop_places(pixels: np.ndarray, resized: Image.Image) -> set[tuple[bool, int, int]]:
+    """Every (flipped, top, left) at which ``pixels`` sit in ``resized``, or in it flipped left-right."""
+    h, w = pixels.shape[:2]
+    places = set()
+    for flipped in (False, True):
+        image = np.asarray(resized.transpose(Image.FLIP_LEFT_RIGHT) if flipped else resized)
+        for top in range(image.shape[0] - h + 1):
+            for left in range(image.shape[1] - w + 1):
+                if np.array_equal(image[top:top + h, left:left + w], pixels):
+                    places.add((flipped, top, left))
+    return places
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_crop_top_left_of_a_flipped_sample_is_its_place_in_the_flipped_image(tmp_path, cache):
+    """diffusers' SDXL example flips the resized image, then crops: crop_top_left is where the trained
+    pixels sit in the flipped image. Random crops here; with a latent cache the center crop (its pixels
+    from the uncached center-crop dataset, which draws the same flips)."""
+    write_folder(tmp_path / "data", {"1_a": [(100, 64), (70, 64), (64, 100)]})
+    config = bucket_config(tmp_path, random_flip=True, cache_latents=cache)
+    records, names = read_records(config.validate(), quiet=True)
+    c = demo.build_sdxl_components()
+    dataset = build_dataset(config, records, names, c.tokenizer, tokenizer_2=c.tokenizer_2)
+    pixel_source = dataset
+    if cache:
+        from sat_train.latent_cache import cache_latents
+
+        quiet = SimpleNamespace(print=lambda *a: None, is_main_process=True, wait_for_everyone=lambda: None)
+        cache_latents(config, quiet, c.vae, dataset, torch.float32)
+        pixel_source = build_dataset(bucket_config(tmp_path, random_flip=True, center_crop=True), records, names,
+                                     c.tokenizer, tokenizer_2=c.tokenizer_2)
+    flips = set()
+    for epoch in range(4):
+        dataset.epoch = pixel_source.epoch = epoch
+        for index, (path, _) in enumerate(records):
+            item, pixels = dataset[index], as_pixels(pixel_source[index]["pixel_values"])
+            with Image.open(path) as image:
+                (w, h), rgb = image.size, image.convert("RGB")
+            bucket_w, bucket_h = dataset.target_size(index)
+            scale = max(bucket_w / w, bucket_h / h)
+            resized = rgb.resize((max(bucket_w, round(w * scale)), max(bucket_h, round(h * scale))), Image.LANCZOS)
+            (flipped, top, left), = crop_places(pixels, resized)  # noise images: one place only
+            assert item["crop_top_left"].tolist() == [top, left], (epoch, index, flipped)
+            flips.add(flipped)
+    assert flips == {False, True}
+
+
 # ----------------------------------------------------------------------------- layers and tokens
 
 
