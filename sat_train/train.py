@@ -41,9 +41,9 @@ from .guidance import StepInputs, build_guide
 from .latent_cache import cache_latents, sample_latents
 from .lora_files import kohya_file_metadata
 from .models import Components, add_lora, fp16_vae_warning, load_components, lora_parameters, vae_dtype
-from .sdxl import added_cond_kwargs, encode_sdxl_prompt
 from .optimizers import build_optimizer
 from .pictures import RunPictures
+from .sdxl import added_cond_kwargs, encode_sdxl_prompt
 from .seeding import derived_generator, seeded_global_rng
 from .text_encoder import (FILE_PREFIX_2, add_text_encoder_loras, check_checkpoint_text_encoder,
                            enable_text_encoder_checkpointing, encode_captions, load_text_encoder_lora,
