@@ -91,44 +91,32 @@ def model_settings(args, lora: Path) -> dict:
     return settings
 
 
-SDXL_DEMO_MODEL = "sdxl"  # train_config.json's "demo_model" of a run on the tiny SDXL (demo.build_sdxl_components)
-
-
-def demo_components(lora: Path):
-    """The embedded demo model a LoRA without a recorded base was trained on: SD v1.5-shaped, or the tiny
-    SDXL when its run recorded ``"demo_model": "sdxl"``."""
-    from . import demo
-
-    if recorded_settings(lora).get("demo_model") == SDXL_DEMO_MODEL:
-        return demo.build_sdxl_components()
-    return demo.build_components()
-
-
 def load_base_components(args, lora: Path, source: str | None):
-    """(components, force_zeros_for_empty_prompt) of the base model: the demo model, or what
-    models.load_components reads (SD v1.5 and SDXL folders and hub ids, single files)."""
+    """The base model: the embedded demo model the run recorded (``demo_model``: SD v1.5- or SDXL-shaped)
+    when there is no ``source``, else what models.load_components reads (SD v1.5 and SDXL folders and hub
+    ids, single files)."""
+    from . import demo
     from .models import load_components
     from .single_file import check_model_flags
 
     if source is None:
-        return demo_components(lora), True
+        return demo.build_demo_components(recorded_settings(lora).get("demo_model", "sd15"))
     config = TrainConfig(pretrained_model_name_or_path=source, revision=args.revision, variant=args.variant,
                          cache_dir=args.cache_dir, **model_settings(args, lora))
     check_model_flags(config)
-    components = load_components(config)
-    return components, components.force_zeros_for_empty_prompt
+    return load_components(config)
 
 
 def load_pipeline_components(args, device):
-    """(components with the LoRA loaded, the base model's source, its force_zeros_for_empty_prompt):
-    diffusers' load_lora_weights (diffusers or kohya keys; StableDiffusionXLPipeline's for an SDXL base)."""
+    """(components with the LoRA loaded, the base model's source): diffusers' load_lora_weights (diffusers
+    or kohya keys; StableDiffusionXLPipeline's for an SDXL base)."""
     from .sag import diffusers_pipeline
 
     lora = Path(args.lora)
     lora_file = find_lora_file(lora)
     source = base_model(args, lora)
-    components, force_zeros = load_base_components(args, lora, source)
-    pipe = diffusers_pipeline(components, components.noise_scheduler, force_zeros)
+    components = load_base_components(args, lora, source)
+    pipe = diffusers_pipeline(components, components.noise_scheduler)
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
@@ -141,7 +129,7 @@ def load_pipeline_components(args, device):
     for model in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
         if model is not None:
             model.to(device).eval()
-    return components, source, force_zeros
+    return components, source
 
 
 def image_size(args) -> tuple[int | None, int | None]:
@@ -179,13 +167,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
             raise UsageError("--num_images and --num_inference_steps must be >= 1")
         width, height = image_size(args)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        components, source, force_zeros = load_pipeline_components(args, device)
+        components, source = load_pipeline_components(args, device)
         # checked as training's --sac_layer: a cross-attention map (77 tokens wide) would stop SAG mid-sampling
         layer = None if args.sag_layer is None else sac_layer(components.unet, args.sag_layer, "--sag_layer")
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         images = sag_sample(components, args.prompt, args.negative_prompt, args.num_images, height, width,
                             args.num_inference_steps, args.guidance_scale, args.sag_scale, generator,
-                            args.attention_backend, self_attention=layer, force_zeros_for_empty_prompt=force_zeros)
+                            args.attention_backend, self_attention=layer)
     except UsageError as err:
         print(f"sat_train.sample: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -207,8 +207,8 @@ def test_sdxl_base_takes_the_vae_flag_and_its_force_zeros_setting(tmp_path):
     lora_file = save_sdxl_lora(sdxl_lora_components(), tmp_path / "lora")
     args = sample.build_parser().parse_args(["--lora", str(lora_file), "--prompt", PROMPT, "--vae",
                                              str(tmp_path / "vae"), "--pretrained_model_name_or_path", str(base)])
-    components, source, force_zeros = sample.load_pipeline_components(args, torch.device("cpu"))
-    assert components.is_sdxl and source == str(base) and force_zeros is False
+    components, source = sample.load_pipeline_components(args, torch.device("cpu"))
+    assert components.is_sdxl and source == str(base) and components.force_zeros_for_empty_prompt is False
     loaded, expected = components.vae.state_dict(), other_vae.state_dict()
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
@@ -219,7 +219,7 @@ def test_demo_sdxl_run_loads_the_tiny_sdxl_at_its_default_size(tmp_path):
     lora_file = save_sdxl_lora(sdxl_lora_components(), tmp_path)
     (tmp_path / "train_config.json").write_text(json.dumps({"demo": True, "demo_model": "sdxl"}), encoding="utf-8")
     args = sample.build_parser().parse_args(["--lora", str(tmp_path), "--prompt", PROMPT])
-    components, source, _ = sample.load_pipeline_components(args, torch.device("cpu"))
+    components, source = sample.load_pipeline_components(args, torch.device("cpu"))
     assert source is None and components.is_sdxl
     saved = load_file(lora_file)
     loaded = {n: p for n, p in components.unet.named_parameters() if "lora_" in n}

@@ -73,7 +73,7 @@ def test_sample_cli_deterministic_sag_and_lora_change_images(tmp_path):
 def test_demo_run_lora_is_usable_by_sample(tmp_path):
     lora_file = train(tiny_config(tmp_path, max_train_steps=1))
     args = sample.build_parser().parse_args(["--lora", str(tmp_path), "--prompt", PROMPT])
-    components, source, _ = sample.load_pipeline_components(args, torch.device("cpu"))
+    components, source = sample.load_pipeline_components(args, torch.device("cpu"))
     assert source is None  # the demo model, read from train_config.json
     saved = load_file(lora_file)
     loaded = {n: p for n, p in components.unet.named_parameters() if "lora_" in n}

@@ -418,7 +418,7 @@ def test_training_run_from_a_single_file(tiny, tmp_path):
     assert recorded["pretrained_model_name_or_path"] == str(tiny["file"])
     # the sampling CLI loads the same file as its base, with the run's --single_file_config
     args = sample.build_parser().parse_args(["--lora", str(tmp_path / "out"), "--prompt", "a photo"])
-    components, source, _ = sample.load_pipeline_components(args, torch.device("cpu"))
+    components, source = sample.load_pipeline_components(args, torch.device("cpu"))
     assert source == str(tiny["file"])
     base = {k.replace(".base_layer", ""): v for k, v in components.unet.state_dict().items() if "lora_" not in k}
     assert base.keys() == tiny["unet_state"].keys()
