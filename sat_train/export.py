@@ -73,11 +73,8 @@ def load_lora(unet, folder: str | os.PathLike, sdxl: bool = False) -> None:
     check_same_alpha(unet, metadata, folder)
     unet_state = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
     peft_state = convert_unet_state_dict_to_peft(unet_state)
-    check_lora_fits(unet, peft_state, folder)
-    result = set_peft_model_state_dict(unet, peft_state, adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"checkpoint {folder} has LoRA keys this model lacks: {unexpected[:3]}...")
+    check_lora_fits(unet, peft_state, folder)  # the keys and shapes are the UNet's: nothing unexpected is left
+    set_peft_model_state_dict(unet, peft_state, adapter_name="default")
 
 
 def check_same_alpha(unet, metadata: dict | None, folder) -> None:
