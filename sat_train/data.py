@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from .buckets import assign_buckets
 from .config import TrainConfig, UsageError
 from .datacheck import SmallImageRule, scan_image_folder, to_rgb
+from .sdxl import SIZE_KEYS, size_conditioning
 from .seeding import derived_generator
 
 CAPTION_STREAM = 1  # extra key of derived_generator: the caption pick draws apart from the crop/flip draws
@@ -200,8 +201,6 @@ class CaptionedImages(Dataset):
 
     def transformed(self, index: int, generator: torch.Generator | None = None, transform=None):
         """(pixels, SDXL's size conditioning of them: sdxl.size_conditioning) of sample ``index``."""
-        from .sdxl import size_conditioning
-
         try:
             image = open_image(self.records[index][0])
             pixels, box = (transform or self.transform).with_crop_box(image, generator, self.target_size(index))
@@ -397,8 +396,8 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     }
 
 
-# what an SDXL batch carries besides SD v1.5's (sdxl.py): the second tokenizer's ids, sdxl.SIZE_KEYS
-SDXL_BATCH_KEYS = ("input_ids_2", "original_size", "crop_top_left", "target_size")
+# what an SDXL batch carries besides SD v1.5's (sdxl.py): the second tokenizer's ids and the sizes
+SDXL_BATCH_KEYS = ("input_ids_2", *SIZE_KEYS)
 
 
 # ----------------------------------------------------------------------------- CAC token picks

@@ -38,6 +38,7 @@ import torch
 
 from .data import CaptionedImages, DatasetRow, ImageTransform, image_sizes, mirrored_box, open_image
 from .faults import fsync_dir, write_atomically
+from .sdxl import size_conditioning
 
 CACHE_FOLDER = "latent_cache"
 MANIFEST_NAME = "manifest.json"
@@ -134,8 +135,6 @@ class LatentCache:
 
     def size_conditioning(self, index: int, flipped: bool = False) -> dict[str, torch.Tensor]:
         """As ImageTransform.with_crop_box reports the uncached crop: mirrored when ``flipped``."""
-        from .sdxl import size_conditioning
-
         entry = self.entries[index]
         return size_conditioning(entry.image_size, mirrored_box(entry.crop_box, entry.resized_width) if flipped
                                  else entry.crop_box)
