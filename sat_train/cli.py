@@ -1,4 +1,4 @@
-"""Command line: flags built from TrainConfig's fields → TrainConfig → train().
+"""Command line: flags (config.flags, built from TrainConfig's fields) → TrainConfig → train().
 
 Entry points: ``python -m sat_train`` and the ``sat-train`` console script (sat_train.cli:main).
 Errors the user can fix (UsageError) print as one line and exit with code 2; --debug shows the
@@ -7,41 +7,13 @@ traceback instead.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
-import typing
 
-from .config import TrainConfig, UsageError
-
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (not the 40-line usage) and exits with code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser(parser_class=_OneLineErrorParser) -> argparse.ArgumentParser:
-    parser = parser_class(
-        prog="sat-train",
-        description="LoRA fine-tuning of Stable Diffusion v1.5 and SDXL with SAT (self-attention control) guidance. "
-        "With no --pretrained_model_name_or_path and no data flags it trains a tiny embedded demo model "
-        "offline on bundled photos.",
-        argument_default=argparse.SUPPRESS,  # only flags the user gave reach the namespace
-    )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        help_text = f"{meta.pop('help')} (default: {f.default})"
-        names = (f"--{f.name}", *meta.pop("aliases", ()))  # an alias keeps an older flag name working
-        if hints[f.name] is bool:
-            parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
-        else:
-            meta.setdefault("type", str)
-            parser.add_argument(*names, dest=f.name, help=help_text, **meta)
-    return parser
+from .config.flags import build_parser
+from .config.settings import TrainConfig
+from .errors import NonFiniteLossError, UsageError
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -49,7 +21,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     settings the user left out."""
     given = vars(build_parser().parse_args(argv))
     if given.get("config_file"):
-        from .config_file import config_file_settings
+        from .config.file import config_file_settings
 
         given = {**config_file_settings(given["config_file"]), **given}
     config = TrainConfig(**given)
@@ -76,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
     try:
         config = parse_config(argv)
-        from .train import train
+        from .run.loop import train
 
         train(config)
     except UsageError as err:
@@ -90,8 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # anything else: one line and exit 1; --debug shows the traceback
         if debug:
             raise
-        from .train import NonFiniteLossError
-
         if isinstance(err, NonFiniteLossError):
             _say_error(str(err), same_on_every_process=True)
         else:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .models import Components
+from .errors import UsageError
+from .models.components import Components
 
 DEMO_DATA_DIR = Path(__file__).with_name("assets") / "demo_data"
 DEMO_SEED = 0
@@ -53,6 +54,12 @@ def build_demo_components(demo_model: str = "sd15") -> Components:
 
 # The demo's mask pictures (output_dir/masks/): every 10 steps, so steps 10, 20 and 30 (the last) of its 30.
 MASK_PREVIEW_STEPS = 10
+
+
+def check_demo_flag(config) -> None:
+    if config.demo_model != "sd15" and not config.is_demo:
+        raise UsageError(f"--demo_model {config.demo_model} picks the embedded demo's model: drop it when you give "
+                         "--pretrained_model_name_or_path or data (an SDXL folder is recognised by itself)")
 
 
 def mask_preview_steps(config) -> int | None:
@@ -199,17 +206,5 @@ def save_components(components: Components, folder: str | Path) -> Path:
     """Writes the diffusers folder layout (SD v1.5's, or SDXL's with model_index.json), loadable with
     --pretrained_model_name_or_path folder (and SDXL's with StableDiffusionXLPipeline.from_pretrained)."""
     folder = Path(folder)
-    if components.is_sdxl:
-        from diffusers import StableDiffusionXLPipeline
-
-        StableDiffusionXLPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
-            scheduler=components.noise_scheduler).save_pretrained(folder)
-        return folder
-    components.tokenizer.save_pretrained(folder / "tokenizer")
-    components.text_encoder.save_pretrained(folder / "text_encoder")
-    components.vae.save_pretrained(folder / "vae")
-    components.unet.save_pretrained(folder / "unet")
-    components.noise_scheduler.save_pretrained(folder / "scheduler")
+    components.family.save_components(components, folder)
     return folder

@@ -3,7 +3,7 @@
 The base model (SD v1.5 or SDXL) is --pretrained_model_name_or_path, else the one recorded in
 OUTPUT_DIR's train_config.json, else (a demo run) the embedded demo model (the tiny SDXL when the
 run recorded ``"demo_model": "sdxl"``). ``--sag_scale > 0`` adds self-attention guidance
-(sat_train.sag: mask from q/k inside memory-efficient attention, fused degrade). The size is
+(sat_train.guide.sag: mask from q/k inside memory-efficient attention, fused degrade). The size is
 --resolution (one int, or W,H as kohya's) or --width/--height, by default the model's (SDXL's
 1024 px). Seeded and deterministic; writes PNGs to --output_dir (default OUTPUT_DIR/samples).
 """
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, UsageError
-from .export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from .config.settings import TrainConfig
+from .errors import UsageError
+from .outputs.checkpoints import CONFIG_NAME
+from .outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,7 @@ def find_lora_file(lora: Path) -> Path:
 
 def recorded_settings(lora: Path) -> dict:
     """The training run's train_config.json next to the LoRA ({} when there is none)."""
-    config_file = (lora if lora.is_dir() else lora.parent) / "train_config.json"
+    config_file = (lora if lora.is_dir() else lora.parent) / CONFIG_NAME
     return json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
 
 
@@ -83,7 +85,7 @@ def base_model(args, lora: Path) -> str | None:
 
 def model_settings(args, lora: Path) -> dict:
     """--vae and the single-file flags: those given here, else the run's when its base model is used."""
-    from .single_file import MODEL_FIELDS
+    from .models.single_file import MODEL_FIELDS
 
     recorded = {} if args.pretrained_model_name_or_path else recorded_settings(lora)
     settings = {name: recorded[name] for name in MODEL_FIELDS if recorded.get(name) is not None}
@@ -96,8 +98,8 @@ def load_base_components(args, lora: Path, source: str | None):
     when there is no ``source``, else what models.load_components reads (SD v1.5 and SDXL folders and hub
     ids, single files)."""
     from . import demo
-    from .models import load_components
-    from .single_file import check_model_flags
+    from .models.load import load_components
+    from .models.single_file import check_model_flags
 
     if source is None:
         return demo.build_demo_components(recorded_settings(lora).get("demo_model", "sd15"))
@@ -110,13 +112,11 @@ def load_base_components(args, lora: Path, source: str | None):
 def load_pipeline_components(args, device):
     """(components with the LoRA loaded, the base model's source): diffusers' load_lora_weights (diffusers
     or kohya keys; StableDiffusionXLPipeline's for an SDXL base)."""
-    from .sag import diffusers_pipeline
-
     lora = Path(args.lora)
     lora_file = find_lora_file(lora)
     source = base_model(args, lora)
     components = load_base_components(args, lora, source)
-    pipe = diffusers_pipeline(components, components.noise_scheduler)
+    pipe = components.pipeline()
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
@@ -126,16 +126,15 @@ def load_pipeline_components(args, device):
     finally:
         diffusers_logging.set_verbosity(verbosity)
     pipe.set_adapters(["sat"], adapter_weights=[args.lora_scale])
-    for model in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
-        if model is not None:
-            model.to(device).eval()
+    for model in (components.unet, components.vae, *components.text_encoders):
+        model.to(device).eval()
     return components, source
 
 
 def image_size(args) -> tuple[int | None, int | None]:
     """(width, height) from --resolution (an int, or W,H) or --width/--height; None: the model's default.
     With SAG, a side below what its blur needs is refused here rather than by the kernel mid-sampling."""
-    from .sample_prompts import SAG_MIN_SIZE, read_size
+    from .outputs.sample_prompts import SAG_MIN_SIZE, read_size
 
     if args.resolution is not None and (args.width is not None or args.height is not None):
         raise UsageError(f"--resolution {args.resolution} and --width/--height both give the size; keep one "
@@ -158,9 +157,9 @@ def image_size(args) -> tuple[int | None, int | None]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
-    from .capture import sac_layer
-    from .pictures import save_png
-    from .sag import sag_sample
+    from .guide.capture import sac_layer
+    from .guide.sag import sag_sample
+    from .outputs.pictures import save_png
 
     try:
         if args.num_images < 1 or args.num_inference_steps < 1:

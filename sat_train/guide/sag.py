@@ -11,9 +11,10 @@ where m is the mid-block self-attention mass of the uncond half > 1. The mass co
 (``MidBlockCapture``, a hook beside the memory-efficient attention: no N x N map) and ``x_deg`` is
 one ``sat_kernels.degrade_latents`` call, so inference keeps xformers/SDPA in every layer.
 
-SDXL (diffusers has no SAG pipeline for it) runs the same loop: its conditioning (``Conditioning``)
-adds ``added_cond_kwargs`` (pooled text embeddings, time ids) to every UNet call, the degraded
-forward's included, and comes from ``StableDiffusionXLPipeline.encode_prompt`` itself.
+SDXL (diffusers has no SAG pipeline for it) runs the same loop: its conditioning (``Conditioning``,
+from the family's ``prompt_conditioning``) adds ``added_cond_kwargs`` (pooled text embeddings, time
+ids) to every UNet call, the degraded forward's included, and comes from
+``StableDiffusionXLPipeline.encode_prompt`` itself.
 """
 
 from __future__ import annotations
@@ -23,12 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from .capture import MidBlockCapture, resolve_backend, stock_processor
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids, return_dict=False)[0]
 
 
 def pred_x0_and_eps(scheduler, sample, model_output, t):
@@ -70,63 +65,6 @@ class Conditioning:
         return self.cond if self.uncond is None else self.uncond
 
 
-def sd_conditioning(components, prompt: str, negative_prompt: str, num_images: int, cfg: bool, device, dtype,
-                    size: tuple[int, int], force_zeros_for_empty_prompt: bool) -> Conditioning:
-    """SD v1.5: the text encoder's last hidden states; the negative prompt ("" too) is encoded, as in
-    diffusers' SAG pipeline. ``size`` and ``force_zeros_for_empty_prompt`` are SDXL's only."""
-    def half(text: str) -> dict:
-        embeds = encode_prompts(components.tokenizer, components.text_encoder, [text] * num_images, device)
-        return {"encoder_hidden_states": embeds.to(dtype)}
-
-    return Conditioning(half(prompt), half(negative_prompt) if cfg else None)
-
-
-def sdxl_conditioning(components, prompt: str, negative_prompt: str, num_images: int, cfg: bool, device, dtype,
-                      size: tuple[int, int], force_zeros_for_empty_prompt: bool | None) -> Conditioning:
-    """SDXL, as ``StableDiffusionXLPipeline.__call__`` conditions its UNet: ``encode_prompt`` (both
-    encoders; an empty negative prompt gives zeros when ``force_zeros_for_empty_prompt``, the
-    pipeline's default), time ids for original = target = ``size`` (height, width), crop (0, 0),
-    the same for both halves."""
-    pipeline = diffusers_pipeline(components, components.noise_scheduler, force_zeros_for_empty_prompt)
-    embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
-        prompt, device=device, num_images_per_prompt=num_images, do_classifier_free_guidance=cfg,
-        negative_prompt=negative_prompt or None)
-    # the pipeline's own time-id builder (it also checks them against the UNet's add_embedding)
-    time_ids = pipeline._get_add_time_ids(tuple(size), (0, 0), tuple(size), dtype=embeds.dtype,
-                                          text_encoder_projection_dim=components.text_encoder_2.config.projection_dim)
-    time_ids = time_ids.to(device, dtype).repeat(num_images, 1)
-
-    def half(hidden_states: torch.Tensor, text_embeds: torch.Tensor) -> dict:
-        return {"encoder_hidden_states": hidden_states.to(dtype),
-                "added_cond_kwargs": {"text_embeds": text_embeds.to(dtype), "time_ids": time_ids}}
-
-    return Conditioning(half(embeds, pooled), half(negative_embeds, negative_pooled) if cfg else None)
-
-
-def diffusers_pipeline(components, scheduler, force_zeros_for_empty_prompt: bool | None = None):
-    """diffusers' text-to-image pipeline of ``components`` (StableDiffusionXLPipeline for SDXL, without
-    the invisible watermark, with the model's force_zeros_for_empty_prompt unless told;
-    StableDiffusionPipeline without the safety checker) with ``scheduler``."""
-    if force_zeros_for_empty_prompt is None:
-        force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
-    if components.is_sdxl:
-        from diffusers import StableDiffusionXLPipeline
-
-        pipeline = StableDiffusionXLPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer, tokenizer_2=components.tokenizer_2, unet=components.unet,
-            scheduler=scheduler, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipeline = StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-            unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 # ----------------------------------------------------------------------------- the sampler
 
 
@@ -160,9 +98,11 @@ def sag_sample(components, prompt: str, negative_prompt: str = "", num_images: i
     backend = resolve_backend(attention_backend, device)
     unet.set_attn_processor(stock_processor(backend))
     cfg = guidance_scale > 1.0
-    encode = sdxl_conditioning if components.is_sdxl else sd_conditioning
-    conditioning = encode(components, prompt, negative_prompt, num_images, cfg, device, dtype, (height, width),
-                          force_zeros_for_empty_prompt)
+    if force_zeros_for_empty_prompt is None:
+        force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
+    conditioning = Conditioning(*components.family.prompt_conditioning(
+        components, prompt, negative_prompt, num_images, cfg, device, dtype, (height, width),
+        force_zeros_for_empty_prompt))
     guided_kwargs = conditioning.batch()
     shape = (num_images, unet.config.in_channels, height // scale_factor, width // scale_factor)
     latents = torch.randn(shape, generator=generator, device=generator.device if generator else device,

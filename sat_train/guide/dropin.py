@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import resolve_backend, stock_processor
-from .config import DEFAULT_CAC_WORDS, GuideSettings
+from .settings import DEFAULT_CAC_WORDS, GuideSettings
 from .guidance import CaptionWordSaliency, MidBlockSaliency, SATGuide, StepInputs, make_saliency
 
 __all__ = ["GuideSettings", "SATCaptureHandle", "caption_token_positions", "guided_prediction",
@@ -121,7 +121,8 @@ def caption_token_positions(tokenizer, captions: list[str], words: list[str] | s
                             ) -> torch.Tensor:
     """(B, S) long positions of ``words`` (list or comma-separated) in each caption as ``tokenizer``
     pads/truncates it to model_max_length (the input_ids the text encoder sees); -1 = padding."""
-    from .data import pad_token_positions, tokenize, word_token_ids, word_token_positions
+    from ..models.family import tokenize
+    from ..models.words import pad_token_positions, word_token_ids, word_token_positions
 
     if isinstance(words, str):
         words = [w.strip() for w in words.split(",") if w.strip()]

@@ -2,9 +2,11 @@
 
 Names and defaults follow diffusers' examples/text_to_image/train_text_to_image_lora.py so an
 existing command line keeps working; the ``guide*``, ``cac_words`` and ``attention_backend``
-settings are SAT's. ``cli.py`` builds its flags from the field metadata here. The settings of the
-SAT step itself travel as one ``GuideSettings`` (``TrainConfig.guide_settings``), the object that
-``guidance.build_guide`` and the drop-in API take whole.
+settings are SAT's. ``config.flags`` builds the flags from the field metadata here; the checks of
+the settings live with the features they guard, called in order by ``config.checks``
+(``TrainConfig.validate``). The settings of the SAT step itself travel as one ``GuideSettings``
+(``TrainConfig.guide_settings``), the object that ``guide.guidance.build_guide`` and the drop-in API
+take whole. Imports no torch: ``--help`` stays light.
 """
 
 from __future__ import annotations
@@ -12,33 +14,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
-GUIDES = ("none", "sac", "cac")
-EXPORT_FORMATS = ("diffusers", "kohya", "both")
-DEFAULT_CAC_WORDS = "face,eyes,eye,hair,hand,hands,mouth,nose"
-ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "eager")
-GUIDE_CAPTURES = ("inline", "separate")
+from ..errors import UsageError
+from ..guide.settings import (ATTENTION_BACKENDS, DEFAULT_CAC_WORDS, DEFAULT_SAC_LAYER, GUIDE_CAPTURES, GUIDES,
+                              GuideSettings)
+from ..outputs.kohya_metadata import SAVE_PRECISIONS
+from ..outputs.lora_files import EXPORT_FORMATS
+from ..outputs.sample_prompts import SAMPLE_SAMPLERS
+from ..run.optimizers import LR_SCHEDULERS, OPTIMIZERS
+
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "adafactor")
-SAVE_PRECISIONS = ("float", "fp16", "bf16")  # --save_precision, kohya's names
 DEMO_MODELS = ("sd15", "sdxl")  # --demo_model: the embedded tiny SD v1.5 or SDXL (demo.py)
-# SAC's layer, SD v1.5's and SDXL's alike: the mid block's first self-attention. SDXL's mid block stacks ten
-# transformer blocks; the first one's attn1 reads the mid block's own features (after its first ResNet),
-# the input closest to SD v1.5's single mid-block attn1, where the paper captured the map.
-DEFAULT_SAC_LAYER = "mid_block.attentions[0].transformer_blocks[0].attn1"
 # diffusers' train_text_to_image_lora.py offers torchvision's InterpolationMode names, lowercased
 INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
-# kohya-ss/sd-scripts' --sample_sampler names (validation.SCHEDULER_CLASSES maps them to diffusers' schedulers)
-SAMPLE_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
-                   "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
-
-
-class UsageError(Exception):
-    """A problem the user can fix (bad flag, bad data); the CLI prints it as one line, exit 2."""
 
 
 def _opt(default, help: str, **argparse_kwargs):
@@ -55,27 +45,6 @@ def _resolution(value: str) -> int | str:
     return int(value) if value.strip().isdigit() else value.strip()
 
 
-# suffixes read as images (the data check's and the kohya-style folder reader's)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-
-# SD v1.5's VAE (and the demo's) turns a px x px image into px/8 x px/8 latents.
-VAE_SCALE_FACTOR = 8
-
-
-@dataclass(frozen=True)
-class GuideSettings:
-    """How the SAT step degrades and guides (DESIGN.md, "The method"); one value passed whole."""
-
-    ratio: float = 0.01  # r in pred + r * (pred - pred_deg)
-    threshold: float | str = 1.0  # SAC: mask tokens whose mass exceeds this, or "mean" (per sample)
-    kernel_size: int = 9  # Gaussian blur of the masked latents
-    sigma: float = 1.0
-    capture: str = "inline"  # inline: saliency from the first forward; separate: the original's extra forward
-    detach_degraded: bool = False  # no gradient through the degraded forward (an approximation)
-    recompute: bool = False  # backward reruns the first forward (exact; peak memory ~ a plain step's)
-    kernel_backend: str = "auto"  # sat_kernels backend: auto | triton | torch
-
-
 @dataclass
 class TrainConfig:
     # --- model
@@ -90,7 +59,7 @@ class TrainConfig:
     revision: str | None = _opt(None, "Model revision on the hub.")
     variant: str | None = _opt(None, "Weight variant, e.g. fp16.")
     cache_dir: str | None = _opt(None, "Where downloaded models and datasets are cached.")
-    # --- single-file checkpoints and --vae (sat_train/single_file.py)
+    # --- single-file checkpoints and --vae (models/single_file.py)
     original_config: str | None = _opt(
         None, "Single-file model: the LDM .yaml (e.g. v1-inference.yaml) its UNet and VAE architecture is read "
         "from (default: the bundled SD v1.5 configs).")
@@ -138,7 +107,7 @@ class TrainConfig:
                              "skipping it and counting it in the summary.")
     skip_small_images: bool = _opt(False, "Skip images smaller than --resolution (with --enable_bucket: than "
                                    "--min_bucket_reso) instead of upscaling them.")
-    # --- aspect-ratio buckets (kohya-ss/sd-scripts' flags; the math is in buckets.py)
+    # --- aspect-ratio buckets (kohya-ss/sd-scripts' flags; the math is in data/buckets.py)
     enable_bucket: bool = _opt(
         False, "Aspect-ratio buckets: each image trains at the bucket (about --resolution^2 pixels, sides multiples "
         "of --bucket_reso_steps) closest to its aspect ratio, one bucket per batch. Off: square crops.")
@@ -150,7 +119,7 @@ class TrainConfig:
     bucket_no_upscale: bool = _opt(
         False, "--enable_bucket: never upscale; an image of at most --resolution^2 pixels gets a bucket of its own "
         "size rounded down to --bucket_reso_steps (kohya's behaviour).")
-    # --- latent cache (latent_cache.py; kohya-ss/sd-scripts' flag names)
+    # --- latent cache (data/latent_cache.py; kohya-ss/sd-scripts' flag names)
     cache_latents: bool = _opt(
         False, "Encode every image with the VAE once, before training, and keep its latent distribution in memory "
         "(no image decode or VAE encode per step). Images are then center-cropped (see --random_crop); with "
@@ -198,7 +167,7 @@ class TrainConfig:
         None, "LoRA alpha: the update B·A is scaled by alpha / rank (kohya: --network_alpha; kohya's own default "
         "is 1). Unset: the rank (scale 1).", type=float, aliases=("--network_alpha",))
     lora_dropout: float = _opt(0.0, "Dropout probability on the LoRA branch's input while training.", type=float)
-    # --- text encoder LoRA (sat_train/text_encoder.py)
+    # --- text encoder LoRA (models/lora.py)
     train_text_encoder: bool = _opt(
         False, "Also train a LoRA on the CLIP text encoder's attention (q/k/v/out_proj) and MLP (fc1/fc2) "
         "projections, with the UNet's --rank, --lora_alpha and --lora_dropout; exported in the same file(s).")
@@ -275,7 +244,7 @@ class TrainConfig:
         None, "JSON or TOML file of settings (keys: these flags' names without --; TOML tables are merged), e.g. "
         "a run's train_config.json to rerun it; flags on the command line override it (the command "
         "line reads it; TrainConfig(config_file=...) in Python does not).")
-    # --- sample prompts during training (kohya-ss/sd-scripts' flags; sat_train/sample_prompts.py)
+    # --- sample prompts during training (kohya-ss/sd-scripts' flags; outputs/sample_prompts.py)
     sample_prompts: str | None = _opt(
         None, "Text file, one prompt a line in kohya's syntax: PROMPT --n NEGATIVE --w W --h H --s STEPS --d SEED "
         "--l CFG --ss SAMPLER --sag SAG_SCALE (# comments and blank lines skipped); sampled into "
@@ -293,158 +262,21 @@ class TrainConfig:
         return self.pretrained_model_name_or_path is None and self.train_data_dir is None and self.dataset_name is None
 
     def validate(self) -> "TrainConfig":
-        """Checks that need no model or data; raises UsageError naming the flag."""
-        if self.pretrained_model_name_or_path is None and not self.is_demo:
-            raise UsageError("--pretrained_model_name_or_path is required with your own data "
-                             "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5); leave out both for the demo")
-        self._check_resolution_flags()
-        for name in ("train_batch_size", "gradient_accumulation_steps", "rank",
-                     "checkpointing_steps", "num_train_epochs", "validation_epochs"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("validation_steps", "mask_preview_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.mask_preview_steps is not None and self.guide == "none":
-            raise UsageError("--mask_preview_steps shows the SAC/CAC blur mask: use it with --guide sac or cac")
-        if self.guide_recompute and self.guide == "none":
-            raise UsageError("--guide_recompute recomputes the first of the guide's two forwards: use it with "
-                             "--guide sac or cac")
-        if self.guide_recompute and self.guide_detach_degraded:
-            raise UsageError("--guide_recompute and --guide_detach_degraded both cut a step's memory to about a "
-                             "plain step's; pick one (recompute keeps exact gradients, detach is faster)")
-        if self.guide_capture == "separate" and self.guide == "none":
-            raise UsageError("--guide_capture separate is the original code's extra capture forward: use it with "
-                             "--guide sac or cac")
-        if self.dataset_name is not None and (self.strict_data or self.skip_small_images):
-            raise UsageError("--strict_data and --skip_small_images act on the image-folder data check, which "
-                             "--dataset_name does not run (its images are decoded per sample); drop them, or "
-                             "give the folder as --train_data_dir without --dataset_name")
-        self._check_model_files()
-        self._check_demo_and_layer_flags()
-        self._check_caption_flags()
-        self._check_latent_cache_flags()
-        self._check_lora_flags()
-        from .text_encoder import check_text_encoder_flags
+        """Checks that need no model or data (config.checks, in order); raises UsageError naming the flag."""
+        from .checks import check_config
 
-        check_text_encoder_flags(self)
-        self._check_optimizer_flags()
-        self._check_compile_flags()
-        self._check_sample_flags()
-        if self.guide == "cac" and not self.cac_word_list:
-            raise UsageError("--cac_words is empty: give comma-separated words, e.g. face,eyes,hair")
-        if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise UsageError(f"--max_train_steps must be >= 1, got {self.max_train_steps}")
-        if self.guide_kernel_size < 1 or self.guide_kernel_size % 2 == 0:
-            raise UsageError(f"--guide_kernel_size must be an odd positive int, got {self.guide_kernel_size}")
-        if not self.guide_sigma > 0:
-            raise UsageError(f"--guide_sigma must be > 0, got {self.guide_sigma}")
-        self._check_latents_fit_the_blur()
-        if self.mixed_precision == "fp16" and not _cuda_available():
-            raise UsageError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
-        if self.enable_xformers_memory_efficient_attention and self.attention_backend not in ("auto", "xformers"):
-            raise UsageError("--enable_xformers_memory_efficient_attention conflicts with "
-                             f"--attention_backend {self.attention_backend}")
+        check_config(self)
         return self
-
-    def _check_model_files(self) -> None:
-        from .single_file import check_model_flags  # single-file checkpoints, --vae, --tokenizer_name
-
-        check_model_flags(self)
-
-    def _check_demo_and_layer_flags(self) -> None:
-        if self.demo_model != "sd15" and not self.is_demo:
-            raise UsageError(f"--demo_model {self.demo_model} picks the embedded demo's model: drop it when you give "
-                             "--pretrained_model_name_or_path or data (an SDXL folder is recognised by itself)")
-        if not re.fullmatch(r"[A-Za-z_]\w*(\.\w+|\[\d+\])*", self.sac_layer):
-            raise UsageError(f"--sac_layer {self.sac_layer!r} is not a dotted module path: give one like "
-                             f"{DEFAULT_SAC_LAYER}")
-        if self.sac_layer != DEFAULT_SAC_LAYER and self.guide == "none":
-            raise UsageError("--sac_layer picks the layer SAC captures: use it with --guide sac or cac")
-
-    def _check_caption_flags(self) -> None:
-        for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:  # also rejects nan
-                raise UsageError(f"--{name} is a probability: give a value in [0, 1], got {getattr(self, name)}")
-        if self.keep_tokens < 0:
-            raise UsageError(f"--keep_tokens must be >= 0 (tags kept in front), got {self.keep_tokens}")
-        if self.keep_tokens and not (self.shuffle_caption or self.caption_tag_dropout_rate):
-            raise UsageError("--keep_tokens keeps tags in front of shuffled or dropped ones: add --shuffle_caption "
-                             "or --caption_tag_dropout_rate, or drop --keep_tokens")
-        suffix = self.caption_suffix
-        if suffix in (".", "") or any(c in suffix for c in "/\\") or suffix.lower() in IMAGE_SUFFIXES:
-            raise UsageError(f"--caption_extension {self.caption_extension!r} cannot name caption files: give a "
-                             "suffix such as .txt or .caption")
-
-    def _check_latent_cache_flags(self) -> None:
-        if self.random_crop and self.center_crop:
-            raise UsageError("--random_crop and --center_crop ask for different crops: pick one")
-        if self.random_crop and self.caches_latents:
-            flag = "--cache_latents_to_disk" if self.cache_latents_to_disk else "--cache_latents"
-            raise UsageError(f"--random_crop with {flag} would train every epoch on the one crop the cache holds: "
-                             f"drop --random_crop (cached images are center-cropped) or drop {flag}")
 
     @property
     def caches_latents(self) -> bool:
         """--cache_latents or --cache_latents_to_disk (which implies it, as in kohya's scripts)."""
         return self.cache_latents or self.cache_latents_to_disk
 
-    def _check_lora_flags(self) -> None:
-        if self.lora_alpha is not None and not 0.0 < self.lora_alpha < float("inf"):  # also rejects nan
-            raise UsageError(f"--lora_alpha must be > 0 (the LoRA update is scaled by alpha / rank), got "
-                             f"{self.lora_alpha}; leave it out for alpha = rank")
-        if not 0.0 <= self.lora_dropout < 1.0:  # also rejects nan
-            raise UsageError(f"--lora_dropout is a probability: give a value in [0, 1), got {self.lora_dropout}")
-
-    def _check_compile_flags(self) -> None:
-        if not self.torch_compile:
-            if self.dynamo_backend != "inductor":
-                raise UsageError(f"--dynamo_backend {self.dynamo_backend} picks the backend of --torch_compile: "
-                                 "add --torch_compile, or drop --dynamo_backend")
-            return
-        import torch._dynamo
-
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if self.dynamo_backend not in backends:
-            raise UsageError(f"--dynamo_backend {self.dynamo_backend} is not a torch.compile backend here; "
-                             f"choose one of {', '.join(backends)}")
-
-    def _check_optimizer_flags(self) -> None:
-        if self.lr_num_cycles < 1:
-            raise UsageError(f"--lr_num_cycles must be >= 1, got {self.lr_num_cycles}")
-        if not 0.0 < self.lr_power < float("inf"):  # also rejects nan
-            raise UsageError(f"--lr_power must be > 0, got {self.lr_power}")
-        # the optimizer built on a one-element parameter: a missing package, a bad --optimizer_args item,
-        # key or value fails here, before any model loads
-        import torch
-
-        from .optimizers import build_optimizer
-
-        build_optimizer(self, [torch.nn.Parameter(torch.zeros(1))], lr=self.learning_rate)
-
-    def _check_sample_flags(self) -> None:
-        """--sample_*: the prompt file parsed and each line checked (sample_prompts.py), before models load."""
-        for name in ("sample_every_n_steps", "sample_every_n_epochs"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        when = self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first
-        if self.sample_prompts is None:
-            if when:
-                raise UsageError("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first sample the "
-                                 "prompts of --sample_prompts FILE: give that file too")
-            return
-        if not when:
-            raise UsageError(f"--sample_prompts {self.sample_prompts} is never sampled: add --sample_every_n_steps N, "
-                             "--sample_every_n_epochs N or --sample_at_first")
-        from .sample_prompts import check_sample_prompt
-
-        for prompt in self.sample_prompt_list:
-            check_sample_prompt(prompt)
-
     @property
     def sample_prompt_list(self) -> list:
         """--sample_prompts' prompts with the run's defaults (--resolution, --sample_sampler) filled in."""
-        from .sample_prompts import parse_prompt_file
+        from ..outputs.sample_prompts import parse_prompt_file
 
         if self.sample_prompts is None:
             return []
@@ -472,33 +304,6 @@ class TrainConfig:
         ext = self.caption_extension.strip()
         return ext if ext.startswith(".") or not ext else "." + ext
 
-    def _check_latents_fit_the_blur(self) -> None:
-        """The blur reflect-pads the latents by kernel_size // 2, which needs latents wider than that on
-        the smallest side a batch can have (with --enable_bucket, the smallest bucket's): checked here,
-        before any model loads, instead of failing at the first step."""
-        if self.guide == "none":
-            return
-        radius = self.guide_kernel_size // 2
-        smallest = (radius + 1) * VAE_SCALE_FACTOR
-        if self.enable_bucket:
-            side = min(min(bucket) for bucket in self.bucket_resolutions)
-            if side // VAE_SCALE_FACTOR <= radius:
-                latents = side // VAE_SCALE_FACTOR
-                raise UsageError(
-                    f"--min_bucket_reso {self.min_bucket_reso} gives buckets {side} px wide ({latents} "
-                    f"latents), too small for --guide_kernel_size {self.guide_kernel_size} (the blur needs latents "
-                    f"wider than {radius}): use --min_bucket_reso >= {smallest} or --guide_kernel_size <= "
-                    f"{max(1, 2 * latents - 1)}")
-            return
-        width, height = self.resolution_wh
-        latent_side = min(width, height) // VAE_SCALE_FACTOR
-        if latent_side <= radius:
-            shape = f"{width // VAE_SCALE_FACTOR}x{height // VAE_SCALE_FACTOR}"
-            raise UsageError(
-                f"--resolution {self.resolution} gives {shape} latents, too small for "
-                f"--guide_kernel_size {self.guide_kernel_size} (the blur needs latents wider than {radius}): "
-                f"use --resolution >= {smallest} or --guide_kernel_size <= {max(1, 2 * latent_side - 1)}")
-
     @property
     def resolution_wh(self) -> tuple[int, int]:
         """--resolution as (width, height): an int R is (R, R); "W,H" (kohya's form) is (W, H)."""
@@ -515,7 +320,7 @@ class TrainConfig:
     @property
     def bucket_resolutions(self) -> list[tuple[int, int]]:
         """--enable_bucket's bucket table, (width, height) sorted (buckets.make_buckets)."""
-        from .buckets import make_buckets
+        from ..data.buckets import make_buckets
 
         return make_buckets(self.resolution_wh, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps)
 
@@ -526,25 +331,6 @@ class TrainConfig:
         if self.enable_bucket:
             return (self.min_bucket_reso, self.min_bucket_reso), f"--min_bucket_reso {self.min_bucket_reso}"
         return self.resolution_wh, f"--resolution {self.resolution}"
-
-    def _check_resolution_flags(self) -> None:
-        """--resolution (an int or W,H) and kohya's bucket flags."""
-        width, height = self.resolution_wh  # raises on a bad --resolution
-        if not self.enable_bucket:
-            return
-        steps, low, high = self.bucket_reso_steps, self.min_bucket_reso, self.max_bucket_reso
-        if steps < 8 or steps % 8:
-            raise UsageError(f"--bucket_reso_steps must be a multiple of 8 (the VAE's downsampling), >= 8, got {steps}"
-                             "; kohya's default is 64")
-        for name, value in (("min_bucket_reso", low), ("max_bucket_reso", high)):
-            if value < steps or value % steps:
-                raise UsageError(f"--{name} {value} is not a multiple of --bucket_reso_steps {steps}: give e.g. "
-                                 f"{max(steps, value - value % steps)}")
-        if low > high:
-            raise UsageError(f"--min_bucket_reso {low} is larger than --max_bucket_reso {high}: swap them")
-        if not (low <= width <= high and low <= height <= high):
-            raise UsageError(f"--resolution {self.resolution} lies outside the bucket sides [--min_bucket_reso {low}, "
-                             f"--max_bucket_reso {high}]: widen them or change --resolution")
 
     @property
     def guide_settings(self) -> GuideSettings:
@@ -566,12 +352,6 @@ class TrainConfig:
 
     def write_json(self, path: str | os.PathLike, **extra) -> None:
         """Written atomically so a crash never leaves half a config next to a checkpoint."""
-        from .faults import write_atomically
+        from ..faults import write_atomically
 
         write_atomically(path, (self.to_json(**extra) + "\n").encode("utf-8"))
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -16,12 +16,7 @@ import time
 from pathlib import Path
 
 MODELSPEC_VERSION = "1.0.1"  # what sd-scripts writes since its ModelSpec 1.0.1 update (Aug 2025)
-# The family's names, as sd-scripts writes them for a LoRA: ss_base_model_version (train_network.py's
-# model_version: "sd_v1", library/sdxl_model_util.py's MODEL_VERSION_SDXL_BASE_V1_0), modelspec's
-# architecture and implementation (library/sai_model_spec.py: an SDXL LoRA names Stability's repo).
-BASE_MODEL_VERSION = {False: "sd_v1", True: "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {False: "stable-diffusion-v1/lora", True: "stable-diffusion-xl-v1-base/lora"}
-MODELSPEC_IMPLEMENTATION = {False: "diffusers", True: "https://github.com/Stability-AI/generative-models"}
+SAVE_PRECISIONS = ("float", "fp16", "bf16")  # --save_precision, kohya's names
 LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000  # sd-scripts' addnet_hash_legacy window
 
 
@@ -71,17 +66,17 @@ def safetensors_hashes(state: dict, metadata: dict[str, str]) -> tuple[str, str]
     return model_hash, legacy_hash
 
 
-def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int,
-                            sdxl: bool = False) -> dict[str, str]:
+def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int, family) -> dict[str, str]:
     """The ``ss_*`` keys sd-scripts' train_network.py writes that this trainer has an equivalent of
-    (``max_train_steps``: the run's length, also when --num_train_epochs set it; ``sdxl``: the family)."""
+    (``max_train_steps``: the run's length, also when --num_train_epochs set it; ``family``: the model's,
+    whose names sd-scripts writes, models/family.py)."""
     model = config.pretrained_model_name_or_path
     values = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": config.rank,
         "ss_network_alpha": config.resolved_lora_alpha,
         "ss_network_dropout": config.lora_dropout,
-        "ss_base_model_version": BASE_MODEL_VERSION[sdxl],
+        "ss_base_model_version": family.kohya_base_model_version,
         "ss_v2": False,
         "ss_resolution": tuple(config.resolution_wh),
         "ss_steps": steps,
@@ -125,13 +120,13 @@ def _model_name(model: str) -> str:
     return os.path.basename(model.rstrip("/\\")) if os.path.exists(model) else model
 
 
-def modelspec_metadata(config, prediction_type: str, timestamp: float, sdxl: bool = False) -> dict[str, str]:
-    """Stability's ModelSpec keys as sd-scripts fills them for an SD v1 (or ``sdxl``: SDXL) LoRA (title:
+def modelspec_metadata(config, prediction_type: str, timestamp: float, family) -> dict[str, str]:
+    """Stability's ModelSpec keys as sd-scripts fills them for a LoRA of ``family`` (title:
     kohya's --output_name, here the output folder's name; date: ISO 8601 local time, whole seconds)."""
     return {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE[sdxl],
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[sdxl],
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.implementation_version": f"sat_train/{_package_version()}",
         "modelspec.title": Path(config.output_dir).name,
         "modelspec.resolution": "{}x{}".format(*config.resolution_wh),
@@ -161,11 +156,11 @@ def sat_metadata(config) -> dict[str, str]:
 
 
 def kohya_file_metadata(state: dict, config, steps: int, epoch: int, max_train_steps: int,
-                        prediction_type: str = "epsilon", sdxl: bool = False) -> dict[str, str]:
+                        family, prediction_type: str = "epsilon") -> dict[str, str]:
     """Everything the kohya file's header carries; ``state`` is the state dict as it will be saved
-    (after --save_precision), which the hashes cover; ``sdxl``: an SDXL LoRA's family names."""
-    metadata = {"format": "pt", **kohya_training_metadata(config, steps, epoch, max_train_steps, sdxl),
-                **modelspec_metadata(config, prediction_type, time.time(), sdxl),
+    (after --save_precision), which the hashes cover; ``family``: the model's (its names)."""
+    metadata = {"format": "pt", **kohya_training_metadata(config, steps, epoch, max_train_steps, family),
+                **modelspec_metadata(config, prediction_type, time.time(), family),
                 **sat_metadata(config)}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
     return metadata

@@ -19,16 +19,16 @@ import tomllib
 import typing
 from pathlib import Path
 
-from .config import TrainConfig, UsageError
+from ..errors import UsageError
+from .flags import build_parser
+from .settings import TrainConfig
 
 IGNORED_KEYS = ("resolved", "config_file")  # train_config.json's derived block; the file's own origin
 
 
 def config_file_settings(path: str) -> dict:
     """The file's settings as TrainConfig keyword arguments, each value converted and checked by its
-    flag's own argparse type and choices (cli.build_parser)."""
-    from .cli import build_parser
-
+    flag's own argparse type and choices (flags.build_parser)."""
     raw = flatten_tables(read_settings_file(path), path)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in raw:

@@ -2,13 +2,13 @@
 
 Before training, the VAE encodes each distinct (image, target size, crop box, flip) once; batches
 then carry the VAE's latent *distribution* (``latent_dist.parameters``: mean and logvar, stacked
-on the channel axis) under ``data.LATENT_PARAMS`` instead of pixels, and ``make_step_inputs`` draws
-``sample_latents(params, generator)`` = ``mean + std * randn(generator)``, exactly what
+on the channel axis) under ``dataset.LATENT_PARAMS`` instead of pixels, and ``run.inputs.make_step_inputs`` draws
+``models.vae.sample_latents(params, generator)`` = ``mean + std * randn(generator)``, exactly what
 ``vae.encode(pixels).latent_dist.sample(generator)`` draws uncached. A cached run is therefore the
 uncached center-crop run (up to the float noise of another VAE batch size).
 
 - Crops: a cache holds one crop per image, so cached images are center-cropped (as in kohya's
-  scripts); --random_crop with a cache is refused (config.py). With --random_flip the flipped image
+  scripts); --random_crop with a cache is refused (check_latent_cache_flags). With --random_flip the flipped image
   is cached too, and each sample picks one with the uncached path's flip draw (ImageTransform.draws_flip).
 - --cache_latents: in memory, rebuilt each run. Every process encodes every image: the seeded
   shuffle hands each process other samples every epoch, so each needs them all, and encoding on
@@ -22,12 +22,11 @@ uncached center-crop run (up to the float noise of another VAE batch size).
   cannot be read whole (a crash while caching), is encoded again. ``manifest.json`` records the
   run-level part of the key, so the log can say why a cache is rebuilt.
 - The VAE then waits on the CPU (on a GPU run) and comes back for validation images and mask
-  pictures (``vae_on_device``); mask pictures of cached batches show the decoded latent mean.
+  pictures (``models.vae.vae_on_device``); mask pictures of cached batches show the decoded latent mean.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -36,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from .data import CaptionedImages, DatasetRow, ImageTransform, image_sizes, mirrored_box, open_image
-from .faults import fsync_dir, write_atomically
-from .sdxl import size_conditioning
+from ..errors import UsageError
+from ..faults import fsync_dir, write_atomically
+from .dataset import CaptionedImages, DatasetRow, ImageTransform, image_sizes, mirrored_box, open_image
 
 CACHE_FOLDER = "latent_cache"
 MANIFEST_NAME = "manifest.json"
@@ -46,14 +45,6 @@ FORMAT_VERSION = 1
 TENSOR_NAMES = {False: "latent_params", True: "latent_params_flipped"}  # a file's tensor per flip
 CRASH_POINT = "latent_cache:mid"  # faults.py: a cache file written to its temporary, not yet renamed
 WEIGHT_SAMPLE = 256  # leading values of every VAE tensor hashed into the fingerprint (with each tensor's sum)
-
-
-def sample_latents(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A draw from the cached distribution: diffusers' DiagonalGaussianDistribution(params).sample,
-    the very code ``latent_dist.sample(generator)`` runs on an uncached batch."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    return DiagonalGaussianDistribution(params).sample(generator)
 
 
 def vae_fingerprint(vae) -> str:
@@ -125,19 +116,19 @@ def cache_entry(dataset: CaptionedImages, index: int, size: tuple[int, int], cen
 class LatentCache:
     """What CaptionedImages reads: ``params(index, flipped)``, the (2C, h, w) latent distribution of
     sample ``index``; from memory (``store``: name → flip → tensor) or from its file in ``folder``;
-    ``size_conditioning(index, flipped)``: SDXL's sizes of that cached center crop (``entries``: one per
-    sample)."""
+    ``image_conditioning(index, flipped)``: the family's conditioning on the sizes of that cached center
+    crop (SDXL's; ``entries``: one per sample)."""
 
-    def __init__(self, entries: list[CacheEntry], store: dict[str, dict[bool, torch.Tensor]] | None = None,
+    def __init__(self, entries: list[CacheEntry], family, store: dict[str, dict[bool, torch.Tensor]] | None = None,
                  folder: Path | None = None):
-        self.entries, self.store, self.folder = entries, store, folder
+        self.entries, self.family, self.store, self.folder = entries, family, store, folder
         self.names = [e.name for e in entries]
 
-    def size_conditioning(self, index: int, flipped: bool = False) -> dict[str, torch.Tensor]:
+    def image_conditioning(self, index: int, flipped: bool = False) -> dict[str, torch.Tensor]:
         """As ImageTransform.with_crop_box reports the uncached crop: mirrored when ``flipped``."""
         entry = self.entries[index]
-        return size_conditioning(entry.image_size, mirrored_box(entry.crop_box, entry.resized_width) if flipped
-                                 else entry.crop_box)
+        box = mirrored_box(entry.crop_box, entry.resized_width) if flipped else entry.crop_box
+        return self.family.image_conditioning(entry.image_size, box)
 
     def params(self, index: int, flipped: bool = False) -> torch.Tensor:
         name = self.names[index]
@@ -245,9 +236,9 @@ def cache_latents(config, accelerator, vae, dataset: CaptionedImages, dtype: tor
         if accelerator.is_main_process:
             build_disk_cache(folder, entries, encode, fingerprint, say)
         accelerator.wait_for_everyone()  # the others read the files the main process wrote
-        cache = LatentCache(per_sample, folder=folder)
+        cache = LatentCache(per_sample, dataset.family, folder=folder)
     else:
-        cache = LatentCache(per_sample, store={entry.name: params for entry, params in encode(entries)})
+        cache = LatentCache(per_sample, dataset.family, store={entry.name: params for entry, params in encode(entries)})
         say(f"latent cache: {len(entries)} images encoded, in memory")
     dataset.latent_cache = cache
     if vae.device.type != "cpu":
@@ -255,24 +246,10 @@ def cache_latents(config, accelerator, vae, dataset: CaptionedImages, dtype: tor
     return cache
 
 
-@contextlib.contextmanager
-def vae_on_device(vae, device):
-    """Inside: the VAE on ``device`` (validation, mask pictures); after: back where it was (with a latent
-    cache, the CPU). A no-op when it is there already."""
-    home = vae.device
-    if home == torch.device(device):
-        yield vae
-        return
-    vae.to(device)
-    try:
-        yield vae
-    finally:
-        vae.to(home)
-
-
-@torch.no_grad()
-def decode_latent_means(params: torch.Tensor, vae) -> torch.Tensor:
-    """(B, 3, H, W) images of cached latent distributions: the VAE decoding each mean (the picture a
-    cached batch shows instead of its pixels)."""
-    mean = params[:, : params.shape[1] // 2]
-    return vae.decode(mean.to(vae.device, vae.dtype), return_dict=False)[0].float()
+def check_latent_cache_flags(config) -> None:
+    if config.random_crop and config.center_crop:
+        raise UsageError("--random_crop and --center_crop ask for different crops: pick one")
+    if config.random_crop and config.caches_latents:
+        flag = "--cache_latents_to_disk" if config.cache_latents_to_disk else "--cache_latents"
+        raise UsageError(f"--random_crop with {flag} would train every epoch on the one crop the cache holds: "
+                         f"drop --random_crop (cached images are center-cropped) or drop {flag}")

@@ -24,7 +24,8 @@ from collections import Counter
 
 import torch
 
-from .seeding import derived_generator
+from ..errors import UsageError
+from ..seeding import derived_generator
 
 # third key of derived_generator (seed, epoch, BUCKET_STREAM, k): far above any sample index, so the
 # sampler's draws never share a stream with the data set's (seed, epoch, index[, stream]) ones;
@@ -157,3 +158,23 @@ class BucketBatchSampler:
 
     def __iter__(self):
         return iter(self.epoch_batches(self.epoch))
+
+
+def check_resolution_flags(config) -> None:
+    """--resolution (an int or W,H) and kohya's bucket flags."""
+    width, height = config.resolution_wh  # raises on a bad --resolution
+    if not config.enable_bucket:
+        return
+    steps, low, high = config.bucket_reso_steps, config.min_bucket_reso, config.max_bucket_reso
+    if steps < 8 or steps % 8:
+        raise UsageError(f"--bucket_reso_steps must be a multiple of 8 (the VAE's downsampling), >= 8, got {steps}"
+                         "; kohya's default is 64")
+    for name, value in (("min_bucket_reso", low), ("max_bucket_reso", high)):
+        if value < steps or value % steps:
+            raise UsageError(f"--{name} {value} is not a multiple of --bucket_reso_steps {steps}: give e.g. "
+                             f"{max(steps, value - value % steps)}")
+    if low > high:
+        raise UsageError(f"--min_bucket_reso {low} is larger than --max_bucket_reso {high}: swap them")
+    if not (low <= width <= high and low <= height <= high):
+        raise UsageError(f"--resolution {config.resolution} lies outside the bucket sides [--min_bucket_reso {low}, "
+                         f"--max_bucket_reso {high}]: widen them or change --resolution")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .capture import CrossAttentionCapture, MidBlockCapture, lora_disabled, sac_layer
-from .config import GuideSettings
+from .settings import GuideSettings
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UsageError
+from ..errors import UsageError
 
 BUNDLED_SD15 = Path(__file__).with_name("assets") / "sd15"
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -289,7 +289,7 @@ def load_single_file_components(config):
     """Components of an SD v1 single file: UNet, VAE (or --vae), text encoder, tokenizer, scheduler."""
     from diffusers import DDPMScheduler
 
-    from .models import Components
+    from .components import Components
 
     path = Path(config.pretrained_model_name_or_path).expanduser()
     flag = "--pretrained_model_name_or_path"

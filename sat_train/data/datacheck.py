@@ -38,7 +38,10 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .config import IMAGE_SUFFIXES, UsageError
+from ..errors import UsageError
+
+# suffixes read as images (the data check's and the kohya-style folder reader's)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 METADATA = "metadata.jsonl"
 SHOWN_PER_KIND = 20  # at most this many lines per kind of problem are printed; the summary counts all

@@ -33,7 +33,8 @@ import re
 
 import torch
 
-from .config import UsageError
+from ..errors import UsageError
+from .settings import DEFAULT_SAC_LAYER
 
 REQUIRED_ATTRIBUTES = ("to_q", "to_k", "heads")
 
@@ -230,8 +231,6 @@ def sac_layer(unet, path: str, flag: str = "--sac_layer") -> torch.nn.Module:
     """--sac_layer's (or sample.py's ``flag`` --sag_layer's) module in ``unet``: a self-attention module
     with the capture's contract (the default path: mid_block_self_attention, whose message names a UNet
     without mid-block attention)."""
-    from .config import DEFAULT_SAC_LAYER
-
     if path == DEFAULT_SAC_LAYER:
         return mid_block_self_attention(unet)
     try:

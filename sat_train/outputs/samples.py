@@ -15,14 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .latent_cache import vae_on_device
+from ..guide.sag import sag_sample
+from ..models.vae import vae_on_device
+from ..seeding import derived_generator
+from .pictures import save_png
 from .sample_prompts import SamplePrompt
 
 INFERENCE_STEPS = 30  # as diffusers' LoRA example
 VALIDATION_SAMPLER = "dpmsolver++"  # what --validation_prompt sampled with before --sample_sampler existed
 SAMPLES_FOLDER = "samples"
 
-# config.SAMPLE_SAMPLERS (kohya's names) -> (diffusers scheduler class, config overrides), as kohya's get_my_scheduler
+# sample_prompts.SAMPLE_SAMPLERS (kohya's names) -> (diffusers scheduler class, config overrides), as kohya's get_my_scheduler
 SCHEDULER_CLASSES = {
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
@@ -71,7 +74,7 @@ def generate_images(components, unet, prompt: SamplePrompt, generator: torch.Gen
     (``weight_dtype`` not float32) the UNet runs under autocast, as in training."""
     device = next(unet.parameters()).device
     components = dataclasses.replace(components, unet=unet)
-    models = [model for model in (unet, components.text_encoder, components.text_encoder_2) if model is not None]
+    models = [unet, *components.text_encoders]
     was_training, processors = [model.training for model in models], unet.attn_processors
     for model in models:
         model.eval()
@@ -95,14 +98,10 @@ def generate_images(components, unet, prompt: SamplePrompt, generator: torch.Gen
 def make_pipeline(components, sampler: str):
     """diffusers' pipeline of ``components`` (StableDiffusionPipeline, or StableDiffusionXLPipeline for
     SDXL) sampling with ``sampler``."""
-    from .sag import diffusers_pipeline
-
-    return diffusers_pipeline(components, make_scheduler(sampler, components.noise_scheduler.config))
+    return components.pipeline(make_scheduler(sampler, components.noise_scheduler.config))
 
 
 def sag_image(components, prompt: SamplePrompt, generator: torch.Generator, attention_backend: str):
-    from .sag import sag_sample
-
     return sag_sample(components, prompt.prompt, prompt.negative_prompt, 1, prompt.height, prompt.width,
                       prompt.steps, prompt.cfg_scale, prompt.sag_scale, generator, attention_backend)[0]
 
@@ -110,8 +109,6 @@ def sag_image(components, prompt: SamplePrompt, generator: torch.Generator, atte
 def prompt_generator(prompt: SamplePrompt, run_seed: int | None, index: int) -> torch.Generator:
     """A private CPU generator: seeded by the prompt's seed (--d, or --seed for --validation_prompt), else
     from (the run's seed, the prompt's index), so a prompt gets the same noise at every sampling."""
-    from .seeding import derived_generator
-
     if prompt.seed is not None:
         return torch.Generator().manual_seed(prompt.seed)
     if run_seed is None:
@@ -124,6 +121,20 @@ def log_images(accelerator, tag: str, images: list, step: int) -> None:
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+
+
+def write_validation_images(accelerator, components, unet, config, weight_dtype, epoch: int | None = None,
+                            step: int | None = None) -> None:
+    """Images for --validation_prompt: output_dir/validation/epochNNNN-i.png (or stepNNNNNN-i.png)."""
+    if not accelerator.is_main_process:
+        return
+    prompt = validation_prompt(config)
+    images = generate_images(components, accelerator.unwrap_model(unet), prompt, prompt_generator(prompt, None, 0),
+                             weight_dtype, config.attention)
+    folder = Path(config.output_dir) / "validation"
+    for i, image in enumerate(images):
+        save_png(image, folder / (f"epoch{epoch:04d}-{i}.png" if step is None else f"step{step:06d}-{i}.png"))
+    log_images(accelerator, "validation", images, epoch if step is None else step)
 
 
 class TrainingSamples:
@@ -157,8 +168,6 @@ class TrainingSamples:
     def write(self, step: int) -> list[Path]:
         if not self.prompts or not self.accelerator.is_main_process:
             return []
-        from .pictures import save_png
-
         unet = self.accelerator.unwrap_model(self.unet)
         paths = []
         for index, prompt in enumerate(self.prompts):

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .data import LATENT_PARAMS
-from .faults import write_atomically
-from .latent_cache import decode_latent_means, vae_on_device
+from ..data.dataset import LATENT_PARAMS
+from ..errors import UsageError
+from ..faults import write_atomically
+from ..models.vae import decode_latent_means, vae_on_device
 
 MASK_COLOR = (255, 40, 40)
 MAX_PREVIEW_ROWS = 4
@@ -192,3 +193,8 @@ class RunPictures:
         if self.accelerator.is_main_process and self.steps:
             self.save_history(self.folder)
             save_png(loss_curve(self.steps, self.losses), self.folder / "loss.png")
+
+
+def check_mask_preview_flags(config) -> None:
+    if config.mask_preview_steps is not None and config.guide == "none":
+        raise UsageError("--mask_preview_steps shows the SAC/CAC blur mask: use it with --guide sac or cac")

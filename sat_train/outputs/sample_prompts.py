@@ -15,7 +15,7 @@ One prompt a line: the prompt text, then options, each `` --x value`` (kohya spl
 | ``--d N`` | seed of the image (the same image for that line at every sampling) | from (--seed, line index) |
 | ``--l X`` | classifier-free guidance scale | 7.5 |
 | ``--ss NAME`` | sampler of this line | --sample_sampler |
-| ``--sag X`` | self-attention guidance scale (sat's own; sat_train/sag.py, DDIM only) | 0 (off) |
+| ``--sag X`` | self-attention guidance scale (sat's own; sat_train/guide/sag.py, DDIM only) | 0 (off) |
 
 Option letters are case-insensitive, as in kohya. Unlike kohya (which logs and ignores what it
 cannot read), a malformed line is an error naming ``file:line``. kohya's ``.toml``/``.json``
@@ -28,7 +28,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SAMPLE_SAMPLERS, VAE_SCALE_FACTOR, UsageError
+from ..errors import UsageError
+from ..guide.settings import VAE_SCALE_FACTOR
+
+# kohya-ss/sd-scripts' --sample_sampler names (samples.SCHEDULER_CLASSES maps them to diffusers' schedulers)
+SAMPLE_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                   "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 
 SAG_SAMPLER = "ddim"  # sag.sag_sample steps a DDIM scheduler
 DEFAULT_STEPS = 30  # kohya's defaults for a line without --s / --l
@@ -181,3 +186,21 @@ def check_sample_prompt(prompt: SamplePrompt) -> None:
     if min(prompt.width, prompt.height) < SAG_MIN_SIZE:
         raise UsageError(f"{prompt.source}: --sag needs images of at least {SAG_MIN_SIZE} px a side (its blur is 9 "
                          f"latents wide), got {prompt.width}x{prompt.height}; set --w/--h >= {SAG_MIN_SIZE}")
+
+
+def check_sample_flags(config) -> None:
+    """--sample_*: the prompt file parsed and each line checked, before models load."""
+    for name in ("sample_every_n_steps", "sample_every_n_epochs"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(config, name)}")
+    when = config.sample_every_n_steps or config.sample_every_n_epochs or config.sample_at_first
+    if config.sample_prompts is None:
+        if when:
+            raise UsageError("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first sample the "
+                             "prompts of --sample_prompts FILE: give that file too")
+        return
+    if not when:
+        raise UsageError(f"--sample_prompts {config.sample_prompts} is never sampled: add --sample_every_n_steps N, "
+                         "--sample_every_n_epochs N or --sample_at_first")
+    for prompt in config.sample_prompt_list:
+        check_sample_prompt(prompt)

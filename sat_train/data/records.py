@@ -1,0 +1,123 @@
+"""The run's records: (image, caption) pairs and a name per record for messages, read before any
+model loads so that data problems show in seconds.
+
+Sources: an image folder with metadata.jsonl or a kohya-style folder (``N_name/`` subfolders, same-stem
+caption files), both through the data check (datacheck.py: every problem listed in one pass); or,
+with ``--dataset_name`` (as in diffusers' train_text_to_image_lora.py), the "train" split of
+``datasets.load_dataset``: captions up front (checked), images lazily per sample (dataset.DatasetRow).
+A caption column holding lists of captions gives a record a tuple of captions (the dataset picks one
+per epoch). Every problem the user can fix raises UsageError naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import UsageError
+from .datacheck import SmallImageRule, scan_image_folder
+from .dataset import DatasetRow
+
+if TYPE_CHECKING:
+    from ..config.settings import TrainConfig
+
+
+def read_hf_dataset(config: TrainConfig) -> tuple[list[tuple[object, str | tuple[str, ...]]], list[str]]:
+    """(DatasetRow, caption) records of the "train" split; a caption is a string, or a tuple of strings
+    when the caption column holds lists (CaptionedImages picks one per epoch)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("--dataset_name needs the datasets package: pip install datasets") from None
+    dataset = load_train_split(datasets, config)
+    check_columns(datasets, dataset, config)
+    if len(dataset) == 0:
+        raise UsageError(f"--dataset_name {config.dataset_name}: its \"train\" split has no rows")
+    if not dataset.features[config.image_column].decode:  # rows would be {"bytes", "path"} dicts
+        dataset = dataset.cast_column(config.image_column, datasets.Image())
+    images = dataset.select_columns([config.image_column])
+    # the caption column alone: reading it decodes no image
+    captions = [check_caption(config, row, caption) for row, caption in enumerate(dataset[config.caption_column])]
+    records = [(DatasetRow(images, config.image_column, row), caption) for row, caption in enumerate(captions)]
+    return records, [f"row {row} of --dataset_name {config.dataset_name}" for row in range(len(records))]
+
+
+def load_train_split(datasets, config: TrainConfig):
+    what = f"--dataset_name {config.dataset_name}" + (
+        f" --dataset_config_name {config.dataset_config_name}" if config.dataset_config_name else "")
+    try:
+        splits = datasets.load_dataset(config.dataset_name, config.dataset_config_name,
+                                       cache_dir=config.cache_dir, data_dir=config.train_data_dir)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
+        # not found, offline, no data files, unknown config, files that disagree: all fixable, so one
+        # line instead of a traceback; datasets often puts the real reason in the chained error
+        reason = one_line(err) + (f" ({one_line(err.__cause__)})" if err.__cause__ is not None else "")
+        raise UsageError(f"cannot load {what}: {reason} (expected a hub dataset name, reachable or in "
+                         "--cache_dir, or a folder of parquet/csv/json files or of images with metadata.jsonl; "
+                         "for an image folder also --dataset_name imagefolder --train_data_dir FOLDER)") from err
+    if "train" not in splits:
+        raise UsageError(f"{what} has no \"train\" split (splits: {', '.join(splits) or 'none'}); the trainer reads "
+                         "\"train\": in a local folder name the files train.* or put them in a train/ subfolder")
+    return splits["train"]
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_columns(datasets, dataset, config: TrainConfig) -> None:
+    columns = ", ".join(dataset.column_names)
+    for flag, column in (("--image_column", config.image_column), ("--caption_column", config.caption_column)):
+        if column not in dataset.column_names:
+            raise UsageError(f"dataset {config.dataset_name} has no column {column!r} "
+                             f"(columns: {columns}); pass {flag}")
+    feature = dataset.features[config.image_column]
+    if not isinstance(feature, datasets.Image):
+        raise UsageError(f"--image_column {config.image_column} of dataset {config.dataset_name} holds {feature}, "
+                         f"not images (columns: {columns}); pass --image_column naming an image column")
+
+
+def check_caption(config: TrainConfig, row: int, caption) -> str | tuple[str, ...]:
+    """A string, or a non-empty list of strings (returned as a tuple). Anything else stops the run
+    before a model loads, as diffusers' example does: a null would otherwise train on "None"."""
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) and all(isinstance(c, str) for c in caption):
+        return tuple(caption)
+    shown = repr(caption) if len(repr(caption)) <= 60 else repr(caption)[:57] + "..."
+    raise UsageError(f"row {row} of --dataset_name {config.dataset_name}: --caption_column {config.caption_column} "
+                     f"holds {shown}, not a caption (a string or a non-empty list of strings); fix the row, "
+                     "or pass --caption_column naming a text column")
+
+
+def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool = False
+                 ) -> tuple[list[tuple[object, str | tuple[str, ...]]], list[str]]:
+    """(image, caption) records and a name per record for messages; runs before any model loads,
+    so data problems show in seconds. ``data_dir`` overrides --train_data_dir (the demo's photos).
+    ``quiet``: the data check prints nothing (every process but the main one); errors still raise."""
+    if config.dataset_name is not None and data_dir is None:
+        records, names = read_hf_dataset(config)
+    else:
+        # the data check (datacheck.py): every problem listed in one pass, fatal ones exit 2 here
+        (width, height), size_flag = config.small_image_size
+        no_upscale = config.enable_bucket and config.bucket_no_upscale
+        small = SmallImageRule(width, height, size_flag,
+                               "--bucket_no_upscale" if no_upscale else "--skip_small_images")
+        report = scan_image_folder(Path(data_dir or config.train_data_dir), config.image_column,
+                                   config.caption_column, resolution=small,
+                                   skip_small_images=config.skip_small_images or no_upscale, strict=config.strict_data,
+                                   quiet=quiet, caption_suffix=config.caption_suffix)
+        records, names = report.records, report.names
+    if config.max_train_samples is not None:
+        records, names = records[: config.max_train_samples], names[: config.max_train_samples]
+    return records, names
+
+
+def check_dataset_flags(config) -> None:
+    if config.dataset_name is not None and (config.strict_data or config.skip_small_images):
+        raise UsageError("--strict_data and --skip_small_images act on the image-folder data check, which "
+                         "--dataset_name does not run (its images are decoded per sample); drop them, or "
+                         "give the folder as --train_data_dir without --dataset_name")
