@@ -10,10 +10,10 @@ import torch
 from conftest import interleaved_medians, record, run_ours
 from memory import peak_mib, saved_activation_mib
 
-from sat_train.capture import resolve_backend, stock_processor
-from sat_train.config import GuideSettings
-from sat_train.guidance import Guide, SATGuide, StepInputs, make_saliency
-from sat_train.models import add_lora
+from sat_train.guide.capture import resolve_backend, stock_processor
+from sat_train.guide.settings import GuideSettings
+from sat_train.guide.guidance import Guide, SATGuide, StepInputs, make_saliency
+from sat_train.models.lora import add_lora
 
 # name -> (guide, its options); "none" is the plain LoRA step every ratio divides by
 GUIDES = {

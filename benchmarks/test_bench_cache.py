@@ -18,14 +18,15 @@ import pytest
 import torch
 from conftest import device_name, interleaved_medians, record, run_ours
 
-from sat_train.capture import resolve_backend, stock_processor
-from sat_train.config import TrainConfig
-from sat_train.data import build_dataset, collate, read_records
+from sat_train.guide.capture import resolve_backend, stock_processor
+from sat_train.config.settings import TrainConfig
+from sat_train.data.dataset import build_dataset, collate
+from sat_train.data.records import read_records
 from sat_train.demo import DEMO_DATA_DIR, build_components
-from sat_train.guidance import build_guide
-from sat_train.latent_cache import cache_latents
-from sat_train.models import add_lora
-from sat_train.train import make_step_inputs
+from sat_train.guide.guidance import build_guide
+from sat_train.data.latent_cache import cache_latents
+from sat_train.models.lora import add_lora
+from sat_train.run.inputs import make_step_inputs
 
 BATCH, RESOLUTION = 2, 128
 
@@ -52,7 +53,7 @@ def _step_fn(device: torch.device, guide: str, cached: bool):
     config = TrainConfig(guide=guide, resolution=RESOLUTION, train_batch_size=BATCH, center_crop=not cached,
                          random_flip=True, cache_latents=cached, seed=0, output_dir="unused")
     records, names = read_records(config, DEMO_DATA_DIR, quiet=True)
-    dataset = build_dataset(config, records, names, components.tokenizer, seed=0)
+    dataset = build_dataset(config, records, names, components.tokenizers, components.family, seed=0)
     accelerator = SimpleNamespace(print=lambda *a: None, is_main_process=False, wait_for_everyone=lambda: None)
     cache_latents(config, accelerator, components.vae, dataset, torch.float32)
     if cached and device.type != "cpu":

@@ -18,7 +18,7 @@ import torch
 from conftest import device_name, interleaved_medians, record, run_ours
 from test_bench_train_step import _setup
 
-from sat_train.train import compile_unet
+from sat_train.run.prepare import compile_unet
 
 
 def backends(device: torch.device) -> list[str]:

@@ -18,13 +18,15 @@ import torch
 from conftest import device_name, interleaved_medians, record, run_ours
 from PIL import Image
 
-from sat_train.capture import resolve_backend, stock_processor
-from sat_train.config import TrainConfig
-from sat_train.data import build_dataset, read_records
+from sat_train.guide.capture import resolve_backend, stock_processor
+from sat_train.config.settings import TrainConfig
+from sat_train.data.dataset import build_dataset
+from sat_train.data.records import read_records
 from sat_train.demo import DEMO_DATA_DIR, build_components
-from sat_train.guidance import build_guide
-from sat_train.models import add_lora
-from sat_train.train import make_dataloader, make_step_inputs
+from sat_train.guide.guidance import build_guide
+from sat_train.models.lora import add_lora
+from sat_train.run.inputs import make_step_inputs
+from sat_train.run.prepare import make_dataloader
 
 SHAPES = {"square": None, "portrait": (128, 192), "landscape": (192, 128)}
 
@@ -52,7 +54,7 @@ def test_bucketed_loader_vs_train_step(benchmark, tmp_path):
                          output_dir=str(tmp_path / "out"), report_to="none").validate()
     components = build_components()
     records, names = read_records(config, quiet=True)
-    dataset = build_dataset(config, records, names, components.tokenizer, seed=0)
+    dataset = build_dataset(config, records, names, components.tokenizers, components.family, seed=0)
     loader = make_dataloader(config, dataset, seed=0)
     epochs = itertools.count()
 

@@ -58,7 +58,7 @@ def test_hook_capture_cost(benchmark, device, monkeypatch):
     """What the hook's recomputed q/k add to a SAC step: the hook capture against the same step
     with q/k handed to the capture for free (cached from the first call, as the removed processor
     capture had them inside the attention), and the plain step; interleaved."""
-    import sat_train.capture as capture
+    import sat_train.guide.capture as capture
 
     plain = _step_fn(device, "none")
     hooked = _step_fn(device, "sac")

@@ -13,9 +13,10 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from peft import LoraConfig
 
 from sat_kernels import reference
-from sat_train.config import GuideSettings, UsageError
-from sat_train.dropin import guided_prediction, install_sat_capture
-from sat_train.guidance import SATGuide, StepInputs, make_saliency
+from sat_train.errors import UsageError
+from sat_train.guide.settings import GuideSettings
+from sat_train.guide.dropin import guided_prediction, install_sat_capture
+from sat_train.guide.guidance import SATGuide, StepInputs, make_saliency
 from train_helpers import ProbsStoringProcessor, two_level_unet
 
 HEADS = 2

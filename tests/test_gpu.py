@@ -116,7 +116,7 @@ def test_nonfinite_values_stay_in_their_window_cuda():
 
 def cuda_demo_step_inputs():
     """(components, the demo LoRA UNet on CUDA with SDPA, its step inputs at 32x32 latents on CUDA)."""
-    from sat_train.capture import stock_processor
+    from sat_train.guide.capture import stock_processor
     from train_helpers import lora_unet, step_inputs
 
     components = lora_unet()
@@ -131,8 +131,8 @@ def cuda_demo_step_inputs():
 def sac_step(components, unet, s, saliency, kernels, recompute=False):
     """(loss, LoRA gradients) of one SAC step with ``saliency`` (make_saliency's, on ``unet``) and
     the ``kernels`` backend."""
-    from sat_train.config import GuideSettings
-    from sat_train.guidance import SATGuide
+    from sat_train.guide.settings import GuideSettings
+    from sat_train.guide.guidance import SATGuide
     from train_helpers import lora_grads
 
     guide = SATGuide(saliency, components.noise_scheduler.alphas_cumprod,
@@ -148,7 +148,7 @@ def sac_step(components, unet, s, saliency, kernels, recompute=False):
 def test_sac_step_cuda_matches_torch_kernels(recompute):
     """A whole SAC step on device (demo UNet, Triton kernels inside autograd, --guide_recompute's
     rerun in backward) against the same step with the torch kernels."""
-    from sat_train.guidance import make_saliency
+    from sat_train.guide.guidance import make_saliency
 
     components, unet, s = cuda_demo_step_inputs()
     results = []
@@ -190,7 +190,7 @@ def test_sac_step_with_triton_ops_in_an_inductor_compiled_unet_cuda():
     and blur ops compiled into one graph: equal to eager within fp32 noise, no graph break."""
     from torch._dynamo.utils import counters
 
-    from sat_train.guidance import make_saliency
+    from sat_train.guide.guidance import make_saliency
 
     components, unet, s = cuda_demo_step_inputs()
     saliency = make_saliency(unet, "sac", "triton")  # hooks before compiling: the graphs include them

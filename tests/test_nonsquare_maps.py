@@ -15,9 +15,9 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag import pipeline_stable_
 
 import sat_kernels
 from sat_kernels import reference
-from sat_train.capture import MidBlockCapture, mid_block_self_attention, stock_processor
-from sat_train.guidance import StepInputs
-from sat_train.pictures import MASK_COLOR, mask_preview
+from sat_train.guide.capture import MidBlockCapture, mid_block_self_attention, stock_processor
+from sat_train.guide.guidance import StepInputs
+from sat_train.outputs.pictures import MASK_COLOR, mask_preview
 from test_degrade import latents, sag_self, saliency
 from test_train_cac import TOKENS, cac_guide, written_out_cac_step
 from test_train_guidance import sac_guide

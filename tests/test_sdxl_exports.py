@@ -14,16 +14,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ldm_layout import unet_to_ldm
-from sat_train.config import TrainConfig, UsageError
+from sat_train.config.settings import TrainConfig
+from sat_train.errors import UsageError
 from sat_train.demo import build_sdxl_components
-from sat_train.export import (KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, export_lora, export_precision_problem,
-                              load_lora, save_lora, save_lora_kohya)
-from sat_train.lora_files import kohya_file_metadata
-from sat_train.models import add_lora, lora_parameters
-from sat_train.sdxl import encode_sdxl_prompt
-from sat_train.text_encoder import (FILE_PREFIX_2, TEXT_ENCODER_LORA_TARGET_MODULES, add_sdxl_text_encoder_loras,
-                                    check_checkpoint_text_encoder,
-                                    load_text_encoder_lora, optimizer_param_groups, split_hook_models)
+from sat_train.outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, export_lora, export_precision_problem, load_lora, save_lora, save_lora_kohya
+from sat_train.outputs.kohya_metadata import kohya_file_metadata
+from sat_train.models.lora import add_lora, lora_parameters
+from sat_train.models.family import SD15, SDXL, encode_prompt as encode_sdxl_prompt
+from sat_train.models.lora import TEXT_ENCODER_LORA_TARGET_MODULES
+from sat_train.outputs.checkpoints import split_hook_models
+from sat_train.outputs.lora_files import check_checkpoint_text_encoder, load_text_encoder_loras
+from sat_train.run.optimizers import optimizer_param_groups
 from test_train_guidance import reference_sac_loss, sac_guide
 from train_helpers import lora_grads, step_inputs
 
@@ -52,7 +53,7 @@ def with_loras(layers_per_block: int = 1, seed: int = 0, alpha: float = 8.0):
         model.requires_grad_(False)
     torch.manual_seed(seed)
     add_lora(components.unet, rank=4, alpha=alpha)
-    add_sdxl_text_encoder_loras(components.text_encoder, components.text_encoder_2, rank=4, alpha=alpha)
+    components.family.add_text_encoder_loras(components, rank=4, alpha=alpha, dropout=0.0)
     with torch.no_grad():
         for model in models:
             for name, param in model.named_parameters():
@@ -209,7 +210,7 @@ def test_lora_sits_on_every_layer_sdxl_reads():
 def test_one_param_group_per_text_encoder_at_the_text_encoder_lr():
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 2, 1)]
     config = TrainConfig(learning_rate=1e-3, train_text_encoder=True, text_encoder_lr=2e-4)
-    groups = optimizer_param_groups(config, [params[0]], [params[1]], lr_scale=2.0, text_encoder_2_params=[params[2]])
+    groups = optimizer_param_groups(config, [params[0]], [[params[1]], [params[2]]], lr_scale=2.0)
     assert [(g["params"], g["lr"]) for g in groups] == [([params[0]], 2e-3), ([params[1]], 4e-4), ([params[2]], 4e-4)]
 
 
@@ -220,11 +221,11 @@ def test_checkpoint_hooks_tell_the_three_models_apart():
     models = [components.text_encoder_2, components.unet, components.text_encoder]
     accelerator = SimpleNamespace(unwrap_model=lambda model: model)
     classes = type(components.unet), type(components.text_encoder), type(components.text_encoder_2)
-    assert split_hook_models(accelerator, models, *classes) == (components.unet, components.text_encoder,
-                                                                components.text_encoder_2)
-    assert split_hook_models(accelerator, models[1:2], classes[0], None) == (components.unet, None, None)
+    assert split_hook_models(accelerator, models, classes) == [components.unet, components.text_encoder,
+                                                               components.text_encoder_2]
+    assert split_hook_models(accelerator, models[1:2], classes) == [components.unet, None, None]
     with pytest.raises(ValueError, match="CLIPTextModelWithProjection"):
-        split_hook_models(accelerator, models, *classes[:2])
+        split_hook_models(accelerator, models, classes[:2])
 
 
 @pytest.mark.parametrize("layers_per_block", [1, 2])
@@ -232,8 +233,7 @@ def test_diffusers_and_kohya_files_load_through_diffusers_to_the_trained_modules
     trained = with_loras(layers_per_block)
     s = fixed_unet_inputs(trained)
     want = outputs(trained, s)
-    export_lora(trained.unet, tmp_path, "both", text_encoder=trained.text_encoder,
-                text_encoder_2=trained.text_encoder_2, sdxl=True)
+    export_lora(trained.unet, tmp_path, "both", text_encoders=trained.text_encoders)
 
     from_diffusers, untrained = loaded_outputs(tmp_path, LORA_WEIGHTS_NAME, layers_per_block, s)
     for name, value in want.items():
@@ -257,10 +257,9 @@ def test_kohya_metadata_names_sdxl(tmp_path):
                          text_encoder_lr=5e-5)
 
     def describe(state):
-        return kohya_file_metadata(state, config, steps=3, epoch=1, max_train_steps=3, sdxl=True)
+        return kohya_file_metadata(state, config, steps=3, epoch=1, max_train_steps=3, family=SDXL())
 
-    path = save_lora_kohya(components.unet, tmp_path, describe=describe, text_encoder=components.text_encoder,
-                           text_encoder_2=components.text_encoder_2, sdxl=True)
+    path = save_lora_kohya(components.unet, tmp_path, describe=describe, text_encoders=components.text_encoders)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     # sd-scripts' strings for an SDXL LoRA (library/sdxl_model_util.py, library/sai_model_spec.py)
@@ -271,34 +270,32 @@ def test_kohya_metadata_names_sdxl(tmp_path):
         "ss_text_encoder_lr": "5e-05", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.resolution": "1024x1024"}
-    sd15 = kohya_file_metadata({}, config, steps=3, epoch=1, max_train_steps=3)
+    sd15 = kohya_file_metadata({}, config, steps=3, epoch=1, max_train_steps=3, family=SD15())
     assert (sd15["ss_base_model_version"], sd15["modelspec.architecture"]) == ("sd_v1", "stable-diffusion-v1/lora")
 
 
 def test_save_precision_covers_the_second_text_encoder(tmp_path):
     components = with_loras()
     unet, first, second = components.unet, components.text_encoder, components.text_encoder_2
-    export_lora(unet, tmp_path, "both", "fp16", text_encoder=first, text_encoder_2=second, sdxl=True)
+    export_lora(unet, tmp_path, "both", "fp16", text_encoders=[first, second])
     for name, prefix in ((LORA_WEIGHTS_NAME, "text_encoder_2."), (KOHYA_WEIGHTS_NAME, "lora_te2_")):
         saved = {k: v for k, v in load_file(tmp_path / name).items() if k.startswith(prefix)}
         assert saved and {v.dtype for v in saved.values()} == {torch.float16}, name
-    assert export_precision_problem(unet, "both", "fp16", first, second, sdxl=True) is None
+    assert export_precision_problem(unet, "both", "fp16", [first, second]) is None
     with torch.no_grad():
         second.get_submodule(sorted(lora_modules(second))[0]).lora_B["default"].weight[0, 0] = 1e6
-    problem = export_precision_problem(unet, "both", "fp16", first, second, sdxl=True)
+    problem = export_precision_problem(unet, "both", "fp16", [first, second])
     assert problem is not None and problem.startswith("lora_te2_") and "1e+06" in problem
 
 
 def test_a_checkpoint_loads_back_bit_for_bit_into_fresh_loras(tmp_path):
-    """The resume path at the function level: save_lora (float) → load_lora / load_text_encoder_lora
+    """The resume path at the function level: save_lora (float) → load_lora / load_text_encoder_loras
     into a model whose LoRA was drawn from another seed."""
     trained, fresh = with_loras(seed=0), with_loras(seed=1)
-    save_lora(trained.unet, tmp_path, text_encoder=trained.text_encoder, text_encoder_2=trained.text_encoder_2,
-              sdxl=True)
-    check_checkpoint_text_encoder(tmp_path, True, sdxl=True)
-    load_lora(fresh.unet, tmp_path, sdxl=True)
-    load_text_encoder_lora(fresh.text_encoder, tmp_path)
-    load_text_encoder_lora(fresh.text_encoder_2, tmp_path, FILE_PREFIX_2)
+    save_lora(trained.unet, tmp_path, text_encoders=trained.text_encoders)
+    check_checkpoint_text_encoder(tmp_path, True, trained.unet)
+    load_lora(fresh.unet, tmp_path)
+    load_text_encoder_loras(fresh.unet, fresh.text_encoders, tmp_path)
     for model in ("unet", "text_encoder", "text_encoder_2"):
         want, got = lora_parameters(getattr(trained, model)), lora_parameters(getattr(fresh, model))
         assert len(got) == len(want) > 0
@@ -307,15 +304,16 @@ def test_a_checkpoint_loads_back_bit_for_bit_into_fresh_loras(tmp_path):
 
 def test_checkpoint_without_one_of_the_text_encoders_is_refused(tmp_path):
     components = with_loras()
-    save_lora(components.unet, tmp_path / "unet-only", sdxl=True)
-    save_lora(components.unet, tmp_path / "first-only", text_encoder=components.text_encoder, sdxl=True)
-    save_lora(components.unet, tmp_path / "second-only", text_encoder_2=components.text_encoder_2, sdxl=True)
-    check_checkpoint_text_encoder(tmp_path / "unet-only", False, sdxl=True)
+    unet = components.unet
+    save_lora(unet, tmp_path / "unet-only")
+    save_lora(unet, tmp_path / "first-only", text_encoders=[components.text_encoder, None])
+    save_lora(unet, tmp_path / "second-only", text_encoders=[None, components.text_encoder_2])
+    check_checkpoint_text_encoder(tmp_path / "unet-only", False, unet)
     with pytest.raises(UsageError, match="saved without --train_text_encoder"):
-        check_checkpoint_text_encoder(tmp_path / "unet-only", True, sdxl=True)
+        check_checkpoint_text_encoder(tmp_path / "unet-only", True, unet)
     for folder in ("first-only", "second-only"):
         with pytest.raises(UsageError, match="only one of SDXL's text encoders"):
-            check_checkpoint_text_encoder(tmp_path / folder, True, sdxl=True)
+            check_checkpoint_text_encoder(tmp_path / folder, True, unet)
 
 
 @pytest.mark.parametrize("saved, resumed", [("sd15", "sdxl"), ("sdxl", "sd15"), ("sdxl", "sdxl rank 8")])
@@ -329,23 +327,23 @@ def test_a_checkpoint_of_another_model_or_rank_is_refused_in_one_line(tmp_path, 
         add_lora(components.unet, rank=8 if family.endswith("rank 8") else 4, alpha=4.0)  # the same --lora_alpha
         return components.unet
 
-    save_lora(unet_with_lora(saved), tmp_path, sdxl=saved == "sdxl")
+    save_lora(unet_with_lora(saved), tmp_path)
     unet = unet_with_lora(resumed)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     with pytest.raises(UsageError, match=rf"{tmp_path} holds a LoRA that does not fit this UNet .*: resume with"):
-        load_lora(unet, tmp_path, sdxl=resumed.startswith("sdxl"))
+        load_lora(unet, tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())  # nothing loaded
-    load_lora(unet_with_lora(saved), tmp_path, sdxl=saved == "sdxl")  # the model that saved it loads it
+    load_lora(unet_with_lora(saved), tmp_path)  # the model that saved it loads it
 
 
 def test_prepare_models_puts_fp32_loras_on_both_text_encoders():
     from types import SimpleNamespace
 
-    from sat_train.train import prepare_models
+    from sat_train.run.prepare import prepare_models
 
     config = TrainConfig(demo_model="sdxl", train_text_encoder=True, gradient_checkpointing=True, output_dir="unused")
     components, _ = prepare_models(config, SimpleNamespace(device=torch.device("cpu")), torch.bfloat16)
-    assert components.is_sdxl
+    assert components.family.name == "sdxl"
     for model in (components.text_encoder, components.text_encoder_2):
         dtypes = {}
         for name, param in model.named_parameters():
@@ -356,18 +354,17 @@ def test_prepare_models_puts_fp32_loras_on_both_text_encoders():
 
 
 def test_checkpoint_hooks_save_and_load_both_text_encoders(tmp_path):
-    """train.py's accelerate hooks: the save hook writes one SDXL file, the load hook restores all three LoRAs."""
+    """outputs/checkpoints.py's accelerate hooks: the save hook writes one SDXL file, the load hook restores all three LoRAs."""
     from types import SimpleNamespace
 
-    from sat_train.train import register_lora_checkpoint_hooks
+    from sat_train.outputs.checkpoints import register_lora_checkpoint_hooks
 
     hooks = {}
     accelerator = SimpleNamespace(unwrap_model=lambda model: model, is_main_process=True,
                                   register_save_state_pre_hook=lambda hook: hooks.setdefault("save", hook),
                                   register_load_state_pre_hook=lambda hook: hooks.setdefault("load", hook))
     trained, fresh = with_loras(seed=0), with_loras(seed=1)
-    register_lora_checkpoint_hooks(accelerator, trained.unet, torch.float32, trained.text_encoder,
-                                   trained.text_encoder_2, sdxl=True)
+    register_lora_checkpoint_hooks(accelerator, trained.unet, torch.float32, trained.text_encoders)
     names = ("unet", "text_encoder", "text_encoder_2")
     weights = [None] * 3
     hooks["save"]([getattr(trained, n) for n in names], weights, str(tmp_path))

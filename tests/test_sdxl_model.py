@@ -8,7 +8,7 @@ from sat_train import demo
 
 def test_tiny_sdxl_has_sdxl_structure():
     c = demo.build_sdxl_components()
-    assert c.is_sdxl and not demo.build_components().is_sdxl
+    assert c.family.name == "sdxl" and not demo.build_components().family.name == "sdxl"
     config = c.unet.config
     assert config.addition_embed_type == "text_time"
     assert not hasattr(c.unet.down_blocks[0], "attentions")  # no attention at level 0, as SDXL

@@ -20,11 +20,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sat_train import demo, sample
-from sat_train.config import UsageError
-from sat_train.sag import sag_sample
-from sat_train.sample_prompts import parse_prompt_line
-from sat_train.text_encoder import add_text_encoder_lora
-from sat_train.validation import generate_images
+from sat_train.errors import UsageError
+from sat_train.guide.sag import sag_sample
+from sat_train.outputs.sample_prompts import parse_prompt_line
+from sat_train.models.lora import add_text_encoder_lora
+from sat_train.outputs.samples import generate_images
 from train_helpers import ProbsStoringProcessor, lora_unet
 
 PROMPT = "a portrait photo of a woman, face, eyes"
@@ -208,7 +208,7 @@ def test_sdxl_base_takes_the_vae_flag_and_its_force_zeros_setting(tmp_path):
     args = sample.build_parser().parse_args(["--lora", str(lora_file), "--prompt", PROMPT, "--vae",
                                              str(tmp_path / "vae"), "--pretrained_model_name_or_path", str(base)])
     components, source = sample.load_pipeline_components(args, torch.device("cpu"))
-    assert components.is_sdxl and source == str(base) and components.force_zeros_for_empty_prompt is False
+    assert components.family.name == "sdxl" and source == str(base) and components.force_zeros_for_empty_prompt is False
     loaded, expected = components.vae.state_dict(), other_vae.state_dict()
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
@@ -220,7 +220,7 @@ def test_demo_sdxl_run_loads_the_tiny_sdxl_at_its_default_size(tmp_path):
     (tmp_path / "train_config.json").write_text(json.dumps({"demo": True, "demo_model": "sdxl"}), encoding="utf-8")
     args = sample.build_parser().parse_args(["--lora", str(tmp_path), "--prompt", PROMPT])
     components, source = sample.load_pipeline_components(args, torch.device("cpu"))
-    assert source is None and components.is_sdxl
+    assert source is None and components.family.name == "sdxl"
     saved = load_file(lora_file)
     loaded = {n: p for n, p in components.unet.named_parameters() if "lora_" in n}
     assert len(loaded) == len(saved) > 0
@@ -332,8 +332,8 @@ def test_generate_images_on_sdxl_matches_diffusers(training_sdxl, line, schedule
 def test_training_samples_honour_the_models_force_zeros_setting(tmp_path, line):
     """A model whose model_index.json turns force_zeros_for_empty_prompt off: training's samples (no
     --n: an empty negative prompt) encode "" as StableDiffusionXLPipeline.from_pretrained of it would."""
-    from sat_train.config import TrainConfig
-    from sat_train.models import load_components
+    from sat_train.config.settings import TrainConfig
+    from sat_train.models.load import load_components
 
     base = demo.save_components(demo.build_sdxl_components(), tmp_path / "base")
     index = json.loads((base / "model_index.json").read_text(encoding="utf-8"))

@@ -14,11 +14,12 @@ import torch
 import torch._inductor.config
 from torch._dynamo.utils import counters
 
-from sat_train.config import GuideSettings, UsageError
-from sat_train.dropin import guided_prediction, install_sat_capture
-from sat_train.guidance import SATGuide, make_saliency
-from sat_train.models import add_lora
-from sat_train.train import compile_unet
+from sat_train.errors import UsageError
+from sat_train.guide.settings import GuideSettings
+from sat_train.guide.dropin import guided_prediction, install_sat_capture
+from sat_train.guide.guidance import SATGuide, make_saliency
+from sat_train.models.lora import add_lora
+from sat_train.run.prepare import compile_unet
 from test_capture_hooks import HEADS, KohyaStyleAttention, inputs, lora_grads, tiny_unet
 from train_helpers import tiny_config, two_level_unet
 

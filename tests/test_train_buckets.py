@@ -21,13 +21,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sat_train.buckets import BucketBatchSampler, assign_bucket, make_buckets, own_size_bucket
+from sat_train.data.buckets import BucketBatchSampler, assign_bucket, make_buckets, own_size_bucket
 from sat_train.cli import build_parser, main, parse_config
-from sat_train.config import TrainConfig, UsageError
-from sat_train.data import ImageTransform, build_dataset, collate, read_records
-from sat_train.datacheck import scan_image_folder
+from sat_train.config.settings import TrainConfig
+from sat_train.errors import UsageError
+from sat_train.data.dataset import ImageTransform, build_dataset, collate
+from sat_train.data.records import read_records
+from sat_train.data.datacheck import scan_image_folder
 from sat_train.demo import build_components, build_tokenizer, save_components
-from sat_train.train import train
+from sat_train import train
+from sat_train.models.family import SD15
 from train_helpers import LORA_FILE, REPO, tiny_config
 
 # ----------------------------------------------------------------------------- the bucket table
@@ -234,7 +237,7 @@ def test_dataset_target_sizes_follow_the_buckets(tmp_path):
     write_folder(tmp_path / "data")
     config = bucket_config(tmp_path, center_crop=True)
     records, names = read_records(config.validate(), quiet=True)
-    dataset = build_dataset(config, records, names, build_tokenizer())
+    dataset = build_dataset(config, records, names, [build_tokenizer()], SD15())
     table = config.bucket_resolutions
     assert table == [(48, 80), (64, 64), (80, 48)]
     for index, (path, _) in enumerate(records):
@@ -246,7 +249,7 @@ def test_dataset_target_sizes_follow_the_buckets(tmp_path):
     batch = collate([dataset[i] for i in range(len(dataset)) if dataset.buckets[i] == (48, 80)])
     assert batch["pixel_values"].shape == (2, 3, 80, 48)
     # without buckets: every sample the square --resolution
-    square = build_dataset(bucket_config(tmp_path, enable_bucket=False), records, names, build_tokenizer())
+    square = build_dataset(bucket_config(tmp_path, enable_bucket=False), records, names, [build_tokenizer()], SD15())
     assert square.buckets is None and square.target_size(3) == (64, 64)
 
 
@@ -258,7 +261,7 @@ def test_no_upscale_dataset_buckets_and_skips(tmp_path):
     config = bucket_config(tmp_path, bucket_no_upscale=True, center_crop=True, random_flip=False)
     records, names = read_records(config.validate(), quiet=True)
     assert sorted(p.name for p, _ in records) == ["im0.png", "im1.png", "im3.png"]
-    dataset = build_dataset(config, records, names, build_tokenizer())
+    dataset = build_dataset(config, records, names, [build_tokenizer()], SD15())
     got = {path.name: dataset.target_size(i) for i, (path, _) in enumerate(records)}
     assert got == {"im0.png": (48, 48), "im1.png": (64, 64), "im3.png": (48, 80)}  # 60x100 > area: shrunk
     index = [p.name for p, _ in records].index("im0.png")
@@ -281,7 +284,7 @@ def test_dataset_name_rows_get_buckets_too(tmp_path, monkeypatch):
     table.cast_column("image", datasets.Image()).to_parquet(folder / "train.parquet")
     config = bucket_config(tmp_path, train_data_dir=None, dataset_name=str(folder), cache_dir=str(tmp_path / "c"))
     records, names = read_records(config.validate(), quiet=True)
-    dataset = build_dataset(config, records, names, build_tokenizer())
+    dataset = build_dataset(config, records, names, [build_tokenizer()], SD15())
     assert dataset.buckets == [kohya_select(size, config.bucket_resolutions) for size in sizes]
     assert dataset.buckets == [(64, 64), (48, 80), (80, 48)]
     assert dataset[1]["pixel_values"].shape == (3, 80, 48)
@@ -292,16 +295,16 @@ def test_latent_cache_holds_each_sample_at_its_bucket(tmp_path):
     center crop at the sample's bucket (both flips drawn the same way), so batches stay single-size."""
     from types import SimpleNamespace
 
-    from sat_train.data import LATENT_PARAMS
-    from sat_train.latent_cache import cache_latents
+    from sat_train.data.dataset import LATENT_PARAMS
+    from sat_train.data.latent_cache import cache_latents
 
     write_folder(tmp_path / "data")
     vae = build_components().vae
     uncached_config = bucket_config(tmp_path, center_crop=True)
     cached_config = bucket_config(tmp_path, cache_latents=True)
     records, names = read_records(cached_config.validate(), quiet=True)
-    uncached = build_dataset(uncached_config, records, names, build_tokenizer())
-    cached = build_dataset(cached_config, records, names, build_tokenizer())
+    uncached = build_dataset(uncached_config, records, names, [build_tokenizer()], SD15())
+    cached = build_dataset(cached_config, records, names, [build_tokenizer()], SD15())
     quiet = SimpleNamespace(print=lambda *a: None, is_main_process=True, wait_for_everyone=lambda: None)
     cache_latents(cached_config, quiet, vae, cached, torch.float32)
     for index in range(len(cached)):
@@ -380,13 +383,13 @@ def test_resolution_width_height(tmp_path):
     config = parse_config(["--resolution", "64,96", "--guide", "none", "--output_dir", str(tmp_path)])
     assert config.resolution_wh == (64, 96)
     assert parse_config(["--resolution", "80", "--output_dir", str(tmp_path)]).resolution == 80  # an int stays one
-    transform = build_dataset(config, [(gradient_image(200, 100), "x")], ["x"], build_tokenizer()).transform
+    transform = build_dataset(config, [(gradient_image(200, 100), "x")], ["x"], [build_tokenizer()], SD15()).transform
     assert transform(gradient_image(200, 100)).shape == (3, 96, 64)  # no buckets: every image W x H
 
 
 def test_resolution_width_height_reaches_samples_and_kohya_metadata(tmp_path):
-    from sat_train.lora_files import kohya_training_metadata, modelspec_metadata
-    from sat_train.validation import validation_prompt
+    from sat_train.outputs.kohya_metadata import kohya_training_metadata, modelspec_metadata
+    from sat_train.outputs.samples import validation_prompt
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a face\na face --w 32 --h 40\n")
@@ -434,7 +437,7 @@ def test_data_check_small_means_below_min_bucket_reso(tmp_path):
     config = bucket_config(tmp_path)
     records, _ = read_records(config.validate(), quiet=True)
     assert len(records) == 3
-    from sat_train.datacheck import SmallImageRule
+    from sat_train.data.datacheck import SmallImageRule
 
     report = scan_image_folder(root, resolution=SmallImageRule(48, 48, "--min_bucket_reso 48"), progress=False,
                                stream=stream, caption_suffix=".txt")

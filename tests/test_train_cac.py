@@ -14,12 +14,16 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from benchmarks.memory import LiveTensorBytes
 from sat_kernels import reference
-from sat_train.capture import CrossAttentionCapture, MidBlockCapture, mid_block_self_attention, stock_processor
-from sat_train.data import build_dataset, collate, read_records, tokenize, word_token_ids, word_token_positions
+from sat_train.guide.capture import CrossAttentionCapture, MidBlockCapture, mid_block_self_attention, stock_processor
+from sat_train.data.dataset import build_dataset, collate
+from sat_train.data.records import read_records
+from sat_train.models.family import tokenize
+from sat_train.models.words import word_token_ids, word_token_positions
 from sat_train.demo import build_tokenizer
-from sat_train.config import GuideSettings
-from sat_train.guidance import CaptionWordSaliency, Guide, MidBlockSaliency, SATGuide
-from sat_train.train import train
+from sat_train.guide.settings import GuideSettings
+from sat_train.guide.guidance import CaptionWordSaliency, Guide, MidBlockSaliency, SATGuide
+from sat_train import train
+from sat_train.models.family import SD15
 from train_helpers import (DEMO_DATA_DIR, ProbsStoringProcessor, count_forwards, lora_grads, lora_unet, step_inputs,
                            tiny_config)
 
@@ -62,7 +66,7 @@ def test_word_positions_multi_token_words_and_captions_without_words():
 def test_dataset_and_collate_give_padded_positions(tmp_path):
     config = tiny_config(tmp_path, guide="cac", cac_words="astronaut,face")
     records, names = read_records(config, DEMO_DATA_DIR)
-    dataset = build_dataset(config, records, names, build_tokenizer())
+    dataset = build_dataset(config, records, names, [build_tokenizer()], SD15())
     tok = build_tokenizer()
     rows = [dataset[i]["cac_tokens"] for i in range(len(dataset))]
     for (_, caption), row in zip(records, rows, strict=True):
@@ -75,9 +79,9 @@ def test_dataset_and_collate_give_padded_positions(tmp_path):
     assert batch["cac_tokens"].shape == (2, max(len(rows[0]), len(rows[2])))
     torch.testing.assert_close(batch["cac_tokens"][1, : len(rows[2])], rows[2])
     assert (batch["cac_tokens"][1, len(rows[2]):] == -1).all()
-    no_words = build_dataset(tiny_config(tmp_path, guide="cac", cac_words="hands"), records, names, tok)
+    no_words = build_dataset(tiny_config(tmp_path, guide="cac", cac_words="hands"), records, names, [tok], SD15())
     assert collate([no_words[0], no_words[1]])["cac_tokens"].tolist() == [[-1], [-1]]
-    assert "cac_tokens" not in build_dataset(tiny_config(tmp_path, guide="sac"), records, names, tok)[0]
+    assert "cac_tokens" not in build_dataset(tiny_config(tmp_path, guide="sac"), records, names, [tok], SD15())[0]
 
 
 # ----------------------------------------------------------------------------- the CAC map and step

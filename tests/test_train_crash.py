@@ -14,8 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sat_train.config import TrainConfig, UsageError
-from sat_train.train import CHECKPOINT_MARKER, find_resume_checkpoint, list_checkpoints, prune_checkpoints, train
+from sat_train.config.settings import TrainConfig
+from sat_train.errors import UsageError
+from sat_train import train
+from sat_train.outputs.checkpoints import CHECKPOINT_MARKER, find_resume_checkpoint, list_checkpoints, prune_checkpoints
 from train_helpers import LORA_FILE, REPO, tiny_config
 
 # the demo model at tiny_config's settings: 6 photos, batch 2 → 3 steps per epoch

@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sat_train.data import build_dataset, collate, read_records
+from sat_train.data.dataset import build_dataset, collate
+from sat_train.data.records import read_records
 from sat_train.demo import build_tokenizer
+from sat_train.models.family import SD15
 from train_helpers import DEMO_DATA_DIR, tiny_config
 
 
@@ -22,7 +24,7 @@ def test_center_crop_pixels_and_tokens_match_pil(tmp_path):
                          image_interpolation_mode="bilinear")
     tokenizer = build_tokenizer()
     records, names = read_records(config)
-    sample = build_dataset(config, records, names, tokenizer)[0]
+    sample = build_dataset(config, records, names, [tokenizer], SD15())[0]
     expected = np.asarray(image.resize((30, 20), Image.BILINEAR).crop((5, 0, 25, 20)), dtype=np.float32) / 127.5 - 1
     torch.testing.assert_close(sample["pixel_values"], torch.from_numpy(expected).permute(2, 0, 1))
     ids = tokenizer("a face", max_length=77, padding="max_length", truncation=True).input_ids
@@ -32,7 +34,7 @@ def test_center_crop_pixels_and_tokens_match_pil(tmp_path):
 def test_augmentation_depends_on_seed_epoch_index_only():
     config = tiny_config("unused", resolution=64, center_crop=False, random_flip=True)
     records, names = read_records(config, DEMO_DATA_DIR)
-    dataset = build_dataset(config, records, names, build_tokenizer(), seed=5)
+    dataset = build_dataset(config, records, names, [build_tokenizer()], SD15(), seed=5)
     first = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
     torch.manual_seed(123)  # the global generator plays no part
     again = torch.stack([dataset[i]["pixel_values"] for i in reversed(range(len(dataset)))]).flip(0)

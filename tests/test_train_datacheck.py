@@ -11,12 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-import sat_train.train as train_module
+import sat_train.demo
+import sat_train.run.prepare as prepare_module
 from sat_train.cli import main
-from sat_train.config import UsageError
-from sat_train.data import build_dataset
-from sat_train.datacheck import scan_image_folder, to_rgb
+from sat_train.errors import UsageError
+from sat_train.data.dataset import build_dataset
+from sat_train.data.datacheck import scan_image_folder, to_rgb
 from sat_train.demo import build_tokenizer
+from sat_train.models.family import SD15
 from train_helpers import tiny_config
 
 
@@ -108,7 +110,7 @@ def test_every_problem_reported_with_its_line_and_bad_samples_skipped(tmp_path, 
 
     # every kept sample goes through the transform as 3-channel pixels in [-1, 1]
     config = tiny_config(tmp_path / "out", train_data_dir=str(folder), resolution=64)
-    dataset = build_dataset(config, report.records, report.names, build_tokenizer())
+    dataset = build_dataset(config, report.records, report.names, [build_tokenizer()], SD15())
     pixels = {path.name: dataset[i]["pixel_values"] for i, (path, _) in enumerate(report.records)}
     assert all(p.shape == (3, 64, 64) and p.min() >= -1 and p.max() <= 1 for p in pixels.values())
     assert torch.allclose(pixels["rgba.png"], torch.ones(3, 64, 64))  # transparent → white, not black
@@ -141,8 +143,8 @@ def test_fatal_data_exits_2_before_any_model_loads(tmp_path, capsys, monkeypatch
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded despite fatal data problems")
 
-    monkeypatch.setattr(train_module, "load_components", no_model)
-    monkeypatch.setattr(train_module.demo, "build_components", no_model)
+    monkeypatch.setattr(prepare_module, "load_components", no_model)
+    monkeypatch.setattr(sat_train.demo, "build_components", no_model)
     rows = {"fatal_lines": ROWS + FATAL_ROWS, "all_bad": ROWS[6:11], "no_lines": ["", ""]}[case]
     folder = write_folder(tmp_path / "data", rows, hostile_files())
     (tmp_path / "outside.jpg").write_bytes(image_bytes(rgb(), "JPEG"))  # exists, but outside the folder

@@ -13,10 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from sat_train.capture import stock_processor
-from sat_train.config import GuideSettings
+from sat_train.guide.capture import stock_processor
+from sat_train.guide.settings import GuideSettings
 from sat_train.demo import build_components, build_sdxl_components
-from sat_train.guidance import SATGuide, make_saliency
+from sat_train.guide.guidance import SATGuide, make_saliency
 from train_helpers import lora_grads, lora_unet, step_inputs
 
 WORLD = 2

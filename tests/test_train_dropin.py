@@ -14,9 +14,9 @@ from peft import LoraConfig
 
 import sat_train
 from sat_kernels import reference
-from sat_train.config import GuideSettings
+from sat_train.guide.settings import GuideSettings
 from sat_train.demo import build_tokenizer
-from sat_train.dropin import caption_token_positions, guided_prediction, install_sat_capture
+from sat_train.guide.dropin import caption_token_positions, guided_prediction, install_sat_capture
 from train_helpers import ProbsStoringProcessor, two_level_unet
 
 HEADS = 2

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sat_train.demo import build_components
-from sat_train.export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, export_lora
-from sat_train.models import LORA_TARGET_MODULES
-from sat_train.train import train
+from sat_train.outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, export_lora
+from sat_train.models.lora import LORA_TARGET_MODULES
+from sat_train import train
 from train_helpers import step_inputs, tiny_config
 
 

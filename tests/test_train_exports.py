@@ -17,12 +17,13 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from sat_train import faults, lora_files
+from sat_train import faults
+from sat_train.outputs import kohya_metadata
 from sat_train.cli import main, parse_config
-from sat_train.config import UsageError
+from sat_train.errors import UsageError
 from sat_train.demo import build_components
-from sat_train.export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, export_lora
-from sat_train.train import train
+from sat_train.outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, export_lora
+from sat_train import train
 from train_helpers import lora_unet, run_cli, step_inputs, tiny_config
 
 
@@ -107,7 +108,7 @@ def test_hashes_follow_kohyas_formula_past_the_legacy_window():
     n = int.from_bytes(data[:8], "little")
     assert len(data) > 0x110000
     expected = hashlib.sha256(data[8 + n:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    assert lora_files.safetensors_hashes(state, metadata) == expected
+    assert kohya_metadata.safetensors_hashes(state, metadata) == expected
 
 
 # ----------------------------------------------------------------------------- --save_precision

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 
 from sat_kernels import reference
-from sat_train.capture import MidBlockCapture, mid_block_self_attention, stock_processor
-from sat_train.config import GuideSettings
-from sat_train.guidance import Guide, MidBlockSaliency, SATGuide
+from sat_train.guide.capture import MidBlockCapture, mid_block_self_attention, stock_processor
+from sat_train.guide.settings import GuideSettings
+from sat_train.guide.guidance import Guide, MidBlockSaliency, SATGuide
 from train_helpers import ProbsStoringProcessor, count_forwards, lora_grads, lora_unet, step_inputs
 
 

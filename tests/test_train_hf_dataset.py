@@ -13,12 +13,15 @@ from safetensors.torch import load_file
 
 datasets = pytest.importorskip("datasets")
 
-import sat_train.data as data_module  # noqa: E402
+import sat_train.data.dataset as data_module  # noqa: E402
 from sat_train.cli import main  # noqa: E402
-from sat_train.config import UsageError  # noqa: E402
-from sat_train.data import DatasetRow, build_dataset, read_records, tokenize  # noqa: E402
+from sat_train.errors import UsageError  # noqa: E402
+from sat_train.data.dataset import DatasetRow, build_dataset
+from sat_train.data.records import read_records
+from sat_train.models.family import tokenize  # noqa: E402
 from sat_train.demo import build_components, build_tokenizer, save_components  # noqa: E402
-from sat_train.train import train  # noqa: E402
+from sat_train import train  # noqa: E402
+from sat_train.models.family import SD15
 from train_helpers import tiny_config  # noqa: E402
 
 CAPTIONS = ["a photo of a face", "a woman with short brown hair", "a man, eyes", "a portrait"]
@@ -167,13 +170,13 @@ def test_caption_lists_pick_one_per_epoch_from_seed_epoch_index(tmp_path):
     assert read_records(config)[0][0][1] == records[0][1]
     tokenizer = build_tokenizer()
 
-    first = caption_picks(build_dataset(config, records, names, tokenizer, seed=7), tokenizer, options, epochs=6)
+    first = caption_picks(build_dataset(config, records, names, [tokenizer], SD15(), seed=7), tokenizer, options, epochs=6)
     random.seed(123)
     torch.manual_seed(123)
-    again = caption_picks(build_dataset(config, records, names, tokenizer, seed=7), tokenizer, options, epochs=6)
+    again = caption_picks(build_dataset(config, records, names, [tokenizer], SD15(), seed=7), tokenizer, options, epochs=6)
     assert first == again  # the global generators play no part
     assert any(len({epoch[i] for epoch in first}) > 1 for i in range(4)), "a new pick each epoch, as diffusers does"
-    other_seed = caption_picks(build_dataset(config, records, names, tokenizer, seed=8), tokenizer, options, epochs=6)
+    other_seed = caption_picks(build_dataset(config, records, names, [tokenizer], SD15(), seed=8), tokenizer, options, epochs=6)
     assert other_seed != first
 
 
@@ -204,7 +207,7 @@ def test_dataset_pickles_without_the_images(tmp_path):
     blob = pickle.dumps(records)
     assert len(blob) < 128 * 128 * 3  # less than one raw image; the 4 PNGs take ~4x that
     assert np.array_equal(pixels_of(pickle.loads(blob)[3][0].open()), pixels_of(images[3]))
-    dataset = build_dataset(config, records, names, build_tokenizer(), seed=3)
+    dataset = build_dataset(config, records, names, [build_tokenizer()], SD15(), seed=3)
     copy = pickle.loads(pickle.dumps(dataset))
     assert torch.equal(copy[3]["pixel_values"], dataset[3]["pixel_values"])
     assert copy.describe(3) == f"row 3 of --dataset_name {folder}"
@@ -221,7 +224,7 @@ def test_bad_rows_name_the_row(tmp_path):
     folder = write_parquet(tmp_path / "no-image", [photos(1)[0], None], ["a face", "eyes"])
     config = hf_config(tmp_path, folder)
     records, names = read_records(config)
-    dataset = build_dataset(config, records, names, build_tokenizer())
+    dataset = build_dataset(config, records, names, [build_tokenizer()], SD15())
     assert dataset[0]["pixel_values"].shape == (3, 64, 64)
     with pytest.raises(UsageError, match=r"cannot read image row 1 of --dataset_name .*no image; fix or remove it"):
         dataset[1]

@@ -13,15 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-import sat_train.data as data_module
-import sat_train.train as train_module
+import sat_train.data.dataset as data_module
+import sat_train.run.prepare as prepare_module
 from sat_train.cli import main
-from sat_train.config import TrainConfig, UsageError
-from sat_train.data import build_dataset, read_records, tokenize
-from sat_train.datacheck import scan_image_folder
+from sat_train.config.settings import TrainConfig
+from sat_train.errors import UsageError
+from sat_train.data.dataset import build_dataset
+from sat_train.data.records import read_records
+from sat_train.models.family import tokenize
+from sat_train.data.datacheck import scan_image_folder
 from sat_train.demo import build_components, build_tokenizer, save_components
 from sat_train.seeding import derived_generator
-from sat_train.train import train
+from sat_train import train
+from sat_train.models.family import SD15
 from train_helpers import tiny_config
 
 
@@ -66,7 +70,7 @@ def test_repeats_and_captions_from_subfolders(tmp_path):
     assert counts == {("a.png", "sks woman, portrait"): 3, ("b.JPG", "a man"): 1, ("c.png", "a face"): 1}
     assert len(names) == len(records) == 5 and sum("a.png" in name for name in names) == 3
 
-    dataset = build_dataset(config, records, names, build_tokenizer())
+    dataset = build_dataset(config, records, names, [build_tokenizer()], SD15())
     assert len(dataset) == 5  # an epoch: each image its folder's N times
     served = Counter(tuple(dataset[i]["input_ids"].tolist()) for i in range(len(dataset)))
     tokenizer = build_tokenizer()
@@ -124,7 +128,7 @@ def expected_caption(caption, seed, epoch, index, shuffle=False, keep_tokens=0, 
 def caption_dataset(tmp_path, n=64, caption=TAGS, seed=7, **flags):
     config = tiny_config(tmp_path, **flags)
     records = [(photo(), caption)] * n
-    return build_dataset(config, records, [f"sample {i}" for i in range(n)], build_tokenizer(), seed=seed)
+    return build_dataset(config, records, [f"sample {i}" for i in range(n)], [build_tokenizer()], SD15(), seed=seed)
 
 
 @pytest.mark.parametrize("flags", [
@@ -239,7 +243,7 @@ def test_interpolation_mode_is_the_resize_filter(tmp_path, mode):
     image = photo((90, 60), seed=4)
     flags = {} if mode is None else {"image_interpolation_mode": mode}
     config = tiny_config(tmp_path, resolution=24, center_crop=True, random_flip=False, **flags)
-    dataset = build_dataset(config, [(image, "x")], ["x"], build_tokenizer())
+    dataset = build_dataset(config, [(image, "x")], ["x"], [build_tokenizer()], SD15())
     resized = image.resize((36, 24), PIL_FILTERS[mode or "lanczos"])  # default: lanczos, as diffusers
     expected = np.asarray(resized.crop((6, 0, 30, 24)), dtype=np.float32) / 127.5 - 1
     torch.testing.assert_close(dataset[0]["pixel_values"], torch.from_numpy(expected).permute(2, 0, 1))
@@ -346,7 +350,7 @@ def run_main(tmp_path, root, *extra):
 
 
 def test_strict_data_makes_skipped_images_fatal(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_module, "load_components", no_model)
+    monkeypatch.setattr(prepare_module, "load_components", no_model)
     root = hostile_kohya_folder(tmp_path)
     assert run_main(tmp_path, root, "--strict_data") == 2
     captured = capsys.readouterr()
@@ -367,7 +371,7 @@ def test_strict_data_makes_skipped_images_fatal(tmp_path, capsys, monkeypatch):
     ("wrong_extension", "pass --caption_extension .caption"),
 ])
 def test_fatal_kohya_data_exits_2_naming_the_path(tmp_path, capsys, monkeypatch, case, fragment):
-    monkeypatch.setattr(train_module, "load_components", no_model)
+    monkeypatch.setattr(prepare_module, "load_components", no_model)
     root = tmp_path / "data"
     outside = tmp_path / "outside"
     write_sample(outside, "o", "outside")

@@ -23,12 +23,15 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import sat_train.train as train_module
-from sat_train.config import UsageError
-from sat_train.data import LATENT_PARAMS, ImageTransform, build_dataset, read_records
+import sat_train.run.loop as train_module
+from sat_train.errors import UsageError
+from sat_train.data.dataset import ImageTransform, LATENT_PARAMS, build_dataset
+from sat_train.data.records import read_records
 from sat_train.demo import build_components, build_tokenizer, save_components
-from sat_train.latent_cache import CACHE_FOLDER, TENSOR_NAMES, cache_latents, sample_latents
-from sat_train.train import train
+from sat_train.data.latent_cache import CACHE_FOLDER, TENSOR_NAMES, cache_latents
+from sat_train.models.vae import sample_latents
+from sat_train import train
+from sat_train.models.family import SD15
 from train_helpers import DEMO_DATA_DIR, LORA_FILE, REPO, run_cli, tiny_config
 
 NUM_IMAGES = 6  # the demo's photos
@@ -89,7 +92,7 @@ def test_sample_latents_is_the_diagonal_gaussian_draw():
 
 def make_dataset(config):
     records, names = read_records(config, DEMO_DATA_DIR, quiet=True)
-    return build_dataset(config, records, names, build_tokenizer(), seed=0)
+    return build_dataset(config, records, names, [build_tokenizer()], SD15(), seed=0)
 
 
 def quiet_accelerator():
@@ -219,7 +222,7 @@ def test_rebuilt_cache_holds_the_new_images_latents(tmp_path, model_and_data):
     config = disk_config(tmp_path / "out", model, data)
     vae = build_components().vae
     records, names = read_records(config, quiet=True)
-    dataset = build_dataset(config, records, names, build_tokenizer())
+    dataset = build_dataset(config, records, names, [build_tokenizer()], SD15())
     cache_latents(config, quiet_accelerator(), vae, dataset, torch.float32)
     index = next(i for i, (path, _) in enumerate(records) if path.name == "person_03.jpg")
     with Image.open(records[index][0]) as original:
@@ -311,11 +314,11 @@ def test_dataset_name_rows_are_cached_and_reused(tmp_path, encoded_rows, monkeyp
     for build in (1, 2):
         encoded_rows.clear()
         records, names = read_records(config)
-        dataset = build_dataset(config, records, names, build_tokenizer())
+        dataset = build_dataset(config, records, names, [build_tokenizer()], SD15())
         cache_latents(config, quiet_accelerator(), vae, dataset, torch.float32)
         assert sum(encoded_rows) == (3 if build == 1 else 0)
     uncached_config = tiny_config(tmp_path / "out", center_crop=True, **settings)
-    uncached = build_dataset(uncached_config, *read_records(uncached_config), build_tokenizer())
+    uncached = build_dataset(uncached_config, *read_records(uncached_config), [build_tokenizer()], SD15())
     for index in range(3):
         with torch.no_grad():
             expected = vae.encode(uncached[index]["pixel_values"][None]).latent_dist.parameters[0]
@@ -335,7 +338,7 @@ class PlacedModel:
 
 
 def test_vae_on_device_brings_the_vae_and_puts_it_back():
-    from sat_train.latent_cache import vae_on_device
+    from sat_train.models.vae import vae_on_device
 
     parked = PlacedModel("cpu")  # a cached GPU run's VAE between pictures
     with vae_on_device(parked, "cuda:0"):

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sat_train.train as train_module
+import sat_train.demo
+import sat_train.run.prepare as prepare_module
 from sat_train.demo import build_components, save_components
-from sat_train.models import load_components
-from sat_train.train import train
+from sat_train.models.load import load_components
+from sat_train import train
 from train_helpers import DEMO_DATA_DIR, LORA_FILE, count_forwards, tiny_config
 
 
@@ -25,7 +26,7 @@ def test_training_loop_calls_unet_per_step(tmp_path, monkeypatch, guide, capture
         counters.append(count_forwards(components.unet))
         return components
 
-    monkeypatch.setattr(train_module.demo, "build_components", counted_components)
+    monkeypatch.setattr(sat_train.demo, "build_components", counted_components)
     steps = 2 if accumulation == 1 else 1  # (6 photos / batch 2 = 3 batches: an epoch end forces a step)
     train(tiny_config(tmp_path, guide=guide, guide_capture=capture, max_train_steps=steps,
                       gradient_accumulation_steps=accumulation))
@@ -52,7 +53,7 @@ def test_resume_from_latest_matches_uninterrupted_run(tmp_path):
     resume_config = tiny_config(interrupted, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=1,
                                 resume_from_checkpoint="latest")
     # the preparing phase alone: 6 photos / batch 2 = 3 steps an epoch, so step 4 is epoch 1 after 1 batch
-    run = train_module.prepare_run(resume_config)
+    run = prepare_module.prepare_run(resume_config)
     assert (run.global_step, run.steps_per_epoch, run.first_epoch, run.skip_batches) == (4, 3, 1, 1)
     assert run.pictures.steps == [1, 2, 3, 4]
     run.accelerator.end_training()

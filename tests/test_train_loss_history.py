@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 
-import sat_train.pictures as pictures_module
-import sat_train.train as train_module
-from sat_train.pictures import LOSS_HISTORY_NAME, read_loss_history, write_loss_history
-from sat_train.train import CHECKPOINT_MARKER, train
+import sat_train.outputs.pictures as pictures_module
+import sat_train.outputs.checkpoints as checkpoints_module
+from sat_train.outputs.pictures import LOSS_HISTORY_NAME, read_loss_history, write_loss_history
+from sat_train import train
+from sat_train.outputs.checkpoints import CHECKPOINT_MARKER
 from train_helpers import tiny_config
 
 
@@ -34,7 +35,7 @@ def test_history_is_in_the_checkpoint_before_its_marker_one_entry_per_optimizer_
             [tmp] = tmp_path.glob(".checkpoint-*.tmp-*")
             seen[name] = (sorted(p.name for p in tmp.iterdir()), history(tmp))
 
-    monkeypatch.setattr(train_module, "crash_hook", snapshot)
+    monkeypatch.setattr(checkpoints_module, "crash_hook", snapshot)
     # 3 micro-batches per epoch, accumulation 2: step 1 = batches 1-2, step 2 = batch 3 (epoch end)
     train(tiny_config(tmp_path, guide="none", max_train_steps=2, gradient_accumulation_steps=2,
                       checkpointing_steps=1))

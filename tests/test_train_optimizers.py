@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 
@@ -11,12 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from sat_train.cli import main, parse_config
-from sat_train.config import UsageError
-from sat_train.optimizers import parse_optimizer_args
-from sat_train.train import make_lr_scheduler, make_optimizer, make_scaled_optimizer, train
+from sat_train.errors import UsageError
+from sat_train.run.optimizers import parse_optimizer_args
+from sat_train import train
+from sat_train.run.optimizers import make_lr_scheduler, make_optimizer, make_scaled_optimizer
 from train_helpers import tiny_config
 
-train_module = importlib.import_module("sat_train.train")  # the module (sat_train.train is also a function)
+import sat_train.demo
+import sat_train.run.prepare as prepare_module
 
 
 def tiny_params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -123,8 +124,8 @@ def test_bad_optimizer_flags_are_one_line_usage_errors(argv, fragments, tmp_path
     def no_models(*args, **kwargs):
         raise AssertionError("models loaded before the flags were checked")
 
-    monkeypatch.setattr(train_module, "load_components", no_models)
-    monkeypatch.setattr(train_module.demo, "build_components", no_models)
+    monkeypatch.setattr(prepare_module, "load_components", no_models)
+    monkeypatch.setattr(sat_train.demo, "build_components", no_models)
     err = one_line_error(capsys, [*argv, "--output_dir", str(tmp_path)])
     for fragment in fragments:
         assert fragment in err, err
@@ -200,7 +201,7 @@ def test_lr_schedule_follows_num_cycles_and_power(flags, lr_factor, tmp_path):
 
 def test_train_runs_with_adafactor(tmp_path):
     config = tiny_config(tmp_path / "adafactor", optimizer="adafactor", optimizer_args=("beta2_decay=-0.6",))
-    run = train_module.prepare_run(config)
+    run = prepare_module.prepare_run(config)
     built = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate wraps the optimizer
     assert isinstance(built, torch.optim.Adafactor) and built.defaults["beta2_decay"] == -0.6
     run.accelerator.end_training()

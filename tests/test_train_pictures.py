@@ -12,12 +12,12 @@ import torch
 from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
 from PIL import Image
 
-import sat_train.validation as validation_module
+import sat_train.outputs.samples as validation_module
 from sat_train import demo
 from sat_train.cli import main, parse_config
 from sat_train.demo import build_components
-from sat_train.pictures import loss_curve, mask_preview
-from sat_train.train import train
+from sat_train.outputs.pictures import loss_curve, mask_preview
+from sat_train import train
 from train_helpers import tiny_config
 
 
@@ -95,7 +95,7 @@ def test_run_writes_mask_validation_and_loss_pngs(tmp_path, monkeypatch):
 
 
 def test_flags_are_checked():
-    from sat_train.config import UsageError
+    from sat_train.errors import UsageError
 
     with pytest.raises(UsageError, match="--mask_preview_steps"):
         tiny_config("x", mask_preview_steps=0).validate()

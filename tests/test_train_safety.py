@@ -10,12 +10,16 @@ import pytest
 import torch
 from accelerate.utils.other import load as accelerate_load
 
-import sat_train.train as train_module
+import sat_train.demo
+import sat_train.run.loop as loop_module
+import sat_train.run.prepare as prepare_module
 from sat_train.cli import main
 from sat_train.demo import build_components, save_components
-from sat_train.export import load_lora
-from sat_train.models import add_lora, load_components
-from sat_train.train import list_checkpoints, train
+from sat_train.outputs.lora_files import load_lora
+from sat_train.models.load import load_components
+from sat_train.models.lora import add_lora
+from sat_train import train
+from sat_train.outputs.checkpoints import list_checkpoints
 from train_helpers import DEMO_DATA_DIR, LORA_FILE, tiny_config
 
 # accelerate's training state (optimizer / lr scheduler / RNG): torch.save files that resume reads
@@ -106,7 +110,7 @@ def stopped_demo_run(out, capsys) -> tuple[str, list[str]]:
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tmp_path, monkeypatch, capsys):
-    real_build_guide = train_module.build_guide
+    real_build_guide = prepare_module.build_guide
 
     def nan_at_third_step(*args, **kwargs):
         guide, calls = real_build_guide(*args, **kwargs), [0]
@@ -121,7 +125,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_saves_nothing(tmp_path, monk
         step.forwards_per_step = guide.forwards_per_step
         return step
 
-    monkeypatch.setattr(train_module, "build_guide", nan_at_third_step)
+    monkeypatch.setattr(prepare_module, "build_guide", nan_at_third_step)
     out = tmp_path / "out"
     err, errors = stopped_demo_run(out, capsys)
     assert len(errors) == 1 and errors[0].startswith("sat-train: error: loss is nan at step 3"), err
@@ -160,7 +164,7 @@ def test_unexpected_errors_are_one_line_unless_debug(tmp_path, monkeypatch, caps
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure\nsecond line")
 
-    monkeypatch.setattr(train_module.demo, "build_components", broken)
+    monkeypatch.setattr(sat_train.demo, "build_components", broken)
     argv = ["--output_dir", str(tmp_path / "out"), "--report_to", "none"]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -174,7 +178,7 @@ def test_unexpected_errors_are_one_line_unless_debug(tmp_path, monkeypatch, caps
 def test_nan_weights_after_a_finite_loss_are_never_checkpointed(tmp_path, monkeypatch, capsys):
     """The second update turns a LoRA weight into NaN while its loss was finite; checkpoint-2 is due
     right then: the run stops naming the step instead of saving the weights as the last good ones."""
-    real_log_step = train_module.log_step
+    real_log_step = loop_module.log_step
 
     def poison_after_second_update(run):  # runs after the optimizer step, before the checkpoint due
         if run.global_step == 2:
@@ -182,7 +186,7 @@ def test_nan_weights_after_a_finite_loss_are_never_checkpointed(tmp_path, monkey
                 run.params[0].view(-1)[0] = float("nan")
         return real_log_step(run)
 
-    monkeypatch.setattr(train_module, "log_step", poison_after_second_update)
+    monkeypatch.setattr(loop_module, "log_step", poison_after_second_update)
     out = tmp_path / "out"
     err, errors = stopped_demo_run(out, capsys)
     assert len(errors) == 1 and errors[0].startswith("sat-train: error: LoRA weights became NaN/inf at step 2"), err

@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sat_train import sample
-from sat_train.export import save_lora
-from sat_train.sag import sag_sample
-from sat_train.train import train
+from sat_train.outputs.lora_files import save_lora
+from sat_train.guide.sag import sag_sample
+from sat_train import train
 from train_helpers import lora_unet, tiny_config
 
 PROMPT = "a portrait photo of a woman, face, eyes"

@@ -26,10 +26,10 @@ from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 from safetensors.torch import load_file
 
-from sat_train.config import UsageError
-from sat_train.sample_prompts import SamplePrompt, parse_prompt_file, parse_prompt_line
-from sat_train.train import train
-from sat_train.validation import generate_images
+from sat_train.errors import UsageError
+from sat_train.outputs.sample_prompts import SamplePrompt, parse_prompt_file, parse_prompt_line
+from sat_train import train
+from sat_train.outputs.samples import generate_images
 from train_helpers import lora_unet, run_cli, tiny_config
 
 PROMPT_FILE = """\

@@ -18,13 +18,20 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sat_train import demo
-from sat_train.capture import highest_resolution_cross_attentions
-from sat_train.config import TrainConfig, UsageError
-from sat_train.data import build_dataset, check_word_positions_agree, collate, read_records, tokenize
-from sat_train.guidance import build_guide
-from sat_train.models import fp16_vae_warning, load_components, vae_dtype
-from sat_train.sdxl import SIZE_KEYS, encode_sdxl_prompt, time_ids
-from sat_train.train import CONFIG_NAME, make_step_inputs, train
+from sat_train.guide.capture import highest_resolution_cross_attentions
+from sat_train.config.settings import TrainConfig
+from sat_train.errors import UsageError
+from sat_train.data.dataset import build_dataset, collate
+from sat_train.data.records import read_records
+from sat_train.models.family import tokenize
+from sat_train.guide.guidance import build_guide
+from sat_train.models.load import load_components
+from sat_train.models.vae import fp16_vae_warning, vae_dtype
+from sat_train.models.family import SIZE_KEYS, encode_prompt as encode_sdxl_prompt, time_ids
+from sat_train import train
+from sat_train.outputs.checkpoints import CONFIG_NAME
+from sat_train.run.inputs import make_step_inputs
+from sat_train.models.family import SD15, SDXL
 from test_train_buckets import as_pixels, bucket_config, write_folder
 from test_train_cac import cac_guide, written_out_cac_step
 from test_train_crash import run as crash_run
@@ -52,7 +59,7 @@ def test_sdxl_folder_loads_as_sdxl_and_a_partial_one_names_its_subfolders(tmp_pa
     built = demo.build_sdxl_components()
     demo.save_components(built, tmp_path / "sdxl")
     loaded = load_components(TrainConfig(pretrained_model_name_or_path=str(tmp_path / "sdxl")))
-    assert loaded.is_sdxl and type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert loaded.family.name == "sdxl" and type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert loaded.tokenizer_2.pad_token == "!"
     for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
         for key, value in getattr(built, name).state_dict().items():
@@ -60,7 +67,7 @@ def test_sdxl_folder_loads_as_sdxl_and_a_partial_one_names_its_subfolders(tmp_pa
     # --vae (--pretrained_vae_model_name_or_path) replaces an SDXL folder's VAE too
     with_vae = load_components(TrainConfig(pretrained_model_name_or_path=str(tmp_path / "sdxl"),
                                            vae=str(tmp_path / "sdxl" / "vae")))
-    assert with_vae.is_sdxl and with_vae.vae is not loaded.vae
+    assert with_vae.family.name == "sdxl" and with_vae.vae is not loaded.vae
     # ... and takes a hub id, as diffusers' SDXL example (offline here: a one-line error naming it)
     hub_vae = TrainConfig(pretrained_model_name_or_path=str(tmp_path / "sdxl"), vae="madebyollin/sdxl-vae-fp16-fix")
     with pytest.raises(UsageError, match="--vae madebyollin/sdxl-vae-fp16-fix: cannot load it from the hub"):
@@ -89,7 +96,7 @@ def test_fp16_step_inputs_encode_with_the_float32_vae(tmp_path):
     c = demo.build_sdxl_components()
     config = tiny_config(tmp_path)
     records, names = read_records(config, DEMO_DATA_DIR, quiet=True)
-    batch = collate([build_dataset(config, records, names, c.tokenizer, tokenizer_2=c.tokenizer_2)[i] for i in (0, 1)])
+    batch = collate([build_dataset(config, records, names, c.tokenizers, c.family)[i] for i in (0, 1)])
     with torch.no_grad():
         expected = c.vae.encode(batch["pixel_values"]).latent_dist.sample(torch.Generator().manual_seed(0))
     for model in (c.unet, c.text_encoder, c.text_encoder_2):
@@ -128,7 +135,7 @@ def test_time_ids_of_a_bucketed_randomly_cropped_sample(tmp_path):
     config = bucket_config(tmp_path, random_flip=False)
     records, names = read_records(config.validate(), quiet=True)
     c = demo.build_sdxl_components()
-    dataset = build_dataset(config, records, names, c.tokenizer, tokenizer_2=c.tokenizer_2)
+    dataset = build_dataset(config, records, names, c.tokenizers, c.family)
     seen = set()
     for index, (path, caption) in enumerate(records):
         item = dataset[index]
@@ -155,18 +162,18 @@ def test_time_ids_of_a_bucketed_randomly_cropped_sample(tmp_path):
     _, _, pooled, _ = sdxl_pipeline(c).encode_prompt(records[index][1], device="cpu", do_classifier_free_guidance=False)
     torch.testing.assert_close(s.added_cond_kwargs["text_embeds"], pooled, rtol=0, atol=1e-6)
     # SD v1.5's batches are unchanged
-    plain = build_dataset(config, records, names, c.tokenizer)[0]
+    plain = build_dataset(config, records, names, [c.tokenizer], SD15())[0]
     assert set(plain) == {"pixel_values", "input_ids"}
 
 
 def test_latent_cache_items_carry_the_cached_center_crop(tmp_path):
-    from sat_train.latent_cache import cache_latents
+    from sat_train.data.latent_cache import cache_latents
 
     write_folder(tmp_path / "data")
     config = bucket_config(tmp_path, cache_latents=True)
     records, names = read_records(config.validate(), quiet=True)
     c = demo.build_sdxl_components()
-    dataset = build_dataset(config, records, names, c.tokenizer, tokenizer_2=c.tokenizer_2)
+    dataset = build_dataset(config, records, names, c.tokenizers, c.family)
     quiet = SimpleNamespace(print=lambda *a: None, is_main_process=True, wait_for_everyone=lambda: None)
     cache_latents(config, quiet, c.vae, dataset, torch.float32)
     for index, (path, _) in enumerate(records):
@@ -202,15 +209,15 @@ def test_crop_top_left_of_a_flipped_sample_is_its_place_in_the_flipped_image(tmp
     config = bucket_config(tmp_path, random_flip=True, cache_latents=cache)
     records, names = read_records(config.validate(), quiet=True)
     c = demo.build_sdxl_components()
-    dataset = build_dataset(config, records, names, c.tokenizer, tokenizer_2=c.tokenizer_2)
+    dataset = build_dataset(config, records, names, c.tokenizers, c.family)
     pixel_source = dataset
     if cache:
-        from sat_train.latent_cache import cache_latents
+        from sat_train.data.latent_cache import cache_latents
 
         quiet = SimpleNamespace(print=lambda *a: None, is_main_process=True, wait_for_everyone=lambda: None)
         cache_latents(config, quiet, c.vae, dataset, torch.float32)
         pixel_source = build_dataset(bucket_config(tmp_path, random_flip=True, center_crop=True), records, names,
-                                     c.tokenizer, tokenizer_2=c.tokenizer_2)
+                                     c.tokenizers, c.family)
     flips = set()
     for epoch in range(4):
         dataset.epoch = pixel_source.epoch = epoch
@@ -269,13 +276,13 @@ def test_both_tokenizers_put_the_words_at_the_same_positions(tmp_path, monkeypat
     assert c.tokenizer_2.pad_token == "!" and words.any() and not words.all()
     assert torch.equal(ids[words], ids_2[words])  # the same words ...
     assert (ids[~words] == c.tokenizer.pad_token_id).all()  # ... only the padding differs
-    dataset = build_dataset(config, records, names, c.tokenizer, tokenizer_2=c.tokenizer_2)
+    dataset = build_dataset(config, records, names, c.tokenizers, c.family)
     assert all(len(dataset[i]["cac_tokens"]) for i in range(len(dataset)))
     # a second tokenizer without the whole-word merge of "portrait" splits it: every later word moves
     monkeypatch.setattr(demo, "WORDS", tuple(w for w in demo.WORDS if w != "portrait"))
     other = demo.build_tokenizer(pad_token="!")
     with pytest.raises(UsageError, match=r"--guide cac: the caption of .* tokenizer_2/"):
-        check_word_positions_agree(c.tokenizer, other, config.cac_word_list, [(None, "a portrait of a face")],
+        SDXL().check_caption_words([c.tokenizer, other], config.cac_word_list, [(None, "a portrait of a face")],
                                    ["line 1"])
 
 
@@ -371,7 +378,7 @@ def test_sdxl_run_killed_while_checkpointing_resumes_bit_exact(tmp_path):
 
 
 def test_exported_lora_loads_into_the_sdxl_pipeline(tmp_path):
-    from sat_train.export import export_lora
+    from sat_train.outputs.lora_files import export_lora
 
     trained = lora_unet(build=demo.build_sdxl_components)
     s = step_inputs(trained, size=8)

@@ -30,10 +30,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ldm_layout import sd15_single_file, unet_to_ldm, vae_to_ldm
 from sat_train import sample
 from sat_train.cli import main, parse_config
-from sat_train.config import TrainConfig, UsageError
+from sat_train.config.settings import TrainConfig
+from sat_train.errors import UsageError
 from sat_train.demo import build_components, save_components
-from sat_train.models import load_components
-from sat_train.single_file import BUNDLED_SD15, bundled_tokenizer
+from sat_train.models.load import load_components
+from sat_train.models.single_file import BUNDLED_SD15, bundled_tokenizer
 from train_helpers import DEMO_DATA_DIR, LORA_FILE, run_cli
 
 
@@ -128,7 +129,7 @@ def load_instead_of_training(monkeypatch) -> None:
     """cli.main then stops after the models load (errors from loading show as they would in a run)."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("sat_train.train"), "train", load_components)
+    monkeypatch.setattr(importlib.import_module("sat_train.run.loop"), "train", load_components)
 
 
 def never_train(monkeypatch) -> None:
@@ -138,7 +139,7 @@ def never_train(monkeypatch) -> None:
     def fail(config):
         raise AssertionError("the run started: the file was not checked before loading")
 
-    monkeypatch.setattr(importlib.import_module("sat_train.train"), "train", fail)
+    monkeypatch.setattr(importlib.import_module("sat_train.run.loop"), "train", fail)
 
 
 def data_flags(tmp_path) -> list[str]:
@@ -571,7 +572,7 @@ def test_vae_file_without_vae_weights_is_refused(tiny, tmp_path, capsys, monkeyp
 
 def test_kohya_metadata_names_the_single_file_and_the_vae(tiny, other_vae, tmp_path):
     """As sd-scripts: ss_sd_model_name / ss_vae_name are a local file's name, a hub id as given."""
-    from sat_train.lora_files import kohya_training_metadata
+    from sat_train.outputs.kohya_metadata import kohya_training_metadata
 
     config = TrainConfig(pretrained_model_name_or_path=str(tiny["file"]), vae=str(other_vae / "ldm-vae.safetensors"),
                          output_dir=str(tmp_path))

@@ -15,20 +15,28 @@ import torch.multiprocessing as mp
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-import sat_train.train as train_module
+import sat_train.run.loop as loop_module
 from sat_train.cli import main
-from sat_train.config import TrainConfig, UsageError
+from sat_train.config.settings import TrainConfig
+from sat_train.errors import UsageError
 from sat_train.demo import build_components
-from sat_train.export import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora
-from sat_train.guidance import build_guide
-from sat_train.models import lora_parameters
-from sat_train.text_encoder import (add_text_encoder_lora, check_checkpoint_text_encoder,
-                                    enable_text_encoder_checkpointing, encode_captions)
-from sat_train.train import make_lr_scheduler, make_scaled_optimizer, train
+from sat_train.outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora
+from sat_train.guide.guidance import build_guide
+from sat_train.models.lora import lora_parameters
+from sat_train.models.lora import add_text_encoder_lora, enable_text_encoder_checkpointing
+from sat_train.models.family import SD15
+from sat_train.outputs.lora_files import check_checkpoint_text_encoder
+from sat_train import train
+from sat_train.run.optimizers import make_lr_scheduler, make_scaled_optimizer
 from test_train_crash import run as run_crashable
 from test_train_ddp import free_port
 from test_train_guidance import reference_sac_loss, sac_guide
 from train_helpers import lora_grads, lora_unet, step_inputs, tiny_config
+
+def encode_captions(text_encoder, ids, trainable: bool):
+    """The trainer's caption encoding (the SD v1.5 family's encode_batch): the context alone."""
+    return SD15().encode_batch([text_encoder], {"input_ids": ids}, torch.float32, trainable)[0]
+
 
 PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "out_proj"), "mlp": ("fc1", "fc2")}
 CAPTIONS = ["a photo portrait of a woman, face, eyes", "a man with short dark hair"]
@@ -171,7 +179,7 @@ def test_text_encoder_gradient_checkpointing_reruns_layers_and_keeps_the_gradien
 def test_mixed_precision_keeps_the_text_encoder_lora_in_fp32():
     from types import SimpleNamespace
 
-    from sat_train.train import prepare_models
+    from sat_train.run.prepare import prepare_models
 
     config = TrainConfig(train_text_encoder=True, gradient_checkpointing=True, output_dir="unused")
     components, _ = prepare_models(config, SimpleNamespace(device=torch.device("cpu")), torch.bfloat16)
@@ -208,7 +216,7 @@ def test_validation_images_use_the_trained_text_encoder_in_eval_mode():
     it back in training mode afterwards."""
     import numpy as np
 
-    from sat_train.validation import generate_images, prompt_generator, validation_prompt
+    from sat_train.outputs.samples import generate_images, prompt_generator, validation_prompt
 
     components = lora_unet()
     components.text_encoder.requires_grad_(False)
@@ -247,8 +255,8 @@ def frozen_state(model) -> dict:
 
 def test_run_trains_both_loras_only_and_both_exports_reproduce_the_text_encoder(tmp_path, monkeypatch):
     runs = []
-    prepare_run = train_module.prepare_run
-    monkeypatch.setattr(train_module, "prepare_run", lambda config: runs.append(prepare_run(config)) or runs[-1])
+    prepare_run = loop_module.prepare_run
+    monkeypatch.setattr(loop_module, "prepare_run", lambda config: runs.append(prepare_run(config)) or runs[-1])
     train(tiny_config(tmp_path, max_train_steps=2, train_text_encoder=True, text_encoder_lr=5e-4, lora_alpha=8,
                       export_format="both", guide="sac"))
     (run,) = runs
@@ -290,32 +298,32 @@ def test_run_trains_both_loras_only_and_both_exports_reproduce_the_text_encoder(
 
 
 def test_save_precision_covers_the_text_encoder_lora(tmp_path):
-    from sat_train.export import export_lora, export_precision_problem
+    from sat_train.outputs.lora_files import export_lora, export_precision_problem
 
     components = with_text_encoder_lora()
     unet, text_encoder = components.unet, components.text_encoder
-    export_lora(unet, tmp_path, "both", "fp16", text_encoder=text_encoder)
+    export_lora(unet, tmp_path, "both", "fp16", text_encoders=[text_encoder])
     for name, prefix in ((LORA_WEIGHTS_NAME, "text_encoder."), (KOHYA_WEIGHTS_NAME, "lora_te_")):
         saved = {k: v for k, v in load_file(tmp_path / name).items() if k.startswith(prefix)}
         assert saved and {v.dtype for v in saved.values()} == {torch.float16}, name
-    assert export_precision_problem(unet, "both", "fp16", text_encoder) is None
+    assert export_precision_problem(unet, "both", "fp16", [text_encoder]) is None
     with torch.no_grad():
         text_encoder.get_submodule(next(n for n, m in text_encoder.named_modules() if hasattr(m, "lora_B"))
                                    ).lora_B["default"].weight[0, 0] = 1e6
-    problem = export_precision_problem(unet, "both", "fp16", text_encoder)
+    problem = export_precision_problem(unet, "both", "fp16", [text_encoder])
     assert problem is not None and problem.startswith("lora_te_") and "1e+06" in problem
 
 
 def test_resume_with_the_other_text_encoder_setting_is_refused(tmp_path):
     components = with_text_encoder_lora()
     save_lora(components.unet, tmp_path / "unet-only")
-    save_lora(components.unet, tmp_path / "both", text_encoder=components.text_encoder)
-    check_checkpoint_text_encoder(tmp_path / "unet-only", False)
-    check_checkpoint_text_encoder(tmp_path / "both", True)
+    save_lora(components.unet, tmp_path / "both", text_encoders=components.text_encoders)
+    check_checkpoint_text_encoder(tmp_path / "unet-only", False, components.unet)
+    check_checkpoint_text_encoder(tmp_path / "both", True, components.unet)
     with pytest.raises(UsageError, match="saved without --train_text_encoder"):
-        check_checkpoint_text_encoder(tmp_path / "unet-only", True)
+        check_checkpoint_text_encoder(tmp_path / "unet-only", True, components.unet)
     with pytest.raises(UsageError, match="saved with --train_text_encoder"):
-        check_checkpoint_text_encoder(tmp_path / "both", False)
+        check_checkpoint_text_encoder(tmp_path / "both", False, components.unet)
 
 
 @pytest.mark.parametrize("demo_model, encoders", [("sd15", {"text_encoder"}),

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from sat_train.config import TrainConfig
+from sat_train.config.settings import TrainConfig
 from sat_train.demo import DEMO_DATA_DIR, build_components, build_sdxl_components
-from sat_train.guidance import StepInputs
-from sat_train.models import add_lora
+from sat_train.guide.guidance import StepInputs
+from sat_train.models.lora import add_lora
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -52,7 +52,7 @@ def step_inputs(components, batch: int = 2, size: int = 16, seed: int = 1) -> St
     cond = torch.randn(batch, 77, components.unet.config.cross_attention_dim, generator=gen)
     noisy = components.noise_scheduler.add_noise(x0, noise, timesteps)
     added = None
-    if components.is_sdxl:
+    if components.family.name == "sdxl":
         pooled = torch.randn(batch, components.text_encoder_2.config.projection_dim, generator=gen)
         time_ids = torch.tensor([[96.0, 128.0, 8.0, 0.0, 8.0 * size, 8.0 * size]]).expand(batch, 6)
         added = {"text_embeds": pooled, "time_ids": time_ids}

@@ -9,7 +9,7 @@ Source: OpenAI CLIP's byte-level BPE file (MIT licence), as shipped in the open_
 (sha256 924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a). CLIP, and so SD v1.5's
 tokenizer (openai/clip-vit-large-patch14), uses only its first 48894 merges: OpenAI's
 SimpleTokenizer reads lines[1 : 49152 - 256 - 2 + 1]. The vocabulary follows from them
-(sat_train.single_file.bundled_tokenizer), so only the used merges are kept, behind the usual
+(sat_train.models.single_file.bundled_tokenizer), so only the used merges are kept, behind the usual
 "#version: 0.2" line of a merges.txt.
 """
 

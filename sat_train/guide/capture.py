@@ -86,7 +86,7 @@ def check_attention_contract(module: torch.nn.Module, path: str) -> None:
         if not hasattr(module, name):
             raise UsageError(f"the SAT capture's layer {path} ({type(module).__name__}) has no attribute "
                              f"{name!r}: a captured attention module needs {', '.join(REQUIRED_ATTRIBUTES)} "
-                             "(see sat_train.capture)")
+                             "(see sat_train.guide.capture)")
 
 
 def attention_inputs(args, kwargs):

@@ -1,6 +1,6 @@
 """SAT guidance for any diffusers UNet2DConditionModel training loop, in two calls.
 
-    from sat_train.dropin import install_sat_capture, guided_prediction
+    from sat_train import install_sat_capture, guided_prediction
 
     handle = install_sat_capture(unet, guide="sac")          # once, before accelerator.prepare
     ...
@@ -66,7 +66,7 @@ def install_sat_capture(unet, guide: str = "sac", attention_backend: str = "auto
 
     Every attention implementation stays as the trainer set it, the captured layers' included: a
     forward pre-hook on each captured module recomputes q and k from its input with its own
-    (LoRA-wrapped) ``to_q`` / ``to_k`` (the module contract is in ``sat_train.capture``; a missing
+    (LoRA-wrapped) ``to_q`` / ``to_k`` (the module contract is in ``sat_train.guide.capture``; a missing
     attribute is a UsageError naming it). ``self_attention`` (SAC, and CAC's fallback) and
     ``cross_attentions`` (CAC) pick the layers, as modules or dotted paths; by default the mid-block
     ``attn1`` and the highest-resolution ``attn2`` layers. ``replace_processors=True`` first sets
@@ -91,14 +91,14 @@ def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, times
                       cond: torch.Tensor, scheduler, handle: SATCaptureHandle, tokens: torch.Tensor | None = None,
                       prediction_type: str | None = None, added_cond_kwargs: dict | None = None, **settings):
     """``pred + ratio * (pred - pred_deg)`` (float32) and an info dict, from the SAT step's UNet
-    forwards (sat_train.guidance.SATGuide, the trainer's own step).
+    forwards (sat_train.guide.guidance.SATGuide, the trainer's own step).
 
     ``x0`` are the clean latents that ``noisy_latents`` were made from; ``scheduler`` gives
     ``alphas_cumprod`` and the prediction type (v-prediction outputs are turned into eps before
     re-noising). With ``handle.guide == "cac"``, ``tokens`` (B, S) long are the caption positions of
     the chosen words (-1 = padding; see ``caption_token_positions``); samples without any use the
     SAC mask. ``added_cond_kwargs`` (SDXL: ``text_embeds`` (B, 1280) pooled, ``time_ids`` (B, 6)) go to
-    every UNet forward (sat_train.sdxl builds them). ``settings`` override fields of ``handle.settings`` for this
+    every UNet forward (sat_train.models.family's encode_prompt and time_ids build them). ``settings`` override fields of ``handle.settings`` for this
     call (``GuideSettings``: ratio, threshold, kernel_size, sigma, capture, detach_degraded, recompute,
     kernel_backend); ``recompute`` needs
     one ``backward`` of a loss on the result, as usual.

@@ -21,6 +21,7 @@ under SIZE_KEYS. A third family (SD 2.x, say) is one more class here and one lin
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -30,6 +31,10 @@ from .lora import add_text_encoder_lora
 from .words import word_token_ids, word_token_positions
 
 SIZE_KEYS = ("original_size", "crop_top_left", "target_size")
+# transformers' notice (logger transformers.utils.import_utils) on first access to an image processor
+# of its torchvision backend where torchvision is missing, e.g. "`CLIPImageProcessor` requires torchvision
+# (not installed); falling back to `CLIPImageProcessorPil` for backward compatibility. ..."
+TORCHVISION_FALLBACK_NOTICE = "ImageProcessor` requires torchvision (not installed); falling back to `"
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -110,9 +115,17 @@ class SD15:
     # ------------------------------------------------------------------ files and rules
 
     def pipeline_class(self):
+        quiet_torchvision_fallback()
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline
+
+    def lora_loader_class(self):
+        """diffusers' LoRA loader mixin whose save_lora_weights / lora_state_dict handle the family's files:
+        the classmethods the pipeline inherits, without importing the pipeline modules."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return StableDiffusionLoraLoaderMixin
 
     def pipeline(self, components, scheduler, force_zeros_for_empty_prompt: bool):
         """diffusers' text-to-image pipeline of ``components``, without the safety checker."""
@@ -235,9 +248,15 @@ class SDXL(SD15):
                                      "must split captions alike; use the model's own tokenizers, or --guide sac")
 
     def pipeline_class(self):
+        quiet_torchvision_fallback()
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline
+
+    def lora_loader_class(self):
+        from diffusers.loaders import StableDiffusionXLLoraLoaderMixin  # knows text_encoder_2
+
+        return StableDiffusionXLLoraLoaderMixin
 
     def pipeline(self, components, scheduler, force_zeros_for_empty_prompt: bool):
         """diffusers' SDXL pipeline of ``components``, without the invisible watermark."""
@@ -294,6 +313,22 @@ def family_of(unet) -> SD15:
 def family_of_folder(path: Path) -> SD15:
     """The family a model folder looks like before anything loads (to name the subfolders it lacks)."""
     return next(family for family in FAMILIES if family.looks_like_folder(path))
+
+
+def _not_torchvision_fallback(record: logging.LogRecord) -> bool:
+    return TORCHVISION_FALLBACK_NOTICE not in record.getMessage()
+
+
+def quiet_torchvision_fallback() -> None:
+    """Drops transformers' torchvision fallback notices (TORCHVISION_FALLBACK_NOTICE), which importing
+    diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline logs (for CLIPImageProcessor, and
+    SiglipImageProcessor via diffusers.loaders.ip_adapter) where torchvision is not installed: those image
+    processors serve the safety checker and IP-Adapter, which sat never uses, and sat does not depend on
+    torchvision. Every other record of that logger, and every other warning, still shows. Called before
+    each pipeline import; idempotent."""
+    logger = logging.getLogger("transformers.utils.import_utils")  # transformers' get_logger(__name__)
+    if _not_torchvision_fallback not in logger.filters:
+        logger.addFilter(_not_torchvision_fallback)
 
 
 def encode_prompt(text_encoder, text_encoder_2, input_ids: torch.Tensor, input_ids_2: torch.Tensor,

@@ -1,6 +1,8 @@
 """LoRA weights ↔ files: diffusers' ``pytorch_lora_weights.safetensors`` (what the family's pipeline's
 ``load_lora_weights`` reads), as diffusers' LoRA examples write it, and the kohya file (A1111 /
 ComfyUI). The UNet's adapter, and (with --train_text_encoder) the text encoders' in the same file.
+diffusers' file goes through the family's LoRA loader mixin (what its pipeline inherits) without
+importing the pipeline modules.
 
 Which keys a family writes is its object's (models/family.py), found from the UNet: the pipeline class,
 the text encoders' prefixes (diffusers: ``text_encoder.*`` and SDXL's ``text_encoder_2.*``; kohya: SD
@@ -60,13 +62,13 @@ def save_lora(unet, output_dir: str | os.PathLike, precision: str = "float", tex
     so an interrupted save never leaves a truncated file where a good one was. Its safetensors header
     carries the adapter metadata (``lora_adapter_metadata``, keys prefixed ``unet.``). ``precision``
     (--save_precision) is for exports; checkpoints keep float, so that resume is exact. With
-    ``text_encoders``, their LoRA too (each one's keys and metadata), written by the family's pipeline."""
+    ``text_encoders``, their LoRA too (each one's keys and metadata), written by the family's LoRA loader."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / LORA_WEIGHTS_NAME
     layers = cast_state_dict(unet_lora_state_dict(unet), precision)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
-        unet_family(unet).pipeline_class().save_lora_weights(
+        unet_family(unet).lora_loader_class().save_lora_weights(
             save_directory=tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=unet_lora_adapter_metadata(unet),
             safe_serialization=True, **text_encoder_save_kwargs(unet, text_encoders, precision))
         if not output_dir.name.startswith(".checkpoint-"):  # the final file, not a checkpoint's copy
@@ -81,7 +83,7 @@ def load_lora(unet, folder: str | os.PathLike) -> None:
     from peft.utils import set_peft_model_state_dict
 
     # use_safetensors=True: never falls back to unpickling a .bin (diffusers does when it is left unset)
-    state_dict, _, metadata = unet_family(unet).pipeline_class().lora_state_dict(
+    state_dict, _, metadata = unet_family(unet).lora_loader_class().lora_state_dict(
         str(folder), weight_name=LORA_WEIGHTS_NAME, use_safetensors=True, return_lora_metadata=True)
     check_same_alpha(unet, metadata, folder)
     unet_state = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
