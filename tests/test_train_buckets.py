@@ -397,9 +397,9 @@ def test_resolution_width_height_reaches_samples_and_kohya_metadata(tmp_path):
                            "--validation_prompt", "a face", "--sample_prompts", str(prompts), "--sample_at_first"])
     assert (validation_prompt(config).width, validation_prompt(config).height) == (64, 96)
     assert [(p.width, p.height) for p in config.sample_prompt_list] == [(64, 96), (32, 40)]
-    kohya = kohya_training_metadata(config, steps=1, epoch=1, max_train_steps=1)
+    kohya = kohya_training_metadata(config, steps=1, epoch=1, max_train_steps=1, family=SD15())
     assert kohya["ss_resolution"] == "(64, 96)" and kohya["ss_enable_bucket"] == "False"
-    assert modelspec_metadata(config, "epsilon", 0.0)["modelspec.resolution"] == "64x96"
+    assert modelspec_metadata(config, "epsilon", 0.0, SD15())["modelspec.resolution"] == "64x96"
 
 
 @pytest.mark.parametrize("flags,fragment", [

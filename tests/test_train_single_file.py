@@ -572,12 +572,13 @@ def test_vae_file_without_vae_weights_is_refused(tiny, tmp_path, capsys, monkeyp
 
 def test_kohya_metadata_names_the_single_file_and_the_vae(tiny, other_vae, tmp_path):
     """As sd-scripts: ss_sd_model_name / ss_vae_name are a local file's name, a hub id as given."""
+    from sat_train.models.family import SD15
     from sat_train.outputs.kohya_metadata import kohya_training_metadata
 
     config = TrainConfig(pretrained_model_name_or_path=str(tiny["file"]), vae=str(other_vae / "ldm-vae.safetensors"),
                          output_dir=str(tmp_path))
-    metadata = kohya_training_metadata(config, steps=1, epoch=1, max_train_steps=1)
+    metadata = kohya_training_metadata(config, steps=1, epoch=1, max_train_steps=1, family=SD15())
     assert (metadata["ss_sd_model_name"], metadata["ss_vae_name"]) == ("tiny.safetensors", "ldm-vae.safetensors")
     hub = TrainConfig(pretrained_model_name_or_path="someone/sd15", vae="stabilityai/sd-vae-ft-mse")
-    assert kohya_training_metadata(hub, 1, 1, 1)["ss_vae_name"] == "stabilityai/sd-vae-ft-mse"
-    assert "ss_vae_name" not in kohya_training_metadata(TrainConfig(pretrained_model_name_or_path="x"), 1, 1, 1)
+    assert kohya_training_metadata(hub, 1, 1, 1, SD15())["ss_vae_name"] == "stabilityai/sd-vae-ft-mse"
+    assert "ss_vae_name" not in kohya_training_metadata(TrainConfig(pretrained_model_name_or_path="x"), 1, 1, 1, SD15())

@@ -98,10 +98,10 @@ def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, times
     re-noising). With ``handle.guide == "cac"``, ``tokens`` (B, S) long are the caption positions of
     the chosen words (-1 = padding; see ``caption_token_positions``); samples without any use the
     SAC mask. ``added_cond_kwargs`` (SDXL: ``text_embeds`` (B, 1280) pooled, ``time_ids`` (B, 6)) go to
-    every UNet forward (sat_train.models.family's encode_prompt and time_ids build them). ``settings`` override fields of ``handle.settings`` for this
-    call (``GuideSettings``: ratio, threshold, kernel_size, sigma, capture, detach_degraded, recompute,
-    kernel_backend); ``recompute`` needs
-    one ``backward`` of a loss on the result, as usual.
+    every UNet forward (sat_train.models.family's encode_prompt and time_ids build them). ``settings``
+    override fields of ``handle.settings`` for this call (``GuideSettings``: ratio, threshold,
+    kernel_size, sigma, capture, detach_degraded, recompute, kernel_backend); ``recompute`` needs one
+    ``backward`` of a loss on the result, as usual.
     info: ``pred``, ``pred_degraded``, ``mask`` (B, H, W) bool at latent size, ``used_cac`` (B,) bool.
     """
     if handle.guide == "cac" and tokens is None:

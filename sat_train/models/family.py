@@ -6,8 +6,8 @@ A family is decided once, from the UNet's config (``family_of``), and travels on
 - the text side: which tokenizers and text encoders the model has, a caption's per-sample inputs,
   a batch's encoding into the cross-attention context plus the UNet's ``added_cond_kwargs``, the
   image's size conditioning, and which text-encoder layers get a LoRA;
-- the files: the diffusers pipeline class (LoRA files, sampling, the folder layout), the kohya key
-  names and the family's names in the kohya/ModelSpec metadata;
+- the files: the diffusers pipeline (sampling, the folder layout) and its LoRA loader (LoRA files),
+  the kohya key names and the family's names in the kohya/ModelSpec metadata;
 - the rules: the VAE's dtype under fp16, what a CAC caption must satisfy.
 
 SDXL's conditioning is diffusers' train_text_to_image_lora_sdxl.py's: both text encoders'
@@ -55,8 +55,7 @@ class SD15:
     a_title = "a Stable Diffusion v1.5"  # for messages
     subfolders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     text_parts = (("tokenizer", "text_encoder"),)  # Components fields: a (tokenizer, text encoder) pair each
-    input_keys = ("input_ids",)  # a sample's token ids, one per tokenizer
-    batch_keys = input_keys  # what a sample carries for the text side (collated by stacking)
+    input_keys = ("input_ids",)  # a sample's token ids (batch keys), one per tokenizer
     # LoRA files: diffusers' key prefix and kohya's, one per text encoder (sd-scripts' names)
     lora_file_prefixes = ("text_encoder.",)
     kohya_text_prefixes = ("lora_te_",)
@@ -83,7 +82,8 @@ class SD15:
 
     def caption_inputs(self, tokenizers, caption: str) -> dict[str, torch.Tensor]:
         """One sample's token ids (``input_keys``), from the caption as the text encoders see it."""
-        return {key: tokenize(tokenizer, [caption])[0] for key, tokenizer in zip(self.input_keys, tokenizers, strict=True)}
+        pairs = zip(self.input_keys, tokenizers, strict=True)
+        return {key: tokenize(tokenizer, [caption])[0] for key, tokenizer in pairs}
 
     def image_conditioning(self, image_size: tuple[int, int], crop_box: tuple[int, int, int, int]) -> dict:
         """One sample's conditioning on its image's sizes (SDXL's; none here)."""
@@ -162,7 +162,6 @@ class SDXL(SD15):
     subfolders = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     text_parts = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     input_keys = ("input_ids", "input_ids_2")
-    batch_keys = (*input_keys, *SIZE_KEYS)
     lora_file_prefixes = ("text_encoder.", "text_encoder_2.")
     kohya_text_prefixes = ("lora_te1_", "lora_te2_")
     kohya_base_model_version = "sdxl_base_v1-0"

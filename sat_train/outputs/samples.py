@@ -25,7 +25,8 @@ INFERENCE_STEPS = 30  # as diffusers' LoRA example
 VALIDATION_SAMPLER = "dpmsolver++"  # what --validation_prompt sampled with before --sample_sampler existed
 SAMPLES_FOLDER = "samples"
 
-# sample_prompts.SAMPLE_SAMPLERS (kohya's names) -> (diffusers scheduler class, config overrides), as kohya's get_my_scheduler
+# sample_prompts.SAMPLE_SAMPLERS (kohya's names) -> (diffusers scheduler class, config overrides), as kohya's
+# get_my_scheduler
 SCHEDULER_CLASSES = {
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),

@@ -64,8 +64,8 @@ def stop_on_nonfinite_weights(run: Run) -> None:
         return
     stop_run(run, NonFiniteLossError(
         f"LoRA weights became NaN/inf at step {run.global_step} (the update after a finite loss): stopping before "
-        f"they are saved; the last good checkpoint is {latest_checkpoint_name(run.output_dir)}. Try a lower --learning_rate "
-        "or --max_grad_norm, or --mixed_precision no"))
+        f"they are saved; the last good checkpoint is {latest_checkpoint_name(run.output_dir)}. Try a lower "
+        "--learning_rate or --max_grad_norm, or --mixed_precision no"))
 
 
 def save_run_checkpoint(run: Run) -> Path:
