@@ -50,7 +50,7 @@ def attention_mass_from_qk(
     q (B, heads, Nq, D), k (B, heads, Nk, D); lse (B, heads, Nq) natural-log, or None to compute it.
     Never holds more than a tile (Triton) or a 64 MiB chunk (torch) of the Nq x Nk map.
     """
-    checks.check_qk(q, k, lse, scale)
+    checks.check_qk_for_mass(q, k, lse, scale)
     scale = reference.default_scale(q, scale)
     with torch.no_grad():
         if checks.use_triton(backend, q.device):
