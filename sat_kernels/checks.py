@@ -153,8 +153,8 @@ def check_qk_for_mass(q, k, lse, scale) -> None:
 def check_index_range(t: torch.Tensor, low: int, high: int, message: str) -> None:
     """ValueError(message) unless low <= t < high everywhere. Under torch.compile the check is an
     op of the graph (torch._assert_async: a RuntimeError when the graph runs), since a Python branch
-    on tensor values would break the graph."""
-    if not t.numel():
+    on tensor values would break the graph. A meta tensor has no values to check."""
+    if not t.numel() or t.is_meta:
         return
     if torch.compiler.is_compiling():
         torch._assert_async(((t >= low) & (t < high)).all(), message)

@@ -96,14 +96,13 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> 
     """Separable Gaussian blur of (B, C, H, W) with reflect padding; equals SAG's gaussian_blur_2d."""
     x = x.to(compute_dtype(x))
     height, width = x.shape[-2:]
-    # a finite sum means finite inputs (a sum that overflows only sends them the slow way)
-    if max(height, width) <= _MATMUL_BLUR_MAX_SIDE and math.isfinite(x.detach().sum()):
+    # a finite sum means finite inputs (a sum that overflows only sends them the slow way); a meta
+    # tensor has no values to sum, and either path gives the same shape and dtype
+    if max(height, width) <= _MATMUL_BLUR_MAX_SIDE and (x.is_meta or math.isfinite(x.detach().sum())):
         rows = blur_matrix(height, kernel_size, float(sigma), x.device, x.dtype)
         cols = blur_matrix(width, kernel_size, float(sigma), x.device, x.dtype)
-        if torch.is_autocast_enabled(x.device.type):  # a trainer's bf16 autocast must not round it
-            with torch.autocast(x.device.type, enabled=False):
-                return rows @ (x @ cols.T)
-        return rows @ (x @ cols.T)
+        with _autocast_off(x.device):  # a trainer's bf16 autocast must not round the products
+            return rows @ (x @ cols.T)
     planes = x.reshape(-1, height, width)  # reflect pad wants 3-D input
     taps = gaussian_kernel1d(kernel_size, sigma, x.device).to(x.dtype)
     blurred_rows = _blur_last_dim(planes, taps)
@@ -134,11 +133,13 @@ def default_scale(q: torch.Tensor, scale: float | None) -> float:
 
 
 def _autocast_off(device: torch.device):
-    """A context with the caller's autocast switched off on ``device`` (a no-op where none is on).
+    """A context with the caller's autocast switched off on ``device`` (a no-op where none is on,
+    and on devices without autocast, such as meta, where asking ``is_autocast_enabled`` raises).
 
-    The trainer captures q and k inside its bf16/fp16-autocast UNet forward; left on, autocast
-    would run the q @ k^T products below as half-precision GEMMs and round every score before
-    the exponential. The results are float32 and must equal the fp32 math, whatever the caller.
+    The blur's matrix products and the attention statistics below run under it. The trainer
+    captures q and k inside its bf16/fp16-autocast UNet forward; left on, autocast would run the
+    q @ k^T products as half-precision GEMMs and round every score before the exponential. The
+    results must equal the math in the compute dtype, whatever the caller.
     """
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)

@@ -165,6 +165,32 @@ def test_token_probs_of_no_queries_or_no_tokens_are_empty(backend):
     assert no_tokens.shape == (2, 8, 0) and no_tokens.dtype == torch.float32
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_torch_path_runs_on_meta_tensors(dtype):
+    """Every public function's torch path propagates shapes on meta tensors (no values: value
+    checks such as the token range are skipped) and returns float32 (bool for the mask) on meta."""
+    meta = dict(device="meta", dtype=dtype)
+    q, k = torch.empty(2, 3, 8, 4, **meta), torch.empty(2, 3, 6, 4, **meta)
+    tokens = torch.empty(2, 5, dtype=torch.long, device="meta")
+    x0, eps = torch.empty(2, 4, 16, 24, **meta), torch.empty(2, 4, 16, 24, **meta)
+    probs = torch.empty(6, 8, 8, **meta)
+    outputs = {
+        "attention_mass": (sat_kernels.attention_mass(probs, 3, backend="torch"), (2, 8), torch.float32),
+        "attention_mass_from_qk": (sat_kernels.attention_mass_from_qk(q, k, backend="torch"), (2, 6),
+                                   torch.float32),
+        "token_attention_probs": (sat_kernels.token_attention_probs(q, k, tokens, backend="torch"), (2, 8, 5),
+                                  torch.float32),
+        "gaussian_blur": (sat_kernels.gaussian_blur(x0, backend="torch"), (2, 4, 16, 24), torch.float32),
+        "saliency_mask": (sat_kernels.saliency_mask(probs, (2, 4), size=(16, 24), heads=3, backend="torch"),
+                          (2, 16, 24), torch.bool),
+        "degrade_latents": (sat_kernels.degrade_latents(
+            x0, eps, torch.empty(2, 12, **meta), (3, 4), torch.empty(1000, device="meta"),
+            torch.empty(2, dtype=torch.long, device="meta"), backend="torch"), (2, 4, 16, 24), torch.float32),
+    }
+    for name, (out, shape, out_dtype) in outputs.items():
+        assert (out.device.type, tuple(out.shape), out.dtype) == ("meta", shape, out_dtype), name
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend must be one of"):
         sat_kernels.gaussian_blur(torch.randn(1, 1, 8, 8), backend="cuda")
