@@ -60,6 +60,12 @@ def check_floating(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16), got {x.dtype}")
 
 
+def check_nonempty(name: str, x: torch.Tensor, dim: int, what: str) -> None:
+    """ValueError unless ``x`` has at least one ``what`` (e.g. "key (Nk >= 1)") along ``dim``."""
+    if x.shape[dim] == 0:
+        raise ValueError(f"{name} must have at least one {what}, got shape {tuple(x.shape)}")
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
@@ -120,6 +126,12 @@ def check_qk(q, k, lse, scale) -> None:
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, heads and head_dim: "
             "q (B, heads, Nq, D), k (B, heads, Nk, D)"
         )
+    # a softmax over no keys and a mean over no heads have no value (the reference would fail or
+    # return NaN); a zero head_dim has no default scale. B = 0 is an empty batch and is allowed.
+    check_nonempty("q", q, 1, "head (heads >= 1)")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q must have head_dim >= 1, got shape {tuple(q.shape)}")
+    check_nonempty("k", k, 2, "key (Nk >= 1)")
     check_same_device(q=q, k=k)
     if lse is not None:
         check_tensor("lse", lse, 3, "(B, heads, Nq)")
@@ -131,11 +143,18 @@ def check_qk(q, k, lse, scale) -> None:
         raise TypeError(f"scale must be a float or None (None = head_dim ** -0.5), got {type(scale).__name__}")
 
 
+def check_qk_for_mass(q, k, lse, scale) -> None:
+    """check_qk, and at least one query: the mass is a sum over the queries (no queries, no mass),
+    as attention_mass refuses probabilities without queries."""
+    check_qk(q, k, lse, scale)
+    check_nonempty("q", q, 2, "query (Nq >= 1)")
+
+
 def check_index_range(t: torch.Tensor, low: int, high: int, message: str) -> None:
     """ValueError(message) unless low <= t < high everywhere. Under torch.compile the check is an
     op of the graph (torch._assert_async: a RuntimeError when the graph runs), since a Python branch
-    on tensor values would break the graph."""
-    if not t.numel():
+    on tensor values would break the graph. A meta tensor has no values to check."""
+    if not t.numel() or t.is_meta:
         return
     if torch.compiler.is_compiling():
         torch._assert_async(((t >= low) & (t < high)).all(), message)
@@ -155,19 +174,25 @@ def check_tokens(tokens, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return tokens.to(q.device, torch.int64)
 
 
-def probs_as_4d(probs, heads) -> torch.Tensor:
-    """(B*heads, Nq, Nk) or (B, heads, Nq, Nk) probabilities as a (B, heads, Nq, Nk) view."""
-    check_tensor("probs", probs, (3, 4), "(B*heads, Nq, Nk) or (B, heads, Nq, Nk)")
-    check_floating("probs", probs)
+def probs_as_4d(probs, heads, name: str = "probs") -> torch.Tensor:
+    """(B*heads, Nq, Nk) or (B, heads, Nq, Nk) probabilities as a (B, heads, Nq, Nk) view.
+
+    At least one query and one key: the mass sums over the queries of rows that are softmaxes
+    over the keys. ``name`` is the argument's name in the messages.
+    """
+    check_tensor(name, probs, (3, 4), "(B*heads, Nq, Nk) or (B, heads, Nq, Nk)")
+    check_floating(name, probs)
+    check_nonempty(name, probs, -2, "query (Nq >= 1)")
+    check_nonempty(name, probs, -1, "key (Nk >= 1)")
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
     if probs.dim() == 4:
         if probs.shape[1] != heads:
-            raise ValueError(f"probs (B, heads, Nq, Nk) has {probs.shape[1]} heads but heads={heads}")
+            raise ValueError(f"{name} (B, heads, Nq, Nk) has {probs.shape[1]} heads but heads={heads}")
         return probs
     if probs.shape[0] % heads:
         raise ValueError(
-            f"probs has {probs.shape[0]} rows, not a multiple of heads={heads}: expected (B*heads, Nq, Nk) "
+            f"{name} has {probs.shape[0]} rows, not a multiple of heads={heads}: expected (B*heads, Nq, Nk) "
             "in diffusers' head_to_batch_dim layout"
         )
     return probs.view(probs.shape[0] // heads, heads, *probs.shape[1:])
@@ -184,7 +209,7 @@ def saliency_as_mass_or_probs(saliency, heads, batch: int | None):
     else:
         if heads is None:
             raise ValueError("saliency given as attention probabilities needs heads= (number of attention heads)")
-        mass, probs = None, probs_as_4d(saliency, heads)
+        mass, probs = None, probs_as_4d(saliency, heads, "saliency")
         if probs.shape[-1] != probs.shape[-2]:
             raise ValueError(f"self-attention probabilities must be square (N, N), got {tuple(probs.shape[-2:])}")
     rows = (mass if mass is not None else probs).shape[0]

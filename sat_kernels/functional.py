@@ -30,7 +30,10 @@ def _op(name: str):
 
 
 def attention_mass(probs: torch.Tensor, heads: int, *, backend: str = "auto") -> torch.Tensor:
-    """(B, Nk) float32: mean over heads of the attention each key receives (sum over queries)."""
+    """(B, Nk): mean over heads of the attention each key receives (sum over queries).
+
+    float32, or float64 for float64 probs (computed in float64 on both backends).
+    """
     probs4 = checks.probs_as_4d(probs, heads)
     if checks.use_triton(backend, probs.device):
         return _op("attention_mass").attention_mass(probs4, heads)
@@ -45,12 +48,13 @@ def attention_mass_from_qk(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """(B, Nk) float32 attention mass of softmax(scale q k^T) from q, k and the row lse.
+    """(B, Nk) attention mass of softmax(scale q k^T) from q, k and the row lse.
 
     q (B, heads, Nq, D), k (B, heads, Nk, D); lse (B, heads, Nq) natural-log, or None to compute it.
-    Never holds more than a tile (Triton) or a 64 MiB chunk (torch) of the Nq x Nk map.
+    Never holds more than a tile (Triton) or a 64 MiB chunk (torch) of the Nq x Nk map. float32, or
+    float64 when q or k is float64 (computed in float64 on both backends; a given lse is read in it).
     """
-    checks.check_qk(q, k, lse, scale)
+    checks.check_qk_for_mass(q, k, lse, scale)
     scale = reference.default_scale(q, scale)
     with torch.no_grad():
         if checks.use_triton(backend, q.device):
@@ -67,7 +71,10 @@ def token_attention_probs(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """(B, Nq, S) float32 head-mean probability of each query for the key tokens (B, S); -1 = none."""
+    """(B, Nq, S) head-mean probability of each query for the key tokens (B, S); -1 = none.
+
+    float32, or float64 when q or k is float64 (computed in float64 on both backends).
+    """
     checks.check_qk(q, k, lse, scale)
     tokens = checks.check_tokens(tokens, q, k)
     scale = reference.default_scale(q, scale)

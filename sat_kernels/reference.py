@@ -1,9 +1,14 @@
 """The SAT math in plain PyTorch: the readable oracle, and the path CPU tensors run.
 
 Every function here is the definition the Triton kernels in ``sat_kernels.ops`` are tested
-against; they take already-validated arguments (``sat_kernels.functional`` checks them) and
-return float32 (float64 for float64 inputs, so gradcheck can run). Inputs of any floating dtype
-are read in that compute dtype.
+against; they take already-validated arguments (``sat_kernels.functional`` checks them). Each
+computes in, and returns, its compute dtype (``compute_dtype``): float64 for float64 inputs (so
+gradcheck can run and float64 callers get float64 accuracy), float32 for every other floating
+dtype (fp16/bf16 are read exactly and computed in float32). The attention statistics take it from
+q and k together (float64 when either is; a given lse is read in it) or from probs; the blur and
+the degrade from x0. The Triton kernels follow the same rule on both devices. Saliency masks are
+the exception: a mass is compared with its threshold in float32 on both paths (the threshold is a
+float32 kernel argument on GPU).
 
 The blur is two matrix products, ``blur(x) = B_H @ x @ B_W^T``, with each 1-D blur (reflect
 padding included) written out as an n x n matrix: on CPU a GEMM beats the stencils (shifted
@@ -30,9 +35,10 @@ _MAX_BLOCK_ELEMENTS = 1 << 22
 _MATMUL_BLUR_MAX_SIDE = 512
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64 (for gradcheck); every other floating dtype is computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any of ``tensors`` is float64 (for gradcheck and float64 callers); every other
+    floating dtype is computed in float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def gaussian_kernel1d(kernel_size: int, sigma: float, device=None) -> torch.Tensor:
@@ -96,14 +102,13 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> 
     """Separable Gaussian blur of (B, C, H, W) with reflect padding; equals SAG's gaussian_blur_2d."""
     x = x.to(compute_dtype(x))
     height, width = x.shape[-2:]
-    # a finite sum means finite inputs (a sum that overflows only sends them the slow way)
-    if max(height, width) <= _MATMUL_BLUR_MAX_SIDE and math.isfinite(x.detach().sum()):
+    # a finite sum means finite inputs (a sum that overflows only sends them the slow way); a meta
+    # tensor has no values to sum, and either path gives the same shape and dtype
+    if max(height, width) <= _MATMUL_BLUR_MAX_SIDE and (x.is_meta or math.isfinite(x.detach().sum())):
         rows = blur_matrix(height, kernel_size, float(sigma), x.device, x.dtype)
         cols = blur_matrix(width, kernel_size, float(sigma), x.device, x.dtype)
-        if torch.is_autocast_enabled(x.device.type):  # a trainer's bf16 autocast must not round it
-            with torch.autocast(x.device.type, enabled=False):
-                return rows @ (x @ cols.T)
-        return rows @ (x @ cols.T)
+        with _autocast_off(x.device):  # a trainer's bf16 autocast must not round the products
+            return rows @ (x @ cols.T)
     planes = x.reshape(-1, height, width)  # reflect pad wants 3-D input
     taps = gaussian_kernel1d(kernel_size, sigma, x.device).to(x.dtype)
     blurred_rows = _blur_last_dim(planes, taps)
@@ -114,10 +119,10 @@ def attention_mass(probs: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, Nk) attention each key receives: sum over queries, mean over heads.
 
     ``probs`` is (B*heads, Nq, Nk) in diffusers' head_to_batch_dim layout (row b*heads + h)
-    or (B, heads, Nq, Nk).
+    or (B, heads, Nq, Nk). Summed in, and returned as, compute_dtype(probs).
     """
     nq, nk = probs.shape[-2:]
-    per_head = probs.reshape(-1, heads, nq, nk).sum(dim=-2, dtype=torch.float32)
+    per_head = probs.reshape(-1, heads, nq, nk).sum(dim=-2, dtype=compute_dtype(probs))
     return per_head.mean(dim=1)
 
 
@@ -134,11 +139,13 @@ def default_scale(q: torch.Tensor, scale: float | None) -> float:
 
 
 def _autocast_off(device: torch.device):
-    """A context with the caller's autocast switched off on ``device`` (a no-op where none is on).
+    """A context with the caller's autocast switched off on ``device`` (a no-op where none is on,
+    and on devices without autocast, such as meta, where asking ``is_autocast_enabled`` raises).
 
-    The trainer captures q and k inside its bf16/fp16-autocast UNet forward; left on, autocast
-    would run the q @ k^T products below as half-precision GEMMs and round every score before
-    the exponential. The results are float32 and must equal the fp32 math, whatever the caller.
+    The blur's matrix products and the attention statistics below run under it. The trainer
+    captures q and k inside its bf16/fp16-autocast UNet forward; left on, autocast would run the
+    q @ k^T products as half-precision GEMMs and round every score before the exponential. The
+    results must equal the math in the compute dtype, whatever the caller.
     """
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
@@ -146,10 +153,12 @@ def _autocast_off(device: torch.device):
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """(B, H, Nq) natural-log log-sum-exp of each row of scale * q @ k^T, in query chunks."""
+    """(B, H, Nq) natural-log log-sum-exp of each row of scale * q @ k^T, in query chunks, in
+    compute_dtype(q, k)."""
     scale = default_scale(q, scale)
-    q_scaled, k_t = scale * q.float(), k.float().transpose(-1, -2)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    dtype = compute_dtype(q, k)
+    q_scaled, k_t = scale * q.to(dtype), k.to(dtype).transpose(-1, -2)
+    lse = torch.empty(q.shape[:-1], dtype=dtype, device=q.device)
     with _autocast_off(q.device):
         for rows in _query_chunks(q, k.shape[-2]):
             lse[..., rows] = torch.logsumexp(torch.matmul(q_scaled[..., rows, :], k_t), dim=-1)
@@ -164,17 +173,19 @@ def attention_mass_from_qk(
     mass[b, j] = mean_h sum_i exp(scale * q[b,h,i] . k[b,h,j] - lse[b,h,i])
 
     Without ``lse`` it is still one pass: a query chunk holds whole score rows, so their softmax
-    is exact inside the chunk (a separate lse pass would double the time).
+    is exact inside the chunk (a separate lse pass would double the time). In, and returned as,
+    compute_dtype(q, k); a given lse is read in it.
     """
     scale = default_scale(q, scale)
-    q_scaled, k_t = scale * q.float(), k.float().transpose(-1, -2)
-    mass = torch.zeros(k.shape[:-1], dtype=torch.float32, device=q.device)  # (B, H, Nk)
+    dtype = compute_dtype(q, k)
+    q_scaled, k_t = scale * q.to(dtype), k.to(dtype).transpose(-1, -2)
+    mass = torch.zeros(k.shape[:-1], dtype=dtype, device=q.device)  # (B, H, Nk)
     with _autocast_off(q.device):
         for rows in _query_chunks(q, k.shape[-2]):
             # probabilities of these query rows, built in place in one buffer
             scores = torch.matmul(q_scaled[..., rows, :], k_t)
             if lse is not None:
-                mass += scores.sub_(lse[..., rows, None].float()).exp_().sum(dim=-2)
+                mass += scores.sub_(lse[..., rows, None].to(dtype)).exp_().sum(dim=-2)
             else:
                 exp = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
                 # sum_i exp[i, j] / rowsum[i] as one (1 x chunk) @ (chunk x Nk) product
@@ -191,17 +202,19 @@ def token_attention_probs(
 ) -> torch.Tensor:
     """(B, Nq, S): head-mean softmax probability of each query for the key tokens ``tokens``.
 
-    ``tokens`` is (B, S) long; -1 marks padding and gives probability 0.
+    ``tokens`` is (B, S) long; -1 marks padding and gives probability 0. In, and returned as,
+    compute_dtype(q, k); a given lse is read in it.
     """
     scale = default_scale(q, scale)
+    dtype = compute_dtype(q, k)
     if lse is None:
         lse = attention_lse(q, k, scale)
     valid = tokens >= 0
     index = tokens.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-    k_sel = torch.gather(k.float(), 2, index)  # (B, H, S, D)
+    k_sel = torch.gather(k.to(dtype), 2, index)  # (B, H, S, D)
     with _autocast_off(q.device):
-        scores = scale * q.float() @ k_sel.transpose(-1, -2)  # (B, H, Nq, S)
-        probs = torch.exp(scores - lse.float()[..., None]).mean(dim=1)
+        scores = scale * q.to(dtype) @ k_sel.transpose(-1, -2)  # (B, H, Nq, S)
+        probs = torch.exp(scores - lse.to(dtype)[..., None]).mean(dim=1)
     return probs * valid[:, None, :]
 
 

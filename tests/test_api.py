@@ -100,6 +100,97 @@ def test_blur_and_mask_reject_bad_input(backend):
         sat_kernels.saliency_mask(torch.rand(2, 16), (3, 3), backend=backend)
 
 
+
+def _empty_dim_calls():
+    """(id, expected message, call) for each attention input with an empty dimension the result
+    depends on: a softmax over no keys, a head mean over no heads, a mass summed over no queries."""
+    q, k = _qk()  # (2, 2, 8, 4), (2, 2, 6, 4)
+    pad = torch.full((2, 1), -1)
+    no_tokens = torch.zeros(2, 0, dtype=torch.long)
+    return [
+        ("mass_qk-no-keys", r"k must have at least one key \(Nk >= 1\), got shape \(2, 2, 0, 4\)",
+         lambda be: sat_kernels.attention_mass_from_qk(q, k[:, :, :0], backend=be)),
+        ("mass_qk-no-keys-with-lse", r"k must have at least one key \(Nk >= 1\), got shape \(2, 2, 0, 4\)",
+         lambda be: sat_kernels.attention_mass_from_qk(q, k[:, :, :0], lse=torch.zeros(2, 2, 8), backend=be)),
+        ("mass_qk-no-queries", r"q must have at least one query \(Nq >= 1\), got shape \(2, 2, 0, 4\)",
+         lambda be: sat_kernels.attention_mass_from_qk(q[:, :, :0], k, backend=be)),
+        ("mass-3d-no-queries", r"probs must have at least one query \(Nq >= 1\), got shape \(4, 0, 5\)",
+         lambda be: sat_kernels.attention_mass(torch.rand(4, 0, 5), heads=2, backend=be)),
+        ("mass-4d-no-queries", r"probs must have at least one query \(Nq >= 1\), got shape \(2, 2, 0, 5\)",
+         lambda be: sat_kernels.attention_mass(torch.rand(2, 2, 0, 5), heads=2, backend=be)),
+        ("mass-no-keys", r"probs must have at least one key \(Nk >= 1\), got shape \(2, 2, 5, 0\)",
+         lambda be: sat_kernels.attention_mass(torch.rand(2, 2, 5, 0), heads=2, backend=be)),
+        ("token_probs-no-keys", r"k must have at least one key \(Nk >= 1\), got shape \(2, 2, 0, 4\)",
+         lambda be: sat_kernels.token_attention_probs(q, k[:, :, :0], pad, backend=be)),
+        ("token_probs-no-keys-no-tokens", r"k must have at least one key \(Nk >= 1\), got shape \(2, 2, 0, 4\)",
+         lambda be: sat_kernels.token_attention_probs(q, k[:, :, :0], no_tokens, backend=be)),
+        ("mass_qk-no-heads", r"q must have at least one head \(heads >= 1\), got shape \(2, 0, 8, 4\)",
+         lambda be: sat_kernels.attention_mass_from_qk(q[:, :0], k[:, :0], backend=be)),
+        ("token_probs-no-heads", r"q must have at least one head \(heads >= 1\), got shape \(2, 0, 8, 4\)",
+         lambda be: sat_kernels.token_attention_probs(q[:, :0], k[:, :0], pad, backend=be)),
+        ("mass_qk-no-head-dim", r"q must have head_dim >= 1, got shape \(2, 2, 8, 0\)",
+         lambda be: sat_kernels.attention_mass_from_qk(q[..., :0], k[..., :0], backend=be)),
+        ("saliency_mask-empty-probs", r"saliency must have at least one query \(Nq >= 1\), got shape \(4, 0, 0\)",
+         lambda be: sat_kernels.saliency_mask(torch.rand(4, 0, 0), (4, 4), heads=2, backend=be)),
+        ("degrade-empty-probs", r"saliency must have at least one query \(Nq >= 1\), got shape \(4, 0, 0\)",
+         lambda be: sat_kernels.degrade_latents(**_degrade_args(saliency=torch.rand(4, 0, 0)), heads=2,
+                                                backend=be)),
+    ]
+
+
+EMPTY_DIM_CALLS = _empty_dim_calls()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+@pytest.mark.parametrize("case,match,call", EMPTY_DIM_CALLS, ids=[case for case, _, _ in EMPTY_DIM_CALLS])
+def test_attention_inputs_with_empty_dims_are_rejected_before_any_backend(case, match, call, backend, monkeypatch):
+    """No keys / no queries / no heads give no softmax, no mass or a NaN head mean: a ValueError from
+    sat_kernels.checks naming the argument, raised before a backend is even chosen."""
+    def chose_a_backend(*_):
+        raise AssertionError("a backend was chosen before the empty dimension was rejected")
+
+    monkeypatch.setattr(checks, "use_triton", chose_a_backend)
+    with pytest.raises(ValueError, match=match):
+        call(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_probs_of_no_queries_or_no_tokens_are_empty(backend):
+    """Per-query results reduce over neither axis: Nq = 0 or S = 0 is an empty (B, Nq, S) result."""
+    q, k = _qk()
+    tokens = torch.tensor([[0, -1], [5, 2]])
+    none = sat_kernels.token_attention_probs(q[:, :, :0], k, tokens, backend=backend)
+    assert none.shape == (2, 0, 2) and none.dtype == torch.float32
+    no_tokens = sat_kernels.token_attention_probs(q, k, tokens[:, :0], backend=backend)
+    assert no_tokens.shape == (2, 8, 0) and no_tokens.dtype == torch.float32
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_torch_path_runs_on_meta_tensors(dtype):
+    """Every public function's torch path propagates shapes on meta tensors (no values: value
+    checks such as the token range are skipped) and returns float32 (bool for the mask) on meta."""
+    meta = dict(device="meta", dtype=dtype)
+    q, k = torch.empty(2, 3, 8, 4, **meta), torch.empty(2, 3, 6, 4, **meta)
+    tokens = torch.empty(2, 5, dtype=torch.long, device="meta")
+    x0, eps = torch.empty(2, 4, 16, 24, **meta), torch.empty(2, 4, 16, 24, **meta)
+    probs = torch.empty(6, 8, 8, **meta)
+    outputs = {
+        "attention_mass": (sat_kernels.attention_mass(probs, 3, backend="torch"), (2, 8), torch.float32),
+        "attention_mass_from_qk": (sat_kernels.attention_mass_from_qk(q, k, backend="torch"), (2, 6),
+                                   torch.float32),
+        "token_attention_probs": (sat_kernels.token_attention_probs(q, k, tokens, backend="torch"), (2, 8, 5),
+                                  torch.float32),
+        "gaussian_blur": (sat_kernels.gaussian_blur(x0, backend="torch"), (2, 4, 16, 24), torch.float32),
+        "saliency_mask": (sat_kernels.saliency_mask(probs, (2, 4), size=(16, 24), heads=3, backend="torch"),
+                          (2, 16, 24), torch.bool),
+        "degrade_latents": (sat_kernels.degrade_latents(
+            x0, eps, torch.empty(2, 12, **meta), (3, 4), torch.empty(1000, device="meta"),
+            torch.empty(2, dtype=torch.long, device="meta"), backend="torch"), (2, 4, 16, 24), torch.float32),
+    }
+    for name, (out, shape, out_dtype) in outputs.items():
+        assert (out.device.type, tuple(out.shape), out.dtype) == ("meta", shape, out_dtype), name
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend must be one of"):
         sat_kernels.gaussian_blur(torch.randn(1, 1, 8, 8), backend="cuda")

@@ -63,8 +63,8 @@ def flash_lse(q, k, scale=None):
     return lse
 
 
-def assert_rel(actual, expected, rtol):
-    assert actual.dtype == torch.float32
+def assert_rel(actual, expected, rtol, dtype=torch.float32):
+    assert actual.dtype == dtype
     assert actual.shape == expected.shape
     err = ((actual.double() - expected).abs().max() / expected.abs().max()).item()
     assert err <= rtol, f"max relative error {err:.2e} > {rtol:.0e}"
@@ -183,3 +183,47 @@ def test_results_are_detached_float32():
     assert not mass.requires_grad and not ops.attention_mass(probs, 2).requires_grad
     assert mass.dtype == torch.float32
     torch.testing.assert_close(mass, reference.attention_mass_from_qk(q.detach(), k), rtol=1e-5, atol=1e-6)
+
+
+# float64 in, float64 out (reference.compute_dtype): inputs with full 53-bit mantissas held to a
+# relative 1e-12 of the float64 formula, a bound float32 arithmetic misses by orders of magnitude
+F64_RTOL = 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float64_inputs_are_computed_and_returned_in_float64(backend):
+    # 3 heads: the head mean's 1/3 is inexact; Nq, Nk not tile multiples. Drawn in float64: values
+    # float32 cannot hold, so reading them as float32 shows
+    g = torch.Generator().manual_seed(7)
+    q = 2 * torch.randn(2, 3, 40, 20, dtype=torch.float64, generator=g)
+    k = torch.randn(2, 3, 24, 20, dtype=torch.float64, generator=g)
+    scale = 0.3  # not a power of two
+    scores = scale * q @ k.transpose(-1, -2)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])  # the formula, in float64
+    expected = probs.sum(dim=2).mean(dim=1)
+    results = {
+        "from probs": sat_kernels.attention_mass(probs.reshape(6, 40, 24), 3, backend=backend),
+        "from q, k": sat_kernels.attention_mass_from_qk(q, k, scale=scale, backend=backend),
+        "from q, k, lse": sat_kernels.attention_mass_from_qk(q, k, lse, scale, backend=backend),
+        # the compute dtype is float64 when q or k is
+        "from q, float32 k": sat_kernels.attention_mass_from_qk(q, k.float(), lse=None, scale=scale,
+                                                                backend=backend),
+    }
+    if backend == "triton":  # the GPU's split grid (partial sums of heads and query tiles)
+        results["from probs, split"] = ops.attention_mass(probs, 3, split=(3, 2))
+        results["from q, k, split"] = ops.attention_mass_from_qk(q, k, None, scale, split=(3, 2))
+        results["lse"] = ops.attention_lse(q, k, scale)
+    for name, got in results.items():
+        want = expected
+        if name == "from q, float32 k":
+            want = torch.softmax(scale * q @ k.float().double().transpose(-1, -2), -1).sum(2).mean(1)
+        if name == "lse":
+            want = lse
+        assert got.dtype == torch.float64, name
+        assert got.shape == want.shape, name
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err <= F64_RTOL, f"{name}: max relative error {err:.2e} > {F64_RTOL:.0e}"
+    # the bound has teeth: the same formula in float32 misses it
+    in_fp32 = torch.softmax(scale * q.float() @ k.float().transpose(-1, -2), -1).sum(2).mean(1)
+    assert ((in_fp32.double() - expected).abs().max() / expected.abs().max()).item() > 1e3 * F64_RTOL

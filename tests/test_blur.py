@@ -167,6 +167,20 @@ def test_torch_blur_ignores_a_callers_autocast():
     torch.testing.assert_close(out, reference.gaussian_blur(x), rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 16, 24), (1, 2, 600, 12)], ids=["matrix", "shifted"])
+def test_torch_blur_on_meta_tensors_gives_shape_and_dtype(shape, dtype):
+    """Meta tensors (shape propagation, FakeTensor-style tracing) have no values: the reference and
+    the public torch path return a meta tensor of x's shape in the compute dtype (float64 for
+    float64, else float32), on both the matrix-product and the shifted-add path."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    expected = torch.float64 if dtype == torch.float64 else torch.float32
+    for out in (reference.gaussian_blur(x, 9, 1.0), sat_kernels.gaussian_blur(x, backend="torch")):
+        assert out.device.type == "meta" and out.shape == shape and out.dtype == expected
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's CPU autocast does not reach meta
+        assert reference.gaussian_blur(x).dtype == expected
+
 # ----------------------------------------------------------------------------- second derivatives
 
 

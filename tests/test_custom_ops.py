@@ -49,7 +49,14 @@ def opcheck(op, args):
     (token_probs.token_attention_probs_op, lambda: (*qk(nk=5), torch.tensor([[0, 3, -1], [4, 1, 2]]), None, 0.25)),
     (saliency_mask.saliency_mask_op, lambda: (mass(), 2, 4, 1.0, False, [5, 8])),
     (saliency_mask.saliency_mask_op, lambda: (mass(), 2, 4, 0.0, True, None)),
-], ids=["mass", "lse", "mass_from_qk", "mass_from_qk_lse", "token_probs", "mask_upsampled", "mask_mean"])
+    # float64 in, float64 out: the fake implementations must say so too
+    (attention_mass.attention_mass_op, lambda: (probs().double(), 2)),
+    (attention_mass.attention_lse_op, lambda: (qk()[0].double(), qk()[1], 0.25)),
+    (attention_mass.attention_mass_from_qk_op, lambda: (*(t.double() for t in qk()), None, 0.25)),
+    (token_probs.token_attention_probs_op,
+     lambda: (*(t.double() for t in qk(nk=5)), torch.tensor([[0, 3, -1], [4, 1, 2]]), None, 0.25)),
+], ids=["mass", "lse", "mass_from_qk", "mass_from_qk_lse", "token_probs", "mask_upsampled", "mask_mean",
+        "mass_fp64", "lse_fp64_q", "mass_from_qk_fp64", "token_probs_fp64"])
 def test_statistics_ops_pass_opcheck(op, args):
     opcheck(op, args())
 

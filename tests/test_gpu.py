@@ -86,6 +86,31 @@ def test_token_attention_probs_cuda(dtype):
     torch.testing.assert_close(ours, ref, rtol=rtol, atol=atol)
 
 
+def test_attention_statistics_float64_cuda():
+    """float64 inputs are computed in float64 by the compiled kernels: within 1e-12 (relative) of the
+    float64 formula. Compiled, Triton passes a Python float argument as fp32 (the interpreter keeps
+    float64), so this is where a scale or 1 / heads rounded to fp32 (~6e-8) would show."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = 2 * torch.randn(2, 3, 300, 40, dtype=torch.float64, device="cuda", generator=gen)
+    k = torch.randn(2, 3, 200, 40, dtype=torch.float64, device="cuda", generator=gen)
+    scale = 0.3
+    scores = scale * q @ k.transpose(-1, -2)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    tokens = torch.tensor([[0, 7, -1], [199, 3, 3]], device="cuda")
+    head_mean = probs.mean(dim=1)
+    picked = torch.stack([head_mean[i][:, tokens[i].clamp(min=0)] for i in range(2)]) * (tokens >= 0)[:, None]
+    cases = [
+        (sat_kernels.attention_mass(probs, 3, backend="triton"), probs.sum(2).mean(1)),
+        (sat_kernels.attention_mass_from_qk(q, k, None, scale, backend="triton"), probs.sum(2).mean(1)),
+        (sat_kernels.attention_mass_from_qk(q, k, lse, scale, backend="triton"), probs.sum(2).mean(1)),
+        (sat_kernels.token_attention_probs(q, k, tokens, None, scale, backend="triton"), picked),
+    ]
+    for got, want in cases:
+        assert got.dtype == torch.float64
+        assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-12
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gaussian_blur_and_mass_from_probs_cuda(dtype):
     gen = torch.Generator(device="cuda").manual_seed(4)

@@ -89,3 +89,26 @@ def test_token_probs_all_padding_is_zero():
     tokens = torch.full((1, 2), -1)
     got = sat_kernels.token_attention_probs(q, k, tokens, backend="triton")
     assert got.shape == (1, 16, 2) and torch.all(got == 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float64_inputs_are_computed_and_returned_in_float64(backend):
+    """float64 q, k give float64 probabilities within 1e-12 (relative) of the float64 formula; the
+    same formula in float32 misses that bound by orders of magnitude."""
+    _, _, tokens = make_inputs((2, 3, 40, 24, 20, 5), torch.float32, "contiguous", seed=8)
+    g = torch.Generator().manual_seed(8)  # drawn in float64: values float32 cannot hold
+    q = 2 * torch.randn(2, 3, 40, 20, dtype=torch.float64, generator=g)
+    k = torch.randn(2, 3, 24, 20, dtype=torch.float64, generator=g)
+    scale = 0.3
+    scores = scale * q @ k.transpose(-1, -2)
+    lse = torch.logsumexp(scores, dim=-1)
+    head_mean = torch.exp(scores - lse[..., None]).mean(dim=1)  # (B, Nq, Nk), float64
+    expected = torch.stack([head_mean[i][:, tokens[i].clamp(min=0)] for i in range(2)]) * (tokens >= 0)[:, None]
+    for given in (None, lse):
+        got = sat_kernels.token_attention_probs(q, k, tokens, given, scale, backend=backend)
+        assert got.dtype == torch.float64 and got.shape == expected.shape
+        err = ((got - expected).abs().max() / expected.abs().max()).item()
+        assert err <= 1e-12, f"max relative error {err:.2e} > 1e-12"
+        assert torch.all(got[0, :, -1] == 0)  # padding stays exactly 0
+    in_fp32 = oracle(q.float(), k.float(), tokens, scale)  # oracle upcasts the fp32-rounded inputs
+    assert ((in_fp32 - expected).abs().max() / expected.abs().max()).item() > 1e-9

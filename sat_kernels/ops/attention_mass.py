@@ -1,6 +1,7 @@
 """Attention mass (attention each key receives) and row log-sum-exp, in Triton.
 
-Three statistics for thresholding (no autograd: results are detached float32):
+Three statistics for thresholding (no autograd: results are detached, in the compute dtype of
+``reference.compute_dtype``: float64 for float64 inputs, else float32):
 
 * ``attention_mass(probs4d, heads)``: mean over heads of the column sums of materialized
   probabilities (B, heads, Nq, Nk), any strides.
@@ -19,6 +20,13 @@ mass directly (one launch). On GPU, B * Nk / BLOCK_K programs cannot fill the SM
 64x64 layer), so the head x query loop of each key tile is split over SPLIT = SPLIT_H * SPLIT_Q
 programs writing disjoint rows of a (SPLIT, B, Nk) buffer, summed afterwards (deterministic,
 one extra small reduction). Exponentials use exp2 with log2(e) folded into the scale.
+
+Each kernel computes in the element type of its output (``OUT`` / ``LSE``), which the launcher
+allocates in the compute dtype: fp32 code as before for fp32/fp16/bf16, fp64 throughout (tiles,
+``tl.dot``, exp2, sums) for float64. On GPU Triton passes a Python float argument as fp32, too
+coarse for fp64, so a float64 launch passes none that matters: ``kernel_q_and_scale`` folds
+scale * log2(e) into q on the host (scale_log2 = 1.0) and the launcher divides the head sum by H
+itself (inv_heads = 1.0). Literals in the kernels take the computation's dtype, so they stay exact.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ def _store_head_mean(acc, OUT, split, b, NK, offs_k, mask_k, inv_heads, ACC_2D: 
 
 @triton.jit
 def _attention_mass_probs_kernel(
-    PROBS, OUT,  # PROBS: (B, H, Nq, Nk) any strides; OUT: (SPLIT_H * SPLIT_Q, B, Nk) fp32 contiguous
+    PROBS, OUT,  # PROBS: (B, H, Nq, Nk) any strides; OUT: (SPLIT_H * SPLIT_Q, B, Nk) contiguous, compute dtype
     H, NQ, NK,
     s_pb, s_ph, s_pq, s_pk,
     inv_heads,
@@ -68,15 +76,16 @@ def _attention_mass_probs_kernel(
     h_lo, h_hi = _split_range(split // SPLIT_Q, SPLIT_H, H)
     t_lo, t_hi = _split_range(split % SPLIT_Q, SPLIT_Q, tl.cdiv(NQ, BLOCK_Q))
     base = PROBS + b.to(tl.int64) * s_pb
+    ct = OUT.dtype.element_ty  # the compute dtype
     if ACC_2D:  # elementwise adds in the loop, one column reduction at the end
-        acc = tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q, BLOCK_K], dtype=ct)
     else:
-        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_K], dtype=ct)
     for h in range(h_lo, h_hi):
         for t in range(t_lo, t_hi):
             offs_q = t * BLOCK_Q + tl.arange(0, BLOCK_Q)
             ptrs = base + h * s_ph + offs_q[:, None] * s_pq + offs_k[None, :] * s_pk
-            tile = tl.load(ptrs, mask=(offs_q[:, None] < NQ) & mask_k[None, :], other=0.0).to(tl.float32)
+            tile = tl.load(ptrs, mask=(offs_q[:, None] < NQ) & mask_k[None, :], other=0.0).to(ct)
             if ACC_2D:
                 acc += tile
             else:
@@ -86,7 +95,7 @@ def _attention_mass_probs_kernel(
 
 @triton.jit
 def _attention_lse_kernel(
-    Q, K, LSE,  # Q: (B, H, Nq, D), K: (B, H, Nk, D) any strides; LSE: (B*H, Nq) fp32 contiguous
+    Q, K, LSE,  # Q: (B, H, Nq, D), K: (B, H, Nk, D) any strides; LSE: (B*H, Nq) contiguous, compute dtype
     H, NQ, NK, D,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -104,11 +113,12 @@ def _attention_lse_kernel(
     mask_d = offs_d < D
     q_ptrs = Q + b.to(tl.int64) * s_qb + h * s_qh + offs_q[:, None] * s_qn + offs_d[None, :] * s_qd
     q = tl.load(q_ptrs, mask=mask_q[:, None] & mask_d[None, :], other=0.0)
+    ct = LSE.dtype.element_ty  # the compute dtype
     if DOT_F32:
-        q = q.to(tl.float32)
+        q = q.to(ct)
     k_base = K + b.to(tl.int64) * s_kb + h * s_kh
-    m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running row max (base-2 scores)
-    l = tl.zeros([BLOCK_Q], dtype=tl.float32)  # running sum of exp2(score - m)
+    m = tl.full([BLOCK_Q], float("-inf"), dtype=ct)  # running row max (base-2 scores)
+    l = tl.zeros([BLOCK_Q], dtype=ct)  # running sum of exp2(score - m)
     for start in range(0, NK, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < NK
@@ -116,7 +126,7 @@ def _attention_lse_kernel(
         kt = tl.load(k_base + offs_k[None, :] * s_kn + offs_d[:, None] * s_kd,
                      mask=mask_d[:, None] & mask_k[None, :], other=0.0)
         if DOT_F32:
-            s = tl.dot(q, kt.to(tl.float32), input_precision=PRECISION)
+            s = tl.dot(q, kt.to(ct), input_precision=PRECISION)
         else:
             s = tl.dot(q, kt)
         s = tl.where(mask_k[None, :], s * scale_log2, float("-inf"))  # padded keys contribute 0
@@ -129,7 +139,7 @@ def _attention_lse_kernel(
 
 @triton.jit
 def _attention_mass_qk_kernel(
-    Q, K, LSE, OUT,  # Q (B,H,Nq,D), K (B,H,Nk,D), LSE (B,H,Nq) any strides; OUT (SPLIT_H*SPLIT_Q, B, Nk) fp32
+    Q, K, LSE, OUT,  # Q (B,H,Nq,D), K (B,H,Nk,D), LSE (B,H,Nq) any strides; OUT (SPLIT_H*SPLIT_Q, B, Nk) compute dtype
     H, NQ, NK, D,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -151,16 +161,17 @@ def _attention_mass_qk_kernel(
     q_base = Q + b.to(tl.int64) * s_qb
     k_base = K + b.to(tl.int64) * s_kb
     l_base = LSE + b.to(tl.int64) * s_lb
+    ct = OUT.dtype.element_ty  # the compute dtype
     if ACC_2D:  # elementwise adds in the loop, one column reduction at the end
-        acc = tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q, BLOCK_K], dtype=ct)
     else:
-        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_K], dtype=ct)
     for h in range(h_lo, h_hi):
         # this program's K^T tile (BLOCK_D, BLOCK_K) of head h, loaded once per head
         kt = tl.load(k_base + h * s_kh + offs_k[None, :] * s_kn + offs_d[:, None] * s_kd,
                      mask=mask_d[:, None] & mask_k[None, :], other=0.0)
         if DOT_F32:
-            kt = kt.to(tl.float32)
+            kt = kt.to(ct)
         for t in range(t_lo, t_hi):
             offs_q = t * BLOCK_Q + tl.arange(0, BLOCK_Q)
             mask_q = offs_q < NQ
@@ -169,10 +180,10 @@ def _attention_mass_qk_kernel(
             # padded query rows get lse = +inf so exp2(s - inf) = 0; padded keys are never stored
             lse = tl.load(l_base + h * s_lh + offs_q * s_ln, mask=mask_q, other=float("inf"))
             if DOT_F32:
-                s = tl.dot(q.to(tl.float32), kt, input_precision=PRECISION)
+                s = tl.dot(q.to(ct), kt, input_precision=PRECISION)
             else:
                 s = tl.dot(q, kt)
-            p = tl.exp2(s * scale_log2 - (lse.to(tl.float32) * 1.4426950408889634)[:, None])
+            p = tl.exp2(s * scale_log2 - (lse.to(ct) * 1.4426950408889634)[:, None])
             if ACC_2D:
                 acc += p
             else:
@@ -183,11 +194,37 @@ def _attention_mass_qk_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def dot_precision(interpret: bool) -> str:
-    """tl.dot precision for fp32 tiles: exact fp32 products when interpreting; on GPU "tf32x3"
-    (three TF32 MMAs, error ~2^-22 like fp32, several times faster than "ieee", which Triton runs
-    on CUDA cores: benchmarks/RESULTS.md). Never plain TF32 (~1e-3)."""
-    return "ieee" if interpret else "tf32x3"
+def dot_precision(interpret: bool, dtype: torch.dtype = torch.float32) -> str:
+    """tl.dot precision for upcast tiles of compute dtype ``dtype``: exact products when
+    interpreting and for fp64; for fp32 on GPU "tf32x3" (three TF32 MMAs, error ~2^-22 like fp32,
+    several times faster than "ieee", which Triton runs on CUDA cores: benchmarks/RESULTS.md).
+    Never plain TF32 (~1e-3)."""
+    return "ieee" if interpret or dtype == torch.float64 else "tf32x3"
+
+
+def kernel_q_and_scale(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """(q, scale_log2) as the q.k^T kernels take them: base-2 scores are (q . k) * scale_log2.
+
+    For fp32 compute, q as given and scale * log2(e). For float64 (q or k float64), q * (scale *
+    log2(e)) in float64 and 1.0: on GPU Triton passes a Python float argument as fp32 (the
+    interpreter keeps float64), which would round the scale to ~6e-8 relative; 1.0 is exact.
+    """
+    scale_log2 = float(scale) * LOG2E
+    if reference.compute_dtype(q, k) == torch.float64:
+        return q.to(torch.float64) * scale_log2, 1.0
+    return q, scale_log2
+
+
+def head_mean_factor(heads: int, dtype: torch.dtype) -> float:
+    """The kernels' inv_heads: 1 / heads for fp32; 1.0 for fp64, whose launcher divides the head sum
+    by ``heads`` itself (an fp32 argument would round 1 / heads, see kernel_q_and_scale)."""
+    return 1.0 if dtype == torch.float64 else 1.0 / heads
+
+
+def finish_head_mean(out: torch.Tensor, heads: int) -> torch.Tensor:
+    """The kernels' (SPLIT, B, N) head sums times head_mean_factor as the (B, N) head mean."""
+    out = out[0] if out.shape[0] == 1 else out.sum(0)
+    return out / heads if out.dtype == torch.float64 else out
 
 
 def split_grid(programs: int, heads: int, q_tiles: int, num_sms: int | None) -> tuple[int, int]:
@@ -238,33 +275,41 @@ def qk_mass_config(head_dim: int, dot_f32: bool, interpret: bool) -> tuple[int, 
 
 
 def launch_attention_mass(probs4d: torch.Tensor, heads: int, split=None, config=None) -> torch.Tensor:
-    """(B, Nk) float32: mean over heads of the sum over queries of probs4d (B, heads, Nq, Nk)."""
+    """(B, Nk) in the compute dtype: mean over heads of the sum over queries of probs4d (B, heads, Nq, Nk)."""
     if probs4d.numel() == 0:
         return reference.attention_mass(probs4d, heads)
     b, h, nq, nk = probs4d.shape
     block_q, block_k, warps, acc_2d = config or probs_mass_config(interpreting(probs4d))
     k_tiles = cdiv(nk, block_k)
     split_h, split_q = split or split_grid(b * k_tiles, h, cdiv(nq, block_q), _num_sms(probs4d))
-    out = torch.empty((split_h * split_q, b, nk), dtype=torch.float32, device=probs4d.device)
+    dtype = reference.compute_dtype(probs4d)
+    out = torch.empty((split_h * split_q, b, nk), dtype=dtype, device=probs4d.device)
     _attention_mass_probs_kernel[(b, k_tiles, split_h * split_q)](
-        probs4d, out, h, nq, nk, *probs4d.stride(), 1.0 / heads,
+        probs4d, out, h, nq, nk, *probs4d.stride(), head_mean_factor(heads, dtype),
         SPLIT_H=split_h, SPLIT_Q=split_q, ACC_2D=acc_2d, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps,
     )
-    return out[0] if split_h * split_q == 1 else out.sum(0)
+    return finish_head_mean(out, heads)
 
 
 def launch_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, H, Nq) float32 natural-log row log-sum-exp of scale * q @ k^T, online over key tiles."""
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
+    """(B, H, Nq) natural-log row log-sum-exp of scale * q @ k^T, online over key tiles, in the
+    compute dtype."""
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_lse(q, k, scale)
+    return _launch_lse(*kernel_q_and_scale(q, k, scale), k)
+
+
+def _launch_lse(q: torch.Tensor, scale_log2: float, k: torch.Tensor) -> torch.Tensor:
+    """attention_lse's launch on kernel_q_and_scale's (q, scale_log2)."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    dtype = reference.compute_dtype(q, k)
     dot_f32, interpret = dot_in_f32(q, k), interpreting(q)
     block_q, block_k, warps, stages = lse_config(d, dot_f32, interpret)
-    lse = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, h, nq), dtype=dtype, device=q.device)
     _attention_lse_kernel[(b * h, cdiv(nq, block_q))](
-        q, k, lse, h, nq, nk, d, *q.stride(), *k.stride(), float(scale) * LOG2E,
-        DOT_F32=dot_f32, PRECISION=dot_precision(interpret), BLOCK_Q=block_q, BLOCK_K=block_k,
+        q, k, lse, h, nq, nk, d, *q.stride(), *k.stride(), scale_log2,
+        DOT_F32=dot_f32, PRECISION=dot_precision(interpret, dtype), BLOCK_Q=block_q, BLOCK_K=block_k,
         BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
     )
     return lse
@@ -272,28 +317,33 @@ def launch_attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torc
 
 def launch_attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float,
                                   split=None, config=None) -> torch.Tensor:
-    """(B, Nk) float32 mass[b, j] = mean_h sum_i exp(scale q[b,h,i].k[b,h,j] - lse[b,h,i]).
+    """(B, Nk) mass[b, j] = mean_h sum_i exp(scale q[b,h,i].k[b,h,j] - lse[b,h,i]), in the compute
+    dtype (a given lse is read in it).
 
     One launch with lse given, two (attention_lse first) with lse None; plus a (SPLIT, B, Nk)
     sum when the grid is split on GPU.
     """
     if q.numel() == 0 or k.numel() == 0:
         return reference.attention_mass_from_qk(q, k, lse, scale)
-    lse = launch_attention_lse(q, k, scale) if lse is None else lse
+    q, scale_log2 = kernel_q_and_scale(q, k, scale)
+    lse = _launch_lse(q, scale_log2, k) if lse is None else lse
     b, h, nq, d = q.shape
     nk = k.shape[2]
+    dtype = reference.compute_dtype(q, k)
     dot_f32 = dot_in_f32(q, k)
     block_q, block_k, warps, stages, acc_2d, precision = config or qk_mass_config(d, dot_f32, interpreting(q))
+    if dtype == torch.float64:
+        precision = dot_precision(interpreting(q), dtype)
     k_tiles = cdiv(nk, block_k)
     split_h, split_q = split or split_grid(b * k_tiles, h, cdiv(nq, block_q), _num_sms(q))
-    out = torch.empty((split_h * split_q, b, nk), dtype=torch.float32, device=q.device)
+    out = torch.empty((split_h * split_q, b, nk), dtype=dtype, device=q.device)
     _attention_mass_qk_kernel[(b, k_tiles, split_h * split_q)](
         q, k, lse, out, h, nq, nk, d,
-        *q.stride(), *k.stride(), *lse.stride(), float(scale) * LOG2E, 1.0 / h,
+        *q.stride(), *k.stride(), *lse.stride(), scale_log2, head_mean_factor(h, dtype),
         SPLIT_H=split_h, SPLIT_Q=split_q, ACC_2D=acc_2d, DOT_F32=dot_f32, PRECISION=precision,
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
     )
-    return out[0] if split_h * split_q == 1 else out.sum(0)
+    return finish_head_mean(out, h)
 
 
 # ----------------------------------------------------------------------------- ops (statistics: no autograd)
@@ -317,21 +367,22 @@ def attention_mass_from_qk_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tenso
 
 @attention_mass_op.register_fake
 def _(probs4d, heads):
-    return probs4d.new_empty((probs4d.shape[0], probs4d.shape[3]), dtype=torch.float32)
+    return probs4d.new_empty((probs4d.shape[0], probs4d.shape[3]), dtype=reference.compute_dtype(probs4d))
 
 
 @attention_lse_op.register_fake
 def _(q, k, scale):
-    return q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape[:3], dtype=reference.compute_dtype(q, k))
 
 
 @attention_mass_from_qk_op.register_fake
 def _(q, k, lse, scale):
-    return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
+    return q.new_empty((q.shape[0], k.shape[2]), dtype=reference.compute_dtype(q, k))
 
 
 def attention_mass(probs4d: torch.Tensor, heads: int, *, split=None, config=None) -> torch.Tensor:
-    """(B, Nk) float32 (detached): mean over heads of the sum over queries of probs4d (B, heads, Nq, Nk).
+    """(B, Nk) in the compute dtype (detached): mean over heads of the sum over queries of probs4d
+    (B, heads, Nq, Nk).
 
     ``split`` (SPLIT_H, SPLIT_Q) / ``config`` (probs_mass_config's tuple) override the launch
     (tests use them to run the GPU's split grid under the interpreter; the op takes the default).
@@ -342,13 +393,13 @@ def attention_mass(probs4d: torch.Tensor, heads: int, *, split=None, config=None
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, H, Nq) float32 (detached) natural-log row log-sum-exp of scale * q @ k^T."""
+    """(B, H, Nq) in the compute dtype (detached): natural-log row log-sum-exp of scale * q @ k^T."""
     return attention_lse_op(q.detach(), k.detach(), float(scale))
 
 
 def attention_mass_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, scale: float, *,
                            split=None, config=None) -> torch.Tensor:
-    """(B, Nk) float32 (detached) attention mass from q, k and lse (None: computed first).
+    """(B, Nk) in the compute dtype (detached): attention mass from q, k and lse (None: computed first).
     ``split`` / ``config`` (qk_mass_config's tuple) override the launch, as in attention_mass."""
     q, k, lse = q.detach(), k.detach(), None if lse is None else lse.detach()
     if split is None and config is None:

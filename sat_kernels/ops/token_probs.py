@@ -1,13 +1,14 @@
 """Head-mean softmax probability of every query for a few selected key tokens, in Triton.
 
-``token_attention_probs(q, k, tokens, lse, scale)`` -> (B, Nq, S) float32:
+``token_attention_probs(q, k, tokens, lse, scale)`` -> (B, Nq, S) in the compute dtype (float64 when
+q or k is float64, else float32; see ``attention_mass.py`` for how an fp64 launch passes its scalars):
 ``out[b, i, s] = mean_h exp(scale * q[b,h,i] . k[b,h,tokens[b,s]] - lse[b,h,i])``, 0 where
 ``tokens[b, s] == -1`` (padding). Used for cross-attention control (CAC): S is a handful of
 caption tokens, so the S selected key rows are gathered into one padded tile per head.
 
 Grid: (B, query tiles); each program loops over heads, recomputes a BLOCK_Q x BLOCK_S score tile
-with ``tl.dot`` and accumulates the head mean in fp32. lse None -> one ``attention_lse`` launch
-first. Statistics only: no autograd, results are detached. A ``torch.library`` op
+with ``tl.dot`` and accumulates the head mean in the compute dtype (``OUT``'s element type).
+lse None -> one ``attention_lse`` launch first. Statistics only: no autograd, results are detached. A ``torch.library`` op
 (torch.ops.sat_kernels.token_attention_probs) with a fake implementation: one node in a compiled graph.
 """
 
@@ -18,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .attention_mass import launch_attention_lse
-from .utils import LOG2E, attention_tile_config, block_d, cdiv, custom_op, dot_in_f32, interpreting, next_pow2
+from .attention_mass import head_mean_factor, kernel_q_and_scale, launch_attention_lse
+from .utils import attention_tile_config, block_d, cdiv, custom_op, dot_in_f32, interpreting, next_pow2
 
 
 @triton.jit
@@ -46,7 +47,8 @@ def _token_probs_kernel(
     q_base = Q + b.to(tl.int64) * s_qb
     k_base = K + b.to(tl.int64) * s_kb
     l_base = LSE + b.to(tl.int64) * s_lb
-    acc = tl.zeros([BLOCK_Q, BLOCK_S], dtype=tl.float32)
+    ct = OUT.dtype.element_ty  # the compute dtype
+    acc = tl.zeros([BLOCK_Q, BLOCK_S], dtype=ct)
     for h in range(0, H):
         q = tl.load(q_base + h * s_qh + offs_q[:, None] * s_qn + offs_d[None, :] * s_qd,
                     mask=mask_q[:, None] & mask_d[None, :], other=0.0)
@@ -56,10 +58,10 @@ def _token_probs_kernel(
         # padded query rows: lse = +inf -> probability 0 (and never stored)
         lse = tl.load(l_base + h * s_lh + offs_q * s_ln, mask=mask_q, other=float("inf"))
         if DOT_F32:
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+            s = tl.dot(q.to(ct), kt.to(ct), input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        acc += tl.exp2(s * scale_log2 - (lse.to(tl.float32) * 1.4426950408889634)[:, None])
+        acc += tl.exp2(s * scale_log2 - (lse.to(ct) * 1.4426950408889634)[:, None])
     acc = tl.where(valid[None, :], acc * inv_heads, 0.0)
     out_ptrs = OUT + (b.to(tl.int64) * NQ + offs_q[:, None]) * S + offs_s[None, :]
     tl.store(out_ptrs, acc, mask=mask_q[:, None] & (offs_s[None, :] < S))
@@ -77,7 +79,8 @@ def token_probs_config(head_dim: int, n_selected: int, dot_f32: bool, interpret:
 @custom_op("token_attention_probs")
 def token_attention_probs_op(q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor | None,
                              scale: float) -> torch.Tensor:
-    """(B, Nq, S) float32 head-mean probability of each query for key tokens (B, S); -1 -> 0.
+    """(B, Nq, S) head-mean probability of each query for key tokens (B, S); -1 -> 0; in the
+    compute dtype (a given lse is read in it).
 
     One launch with lse given; two (``attention_lse`` first) with lse None.
     """
@@ -86,21 +89,23 @@ def token_attention_probs_op(q: torch.Tensor, k: torch.Tensor, tokens: torch.Ten
     if q.numel() == 0 or k.numel() == 0 or tokens.numel() == 0:
         return reference.token_attention_probs(q, k, tokens, lse, scale)
     lse = launch_attention_lse(q, k, scale) if lse is None else lse
+    q, scale_log2 = kernel_q_and_scale(q, k, scale)
+    dtype = reference.compute_dtype(q, k)
     dot_f32 = dot_in_f32(q, k)
     block_q, block_s, warps, stages = token_probs_config(d, s, dot_f32, interpreting(q))
-    out = torch.empty((b, nq, s), dtype=torch.float32, device=q.device)
+    out = torch.empty((b, nq, s), dtype=dtype, device=q.device)
     _token_probs_kernel[(b, cdiv(nq, block_q))](
         q, k, lse, tokens, out, h, nq, d, s,
         *q.stride(), *k.stride(), *lse.stride(), *tokens.stride(),
-        float(scale) * LOG2E, 1.0 / h,
+        scale_log2, head_mean_factor(h, dtype),
         DOT_F32=dot_f32, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_D=block_d(d), num_warps=warps, num_stages=stages,
     )
-    return out
+    return out / h if dtype == torch.float64 else out
 
 
 @token_attention_probs_op.register_fake
 def _(q, k, tokens, lse, scale):
-    return q.new_empty((q.shape[0], q.shape[2], tokens.shape[1]), dtype=torch.float32)
+    return q.new_empty((q.shape[0], q.shape[2], tokens.shape[1]), dtype=reference.compute_dtype(q, k))
 
 
 def token_attention_probs(q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor | None,

@@ -204,7 +204,8 @@ def interpreting(t: torch.Tensor) -> bool:
 
 
 def dot_in_f32(*tensors: torch.Tensor) -> bool:
-    """Upcast tiles to fp32 before tl.dot (an fp32-accurate dot).
+    """Upcast tiles to the compute dtype before tl.dot (the kernels' DOT_F32: an fp32-accurate dot,
+    or an fp64 one for float64 inputs, reference.compute_dtype).
 
     Always under the interpreter (its bf16 tl.dot is wrong), for fp32/fp64 inputs, and for mixed
     dtypes; fp16/bf16 pairs on GPU use the tensor cores with fp32 accumulation (products of two
