@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -97,11 +98,12 @@ BUCKETS = ["--enable_bucket", "--min_bucket_reso", "48", "--max_bucket_reso", "1
 STOP_TIMEOUT = 180  # seconds; a run that stops at its first failure takes well under a minute here
 
 
-def launch_two_ranks(out, *extra: str, timeout: float = STOP_TIMEOUT):
-    """The CLI as two plain processes (RANK 0 and 1 of WORLD_SIZE 2, gloo), each launched as torchrun
-    launches it but without torchrun's agent, which SIGTERMs the others at the first failure (as nothing
-    does across nodes or under srun): each process's own exit code and stderr, or None for a process still
-    running at ``timeout`` (then killed). Returns ([(returncode, stdout, stderr)] by rank, seconds)."""
+def launch_two_ranks(out, *extra: str, timeout: float = STOP_TIMEOUT, program=("-m", "sat_train"), env=None):
+    """The CLI (``program``: python's arguments before the flags) as two plain processes (RANK 0 and 1 of
+    WORLD_SIZE 2, gloo), each launched as torchrun launches it but without torchrun's agent, which SIGTERMs
+    the others at the first failure (as nothing does across nodes or under srun): each process's own exit
+    code, stdout and stderr (code None: still running at ``timeout``, then killed). Returns
+    ([(returncode, stdout, stderr)] by rank, seconds)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -109,7 +111,8 @@ def launch_two_ranks(out, *extra: str, timeout: float = STOP_TIMEOUT):
             "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
     base.pop("SAT_TEST_KILL_AT", None)
-    command = [sys.executable, "-m", "sat_train", *FLAGS, "--output_dir", str(out), *extra]
+    base.update(env or {})
+    command = [sys.executable, *program, *FLAGS, "--output_dir", str(out), *extra]
     start = time.monotonic()
     procs = [subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -137,10 +140,46 @@ def test_a_failure_while_caching_latents_stops_both_processes_with_one_line_each
     (out / "latent_cache").write_text("not a folder")
     ranks, seconds = launch_two_ranks(out, "--cache_latents_to_disk", *BUCKETS)
     assert [code for code, _, _ in ranks] == [1, 1], (seconds, [stderr[-2000:] for _, _, stderr in ranks])
-    cause = f"FileExistsError: {FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out / 'latent_cache'))}"
+    occupied = FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out / "latent_cache"))
+    cause = f"FileExistsError: {occupied}"  # "[Errno 17] File exists: '...'" on Linux
     assert ranks[0][2].strip().splitlines() == [
         f"[rank 0] sat-train: error: {cause} (run with --debug for the traceback)"]
     assert ranks[1][2].strip().splitlines() == [
         f"[rank 1] sat-train: error: RuntimeError: the main process failed while caching latents: {cause}; "
         "see its error (run with --debug for the traceback)"]
     assert seconds < STOP_TIMEOUT
+
+
+# the CLI with every PIL.Image.open logged to $SAT_TEST_OPEN_LOG.RANK as "calling-module file-name"
+OPEN_LOGGING_CLI = """
+import os, sys
+from PIL import Image
+opened = Image.open
+def logged(fp, *args, **kwargs):
+    with open(os.environ["SAT_TEST_OPEN_LOG"] + "." + os.environ["RANK"], "a") as log:
+        log.write(sys._getframe(1).f_globals["__name__"] + " " + os.path.basename(str(fp)) + "\\n")
+    return opened(fp, *args, **kwargs)
+Image.open = logged
+from sat_train.cli import main
+main()
+"""
+
+
+def test_only_the_main_process_checks_the_data_and_opens_images(tmp_path):
+    """A bucketed --cache_latents_to_disk run on the demo's 6 photos as two ranks: the main process checks
+    the data (opening each photo once) and encodes it (once more), the buckets and the cache taking the sizes
+    from its check; the other process gets records, names and sizes from one broadcast and trains on the
+    cached files: it opens no image at all."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    log = tmp_path / "opened"
+    ranks, seconds = launch_two_ranks(tmp_path / "out", "--cache_latents_to_disk", *BUCKETS, "--max_train_steps",
+                                      "2", program=("-c", OPEN_LOGGING_CLI), env={"SAT_TEST_OPEN_LOG": str(log)})
+    assert [code for code, _, _ in ranks] == [0, 0], (seconds, [stderr[-2000:] for _, _, stderr in ranks])
+    photos = [f"person_{i:02d}.jpg" for i in range(6)]
+    assert Counter((tmp_path / "opened.0").read_text().splitlines()) == Counter(
+        [f"sat_train.data.datacheck {p}" for p in photos] + [f"sat_train.data.dataset {p}" for p in photos])
+    assert not (tmp_path / "opened.1").exists()
+    assert [line for line in ranks[0][1].splitlines() if line.startswith("data check ")] == [
+        f"data check {REPO / 'sat_train' / 'assets' / 'demo_data'}: 6 usable samples of 6 lines, 0 skipped, 0 fatal"]
+    assert "data check" not in ranks[1][1] and (tmp_path / "out" / LORA_FILE).is_file()

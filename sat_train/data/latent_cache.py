@@ -38,7 +38,7 @@ import torch
 
 from ..errors import UsageError
 from ..faults import fsync_dir, write_atomically
-from .dataset import CaptionedImages, DatasetRow, ImageTransform, image_sizes, mirrored_box, open_image
+from .dataset import CaptionedImages, DatasetRow, ImageTransform, mirrored_box, open_image
 from .main_process import from_main_process
 
 CACHE_FOLDER = "latent_cache"
@@ -225,7 +225,7 @@ def cache_latents(config, accelerator, vae, dataset: CaptionedImages, dtype: tor
         say("latent cache: images are center-cropped (a cache holds one crop per image; see --random_crop)")
     center = ImageTransform(dataset.transform.resolution, True, False, dataset.transform.interpolation)
     fingerprint = run_fingerprint(vae, dataset.transform, dtype)
-    sizes = image_sizes(dataset.records, dataset.describe)  # file headers only (a dataset row: the image)
+    sizes = dataset.record_sizes()  # the data check's, else file headers (a dataset row: the image)
     per_sample = [cache_entry(dataset, i, size, center, fingerprint) for i, size in enumerate(sizes)]
     entries = list({e.name: e for e in per_sample}.values())  # one per image (kohya repeats share it)
 

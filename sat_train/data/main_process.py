@@ -1,5 +1,5 @@
-"""Work the main process does alone for every process of a multi-process run (the --cache_latents_to_disk
-files), its result or its failure handed to the others.
+"""Work the main process does alone for every process of a multi-process run (the data check, the
+--cache_latents_to_disk files), its result or its failure handed to the others.
 
 ``from_main_process`` runs the work on the main process only, then every process meets at one collective
 (accelerate's ``broadcast_object_list``) carrying "ok, result" or "failed, one line", whether the work
