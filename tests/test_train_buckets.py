@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,6 +335,27 @@ def test_bucketed_run_end_to_end(tmp_path, capsys, guide):
         # one row per sample of image | mask | degraded, each at its batch's bucket size
         # 4 steps = epoch 0's 4 batches: each bucket's (64x64: two batches of 2; 48x80: 2; 80x48: 1)
         assert {Image.open(p).size for p in pictures} == {(3 * 48, 2 * 80), (3 * 64, 2 * 64), (3 * 80, 48)}
+
+
+def test_a_bucketed_cached_run_opens_each_image_once_for_its_size(tmp_path, monkeypatch):
+    """The data check opens (and decodes) every image; its report carries their sizes, which the buckets
+    and the latent cache use: a bucketed --cache_latents run opens each of the folder's 5 files twice,
+    checked once and encoded once (the 2_square images, listed twice an epoch, too), never again for its size."""
+    data = write_folder(tmp_path / "data")
+    save_components(build_components(), tmp_path / "model")
+    opened: Counter = Counter()
+    original = Image.open
+
+    def counting(fp, *args, **kwargs):  # (the module that opens it, the file)
+        name = Path(fp).relative_to(data).as_posix() if str(fp).startswith(str(data)) else str(fp)
+        opened[sys._getframe(1).f_globals["__name__"], name] += 1
+        return original(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting)
+    train(bucket_config(tmp_path, guide="none", cache_latents=True))
+    files = ["1_tall/im0.png", "1_tall/im1.png", "1_wide/im0.png", "2_square/im0.png", "2_square/im1.png"]
+    assert opened == Counter({**{("sat_train.data.datacheck", name): 1 for name in files},
+                              **{("sat_train.data.dataset", name): 1 for name in files}})
 
 
 # ----------------------------------------------------------------------------- crash and resume

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,3 +199,65 @@ def test_report_lists_fatal_and_skipped_apart(tmp_path):
     assert stream.getvalue().strip().splitlines()[-1].endswith(
         "7 usable samples of 12 lines, 0 skipped, 5 fatal (1 missing, 1 no-caption, 2 unreadable, 1 zero-byte), "
         "6 warnings (4 converted, 1 empty-caption, 1 upscaled)")
+
+
+def test_report_carries_each_kept_records_image_size(tmp_path):
+    """The data check opens every image anyway: its report holds each kept record's (width, height)."""
+    folder = write_folder(tmp_path / "data", ROWS, hostile_files())
+    report = scan_image_folder(folder, resolution=64, progress=False, stream=io.StringIO())
+    assert len(report.sizes) == len(report.records)
+    assert {path.name: size for (path, _), size in zip(report.records, report.sizes)} == {
+        "good.jpg": (80, 80), "gray.png": (80, 80), "rgba.png": (80, 80), "cmyk.jpg": (80, 80),
+        "deep.png": (80, 80), "small.jpg": (32, 48), "empty.jpg": (80, 80)}
+
+
+def test_under_several_processes_only_the_main_process_checks_the_data(tmp_path, monkeypatch, capsys):
+    """read_run_records: the main process scans the folder and prints the check; another process scans
+    nothing and gets the main process's records, names and sizes from the one broadcast (here: rank 0's
+    list, pickled and unpickled, as torch.distributed sends it); a fatal data problem stops that process with
+    the main process's message, as when every process scanned (the CLI prints it once)."""
+    import accelerate.utils
+
+    import sat_train.data.records as records_module
+    from sat_train.data.records import read_run_records
+
+    sent: list[bytes] = []
+
+    def broadcast(objects, from_process=0):
+        if rank == 0:
+            sent.append(pickle.dumps(objects))
+            return objects
+        objects[:] = pickle.loads(sent.pop(0))
+        return objects
+
+    scans = []
+    original_scan = records_module.scan_image_folder
+
+    def counting_scan(*args, **kwargs):
+        scans.append(rank)
+        return original_scan(*args, **kwargs)
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(records_module, "scan_image_folder", counting_scan)
+    sizes = [(80, 80), (96, 64), (64, 112)]
+    folder = write_folder(tmp_path / "data", [{"file_name": f"im{i}.png", "text": f"face {i}"} for i in range(3)],
+                          {f"im{i}.png": image_bytes(rgb(size), "PNG") for i, size in enumerate(sizes)})
+    config = tiny_config(tmp_path / "out", train_data_dir=str(folder))
+
+    rank = 0
+    main_records = read_run_records(config, SimpleNamespace(num_processes=2, is_main_process=True))
+    assert f"data check {folder}: 3 usable samples of 3 lines" in capsys.readouterr().out
+    rank = 1
+    other = read_run_records(config, SimpleNamespace(num_processes=2, is_main_process=False))
+    assert scans == [0] and capsys.readouterr().out == ""
+    assert other.records == [(folder / f"im{i}.png", f"face {i}") for i in range(3)] == main_records.records
+    assert other.names == main_records.names and len(other.names) == 3
+    assert other.sizes == sizes
+
+    (folder / "metadata.jsonl").write_text("\n\n")
+    message = f"{folder / 'metadata.jsonl'} lists no images: add one line per image"
+    for rank, is_main in ((0, True), (1, False)):
+        with pytest.raises(UsageError) as stop:
+            read_run_records(config, SimpleNamespace(num_processes=2, is_main_process=is_main))
+        assert str(stop.value) == message
+    assert scans == [0, 0]

@@ -1,7 +1,9 @@
 """The data check: one pass over an image folder before any model loads.
 
 ``scan_image_folder`` reads ``metadata.jsonl`` and fully decodes every image it names (so a
-truncated file fails here, not hours into a run), with a tqdm progress bar on terminals. Every
+truncated file fails here, not hours into a run), with a tqdm progress bar on terminals; its report
+keeps each record's image size (``DataReport.sizes``), so the buckets and the latent cache need not
+open every image again. Every
 problem is collected with its ``metadata.jsonl:LINE`` and file, all in one pass, then printed
 together; the run then either stops (exit code 2, one line on stderr) or goes on without the bad
 samples. The summary line counts the three kinds below apart ("N skipped (...), N fatal (...),
@@ -85,11 +87,12 @@ class Problem:
 
 @dataclass
 class DataReport:
-    """What the scan found: usable records, their names, and every problem (in file order)."""
+    """What the scan found: usable records, their names and image sizes, and every problem (in file order)."""
 
     root: Path
     records: list[tuple[Path, str]] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # each record's image (width, height)
     problems: list[Problem] = field(default_factory=list)
     lines: int = 0  # metadata.jsonl lines read; kohya-style folders: images found
     kohya: bool = False  # read from N_name/ subfolders (records repeat each image N times)
@@ -197,23 +200,25 @@ class SmallImageRule(NamedTuple):
         return cls(width, height, f"--resolution {resolution if isinstance(resolution, int) else f'{width},{height}'}")
 
 
-def _check_image(path: Path, resolution, skip_small: bool) -> list[tuple[str, str, bool]]:
-    """(kind, message, skip) findings for one image; decodes it fully (catches truncation).
-    ``resolution``: an int, (width, height) or a SmallImageRule; smaller in either side is small."""
+def _check_image(path: Path, resolution, skip_small: bool
+                 ) -> tuple[list[tuple[str, str, bool]], tuple[int, int] | None]:
+    """((kind, message, skip) findings for one image, its (width, height) or None when it cannot be read);
+    decodes it fully (catches truncation). ``resolution``: an int, (width, height) or a SmallImageRule;
+    smaller in either side is small."""
     if not path.exists():
-        return [("missing", f"image {path} does not exist; fix file_name or add the file", True)]
+        return [("missing", f"image {path} does not exist; fix file_name or add the file", True)], None
     if path.is_dir():
-        return [("unreadable", f"{path} is a folder, not an image", True)]
+        return [("unreadable", f"{path} is a folder, not an image", True)], None
     if path.stat().st_size == 0:
-        return [("zero-byte", f"image {path} is empty (0 bytes)", True)]
+        return [("zero-byte", f"image {path} is empty (0 bytes)", True)], None
     try:
         with Image.open(path) as image:
             image.load()  # decodes every pixel: truncated or corrupt data fails here
             mode, (width, height) = image.mode, image.size
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        return [("unreadable", f"cannot read image {path} ({err}); fix or remove it", True)]
+        return [("unreadable", f"cannot read image {path} ({err}); fix or remove it", True)], None
     except Image.DecompressionBombError as err:
-        return [("unreadable", f"cannot read image {path} ({err})", True)]
+        return [("unreadable", f"cannot read image {path} ({err})", True)], None
     findings = []
     if mode != "RGB":
         findings.append(("converted", f"image {path} is {mode}, converted to RGB", False))
@@ -225,7 +230,7 @@ def _check_image(path: Path, resolution, skip_small: bool) -> list[tuple[str, st
         else:
             findings.append(("upscaled", f"image {path} is {width}x{height}, smaller than {small.size_flag}: "
                                          f"upscaled (pass {small.skip_flag} to skip it)", False))
-    return findings
+    return findings, (width, height)
 
 
 def _checking_bar(items, unit: str, progress: bool | None, quiet: bool):
@@ -242,8 +247,8 @@ def scan_image_folder(root: Path, image_column: str = "image", caption_column: s
     """Checks ``root/metadata.jsonl`` and every image it names in one pass (or, without it, a
     kohya-style folder: scan_kohya_folder); prints the problems and a summary; raises UsageError (one
     line) when the data cannot be trained on (see the module doc). ``progress=None``: a progress bar
-    only on a terminal. ``quiet``: neither bar nor printout (the processes other than the main one of
-    a multi-process run check the same data silently)."""
+    only on a terminal. ``quiet``: neither bar nor printout (under several processes only the main one
+    checks: records.read_run_records)."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"--train_data_dir {root} is not a folder")
@@ -282,12 +287,13 @@ def _scan_metadata_folder(root: Path, meta: Path, image_column: str, caption_col
         def problem(kind, message, fatal=False, skipped=False, where=where):
             report.add(where, kind, message, fatal, skipped, strict)
 
-        record, has_caption_column = _metadata_record(line, root, image_key, caption_column, resolution,
-                                                      skip_small_images, problem)
+        record, size, has_caption_column = _metadata_record(line, root, image_key, caption_column, resolution,
+                                                            skip_small_images, problem)
         with_caption_column += has_caption_column
         if record is not None:
             report.records.append(record)
             report.names.append(f"{record[0]} ({where})")
+            report.sizes.append(size)
     bar.close()
 
     _print_and_raise_fatal(report, quiet, stream)
@@ -302,25 +308,26 @@ def _scan_metadata_folder(root: Path, meta: Path, image_column: str, caption_col
 
 
 def _metadata_record(line: str, root: Path, image_key: str, caption_column: str, resolution: int,
-                     skip_small_images: bool, problem) -> tuple[tuple[Path, str] | None, bool]:
-    """(the (image, caption) record of one metadata.jsonl line, or None; whether the line names its
-    image and has the caption column). Every problem found goes to ``problem``."""
+                     skip_small_images: bool, problem
+                     ) -> tuple[tuple[Path, str] | None, tuple[int, int] | None, bool]:
+    """(the (image, caption) record of one metadata.jsonl line, or None; its image's (width, height);
+    whether the line names its image and has the caption column). Every problem found goes to ``problem``."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
         problem("not-json", f"not valid JSON ({err.msg}); each line must be one JSON object", fatal=True)
-        return None, False
+        return None, None, False
     if not isinstance(row, dict):
         problem("not-json", f"a JSON {type(row).__name__}, not an object; each line must be one JSON object",
                 fatal=True)
-        return None, False
+        return None, None, False
     if image_key not in row or not isinstance(row[image_key], str):
         problem("no-file-name", f'no "{image_key}" string naming the image file', fatal=True)
-        return None, False
+        return None, None, False
     path = _resolve_inside(root, row[image_key])
     if isinstance(path, str):
         problem("escapes-folder", path, fatal=True)
-        return None, False
+        return None, None, False
     caption = row.get(caption_column)
     if caption is None:
         problem("no-caption", f'{row[image_key]}: no caption column "{caption_column}" (columns: '
@@ -330,12 +337,12 @@ def _metadata_record(line: str, root: Path, image_key: str, caption_column: str,
                                f"{caption!r}", skipped=True)
     elif not caption.strip():
         problem("empty-caption", f"{row[image_key]}: empty caption, trained unconditionally")
-    findings = _check_image(path, resolution, skip_small_images)
+    findings, size = _check_image(path, resolution, skip_small_images)
     for kind, message, skip in findings:
         problem(kind, message, skipped=skip)
     if not isinstance(caption, str) or any(skip for _, _, skip in findings):
-        return None, caption_column in row
-    return (path, caption), True
+        return None, None, caption_column in row
+    return (path, caption), size, True
 
 
 # ----------------------------------------------------------------------------- kohya-style folders
@@ -407,7 +414,7 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
         caption, escapes = _kohya_caption(path, caption_suffix, real_root, problem)
         if escapes:
             continue
-        findings = _check_image(path, resolution, skip_small_images)
+        findings, size = _check_image(path, resolution, skip_small_images)
         for kind, message, skip in findings:
             problem(path, kind, message, skipped=skip)
         if caption is None or any(skip for _, _, skip in findings):
@@ -415,6 +422,7 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
         report.usable_images += 1
         report.records += [(path, caption)] * repeats
         report.names += [f"{path} (x{repeats} an epoch)"] * repeats
+        report.sizes += [size] * repeats
     bar.close()
 
     _print_and_raise_fatal(report, quiet, stream)

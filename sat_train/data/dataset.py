@@ -160,6 +160,7 @@ class CaptionedImages(Dataset):
         self.seed, self.epoch, self.augment = seed, 0, augment
         self.cac_word_ids: list[tuple[int, ...]] | None = None  # set by build_dataset for --guide cac
         self.buckets: list[tuple[int, int]] | None = None  # each sample's (W, H) bucket; set for --enable_bucket
+        self.sizes: list[tuple[int, int]] | None = None  # each record's image (W, H), when the data check read it
         self.latent_cache = None  # set by latent_cache.cache_latents: items then carry latent_params, no pixels
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
@@ -203,6 +204,10 @@ class CaptionedImages(Dataset):
             raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
         return pixels, self.family.image_conditioning(image.size, box)
 
+    def record_sizes(self) -> list[tuple[int, int]]:
+        """Every record's image (W, H): ``sizes`` when the data check gave them, else read (``image_sizes``)."""
+        return self.sizes if self.sizes is not None else image_sizes(self.records, self.describe)
+
     def target_size(self, index: int) -> tuple[int, int]:
         """(W, H) of sample ``index`` as trained: its bucket with --enable_bucket, else --resolution's."""
         return self.buckets[index] if self.buckets is not None else self.transform.size
@@ -244,8 +249,11 @@ def open_image(source) -> Image.Image:
     return Image.open(source) if isinstance(source, (str, Path)) else source
 
 
-def build_dataset(config: TrainConfig, records, names, tokenizers: list, family, seed: int = 0) -> CaptionedImages:
-    """The run's dataset, for a model of ``family`` with ``tokenizers`` (Components.tokenizers)."""
+def build_dataset(config: TrainConfig, records, names, tokenizers: list, family, seed: int = 0,
+                  sizes: list[tuple[int, int]] | None = None) -> CaptionedImages:
+    """The run's dataset, for a model of ``family`` with ``tokenizers`` (Components.tokenizers). ``sizes``:
+    each record's image (W, H) when known (records.Records.sizes, from the data check): the buckets and the
+    latent cache then use them instead of opening every image (``image_sizes``)."""
     # a latent cache holds each image's center crop (see --random_crop)
     transform = ImageTransform(config.resolution_wh, config.center_crop or config.caches_latents, config.random_flip,
                                config.image_interpolation_mode)
@@ -258,8 +266,12 @@ def build_dataset(config: TrainConfig, records, names, tokenizers: list, family,
     if config.guide == "cac":
         dataset.cac_word_ids = word_token_ids(tokenizers[0], config.cac_word_list)
         family.check_caption_words(tokenizers, config.cac_word_list, records, names)
+    if sizes is not None:
+        if len(sizes) != len(records):
+            raise ValueError(f"{len(sizes)} image sizes for {len(records)} records")
+        dataset.sizes = list(sizes)
     if config.enable_bucket:
-        dataset.buckets = assign_buckets(config, image_sizes(records, names.__getitem__))
+        dataset.buckets = assign_buckets(config, dataset.record_sizes())
     return dataset
 
 

@@ -16,9 +16,10 @@ uncached center-crop run (up to the float noise of another VAE batch size).
   variable-shaped tensors.
 - --cache_latents_to_disk: one safetensors file per image under OUTPUT_DIR/latent_cache/ (never next
   to the images), read per sample. The main process encodes what is missing or stale and writes it
-  (temp file + os.replace); the others wait, then read. Each file's metadata holds its key: the
-  image (path, size, mtime_ns; or dataset fingerprint and row), target size, crop box, flips, the
-  VAE (config hash + weight checksum), dtype and resize filter. A file whose key differs, or that
+  (temp file + os.replace); the others wait, then read (main_process.from_main_process: when the main
+  process fails there, every process stops with a one-line error naming it). Each file's metadata holds
+  its key: the image (path, size, mtime_ns; or dataset fingerprint and row), target size, crop box,
+  flips, the VAE (config hash + weight checksum), dtype and resize filter. A file whose key differs, or that
   cannot be read whole (a crash while caching), is encoded again. ``manifest.json`` records the
   run-level part of the key, so the log can say why a cache is rebuilt.
 - The VAE then waits on the CPU (on a GPU run) and comes back for validation images and mask
@@ -37,7 +38,8 @@ import torch
 
 from ..errors import UsageError
 from ..faults import fsync_dir, write_atomically
-from .dataset import CaptionedImages, DatasetRow, ImageTransform, image_sizes, mirrored_box, open_image
+from .dataset import CaptionedImages, DatasetRow, ImageTransform, mirrored_box, open_image
+from .main_process import from_main_process
 
 CACHE_FOLDER = "latent_cache"
 MANIFEST_NAME = "manifest.json"
@@ -223,7 +225,7 @@ def cache_latents(config, accelerator, vae, dataset: CaptionedImages, dtype: tor
         say("latent cache: images are center-cropped (a cache holds one crop per image; see --random_crop)")
     center = ImageTransform(dataset.transform.resolution, True, False, dataset.transform.interpolation)
     fingerprint = run_fingerprint(vae, dataset.transform, dtype)
-    sizes = image_sizes(dataset.records, dataset.describe)  # file headers only (a dataset row: the image)
+    sizes = dataset.record_sizes()  # the data check's, else file headers (a dataset row: the image)
     per_sample = [cache_entry(dataset, i, size, center, fingerprint) for i, size in enumerate(sizes)]
     entries = list({e.name: e for e in per_sample}.values())  # one per image (kohya repeats share it)
 
@@ -233,9 +235,9 @@ def cache_latents(config, accelerator, vae, dataset: CaptionedImages, dtype: tor
 
     if config.cache_latents_to_disk:
         folder = Path(config.output_dir) / CACHE_FOLDER
-        if accelerator.is_main_process:
-            build_disk_cache(folder, entries, encode, fingerprint, say)
-        accelerator.wait_for_everyone()  # the others read the files the main process wrote
+        # the main process writes the files, the others read them once it has (or stop with its failure)
+        from_main_process(accelerator, "caching latents",
+                          lambda: build_disk_cache(folder, entries, encode, fingerprint, say))
         cache = LatentCache(per_sample, dataset.family, folder=folder)
     else:
         cache = LatentCache(per_sample, dataset.family, store={entry.name: params for entry, params in encode(entries)})

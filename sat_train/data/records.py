@@ -7,10 +7,16 @@ with ``--dataset_name`` (as in diffusers' train_text_to_image_lora.py), the "tra
 ``datasets.load_dataset``: captions up front (checked), images lazily per sample (dataset.DatasetRow).
 A caption column holding lists of captions gives a record a tuple of captions (the dataset picks one
 per epoch). Every problem the user can fix raises UsageError naming the file and what to do.
+
+A folder's records come with each image's size as the data check read it (``Records.sizes``), which the
+buckets and the latent cache use instead of opening every image again. Under several processes the
+main process alone checks a folder (and prints the check); the others get its ``Records`` through one
+broadcast (``read_run_records``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +25,7 @@ import numpy as np
 from ..errors import UsageError
 from .datacheck import SmallImageRule, scan_image_folder
 from .dataset import DatasetRow
+from .main_process import from_main_process
 
 if TYPE_CHECKING:
     from ..config.settings import TrainConfig
@@ -93,11 +100,39 @@ def check_caption(config: TrainConfig, row: int, caption) -> str | tuple[str, ..
                      "or pass --caption_column naming a text column")
 
 
+@dataclass
+class Records:
+    """The run's (image, caption) records, a name per record for messages, and each record's image
+    (width, height) as the data check read it; ``sizes`` is None for --dataset_name rows (no check:
+    their sizes are read when the buckets or the latent cache need them)."""
+
+    records: list[tuple[object, str | tuple[str, ...]]]
+    names: list[str]
+    sizes: list[tuple[int, int]] | None = None
+
+
 def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool = False
                  ) -> tuple[list[tuple[object, str | tuple[str, ...]]], list[str]]:
-    """(image, caption) records and a name per record for messages; runs before any model loads,
-    so data problems show in seconds. ``data_dir`` overrides --train_data_dir (the demo's photos).
-    ``quiet``: the data check prints nothing (every process but the main one); errors still raise."""
+    """(image, caption) records and a name per record for messages: ``collect_records`` without the sizes."""
+    found = collect_records(config, data_dir, quiet)
+    return found.records, found.names
+
+
+def read_run_records(config: TrainConfig, accelerator, data_dir: Path | None = None) -> Records:
+    """The run's Records on every process. A folder is checked once, by the main process, which prints
+    the check; the others receive its Records (or its data problem, raised alike) through one broadcast
+    instead of scanning the folder again. --dataset_name rows hold the dataset itself (no check, no
+    sizes): every process loads it, as before."""
+    if config.dataset_name is not None and data_dir is None:
+        return collect_records(config)
+    return from_main_process(accelerator, "checking the data", lambda: collect_records(config, data_dir))
+
+
+def collect_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool = False) -> Records:
+    """The Records of --train_data_dir (through the data check) or --dataset_name; runs before any model
+    loads, so data problems show in seconds. ``data_dir`` overrides --train_data_dir (the demo's photos).
+    ``quiet``: the data check prints nothing; errors still raise."""
+    sizes = None
     if config.dataset_name is not None and data_dir is None:
         records, names = read_hf_dataset(config)
     else:
@@ -110,10 +145,11 @@ def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool 
                                    config.caption_column, resolution=small,
                                    skip_small_images=config.skip_small_images or no_upscale, strict=config.strict_data,
                                    quiet=quiet, caption_suffix=config.caption_suffix)
-        records, names = report.records, report.names
+        records, names, sizes = report.records, report.names, report.sizes
     if config.max_train_samples is not None:
         records, names = records[: config.max_train_samples], names[: config.max_train_samples]
-    return records, names
+        sizes = sizes[: config.max_train_samples] if sizes is not None else None
+    return Records(records, names, sizes)
 
 
 def check_dataset_flags(config) -> None:

@@ -21,7 +21,7 @@ from .. import demo
 from ..data.buckets import BucketBatchSampler, bucket_table_text
 from ..data.dataset import build_dataset, collate
 from ..data.latent_cache import cache_latents
-from ..data.records import read_records
+from ..data.records import Records, read_run_records
 from ..errors import UsageError
 from ..guide.capture import resolve_backend, stock_processor
 from ..guide.guidance import build_guide
@@ -80,9 +80,9 @@ def prepare_run(config: TrainConfig) -> Run:
     config.validate()
     check_output_paths(config)
     accelerator = start_accelerator(config)
-    # the data check runs before any model loads; every process reads the data, the main one reports
-    records, names = read_records(config, demo.DEMO_DATA_DIR if config.is_demo else None,
-                                  quiet=not accelerator.is_main_process)
+    # the data check runs before any model loads: on the main process, which reports it and sends the others
+    # its records, names and image sizes
+    records = read_run_records(config, accelerator, demo.DEMO_DATA_DIR if config.is_demo else None)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     components, backend = prepare_models(config, accelerator, weight_dtype)
     guide = build_guide(config, components.unet, components.noise_scheduler)
@@ -94,7 +94,7 @@ def prepare_run(config: TrainConfig) -> Run:
     text_encoder_params = [lora_parameters(m) for m in trained_text_encoders]
     optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes, text_encoder_params)
     seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
-    dataset, dataloader = prepare_data(config, accelerator, components, records, names, seed)
+    dataset, dataloader = prepare_data(config, accelerator, components, records, seed)
     lr_scheduler, max_train_steps = make_lr_scheduler(config, optimizer, len(dataloader), accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
                                                                     lr_scheduler)
@@ -116,10 +116,12 @@ def prepare_run(config: TrainConfig) -> Run:
     return run
 
 
-def prepare_data(config: TrainConfig, accelerator, components, records, names, seed: int):
+def prepare_data(config: TrainConfig, accelerator, components, records: Records, seed: int):
     """The dataset of ``records`` for the model's family and tokenizers (its latents cached with
-    --cache_latents*, in the VAE's dtype) and its data loader; the bucket table printed."""
-    dataset = build_dataset(config, records, names, components.tokenizers, components.family, seed=seed)
+    --cache_latents*, in the VAE's dtype; buckets and cache from the data check's image sizes) and its
+    data loader; the bucket table printed."""
+    dataset = build_dataset(config, records.records, records.names, components.tokenizers, components.family,
+                            seed=seed, sizes=records.sizes)
     cache_latents(config, accelerator, components.vae, dataset, components.vae.dtype)
     dataloader = make_dataloader(config, dataset, seed)
     if dataset.buckets is not None:
