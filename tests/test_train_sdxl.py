@@ -76,7 +76,7 @@ def test_sdxl_folder_loads_as_sdxl_and_a_partial_one_names_its_subfolders(tmp_pa
     with pytest.raises(UsageError, match=r"not an SDXL folder: missing tokenizer_2/ \(expected .*text_encoder_2/"):
         load_components(TrainConfig(pretrained_model_name_or_path=str(tmp_path / "sdxl")))
     demo.save_components(demo.build_components(), tmp_path / "sd15")
-    assert not load_components(TrainConfig(pretrained_model_name_or_path=str(tmp_path / "sd15"))).is_sdxl
+    assert load_components(TrainConfig(pretrained_model_name_or_path=str(tmp_path / "sd15"))).family.name == "sd15"
 
 
 def test_fp16_with_a_force_upcast_sdxl_vae_encodes_in_float32_and_warns():

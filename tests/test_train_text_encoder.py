@@ -195,7 +195,7 @@ def test_two_param_groups_are_scaled_and_scheduled_alike():
                          train_batch_size=2, gradient_accumulation_steps=3, lr_scheduler="linear", lr_warmup_steps=2,
                          max_train_steps=10)
     unet_param, te_param = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
-    optimizer, learning_rate = make_scaled_optimizer(config, [unet_param], 1, [te_param])
+    optimizer, learning_rate = make_scaled_optimizer(config, [unet_param], 1, [[te_param]])
     assert learning_rate == pytest.approx(1e-3 * 6)
     assert [g["params"] for g in optimizer.param_groups] == [[unet_param], [te_param]]
     scheduler, _ = make_lr_scheduler(config, optimizer, batches=30, num_processes=1)
@@ -207,7 +207,7 @@ def test_two_param_groups_are_scaled_and_scheduled_alike():
         scheduler.step()
     # without --text_encoder_lr the text encoder trains at --learning_rate
     config = TrainConfig(learning_rate=3e-4, train_text_encoder=True)
-    optimizer, _ = make_scaled_optimizer(config, [unet_param], 1, [te_param])
+    optimizer, _ = make_scaled_optimizer(config, [unet_param], 1, [[te_param]])
     assert [g["lr"] for g in optimizer.param_groups] == [3e-4, 3e-4]
 
 

@@ -30,8 +30,8 @@ def load_components(config: TrainConfig) -> Components:
 
 
 def load_folder_components(config: TrainConfig) -> Components:
-    """The UNet first: its family (models/family.py) says which other parts the folder holds (SD v1.5's
-    tokenizer/, text_encoder/, vae/, unet/, scheduler/; SDXL adds tokenizer_2/ + text_encoder_2/)."""
+    """SD v1.5's parts (tokenizer/, text_encoder/, vae/, unet/, scheduler/), then those the UNet's family
+    (models/family.py) adds: SDXL's tokenizer_2/ + text_encoder_2/ (CLIPTextModelWithProjection)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -40,15 +40,13 @@ def load_folder_components(config: TrainConfig) -> Components:
     common = {"revision": config.revision, "cache_dir": config.cache_dir}
     weights = {"variant": config.variant, **common}
     try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
-        return Components(
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            unet=unet,
-            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
-            **family_of(unet).load_extra_parts(source, common, weights),
-        )
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+        return Components(tokenizer, text_encoder, vae, unet, scheduler,
+                          **family_of(unet).load_extra_parts(source, common, weights))
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") and "connect" in first_line:

@@ -4,9 +4,9 @@ A community SD v1.5 model is one ``.safetensors`` (or pickled ``.ckpt``) in the 
 (``model.diffusion_model.*`` UNet, ``first_stage_model.*`` VAE, ``cond_stage_model.transformer.*``
 CLIP text encoder), as A1111, ComfyUI and civitai share them. diffusers' single-file code converts
 the keys; the architecture comes from a diffusers-format config folder (``config=``: the bundled SD
-v1.5 configs in assets/sd15/, or ``--single_file_config``) or from an LDM YAML (``original_config=``,
+v1.5 configs in sat_train/assets/sd15/, or ``--single_file_config``) or from an LDM YAML (``original_config=``,
 ``--original_config``), so nothing is fetched from the hub. The tokenizer is SD v1.5's CLIP BPE,
-built from the bundled merges (assets/make_sd15_tokenizer.py says where they come from), unless
+built from the bundled merges (sat_train/assets/make_sd15_tokenizer.py says where they come from), unless
 ``--tokenizer_name`` or the config folder gives one.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UsageError
 
-BUNDLED_SD15 = Path(__file__).with_name("assets") / "sd15"
+BUNDLED_SD15 = Path(__file__).parents[1] / "assets" / "sd15"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
