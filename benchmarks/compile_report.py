@@ -8,7 +8,8 @@ compute capability, once per variant the launchers can pick on CUDA: every const
 or adjoint; degrade from a mass, from probabilities or from the backward's saved mask, constant or
 "mean" threshold, with or without the saved mask; which gradients; fp32 "tf32x3" or half
 tensor-core dots) crossed with fp32 / fp16 / bf16 inputs, plus the fp64 compute branch
-(gradcheck's) once per kernel, at the tiles the launchers pick on CUDA (SD 1.5 shapes: 4x128x128
+(gradcheck's, and the attention statistics' float64 outputs and "ieee" dots) once per kernel, at
+the tiles the launchers pick on CUDA (SD 1.5 shapes: 4x128x128
 latents, an 8x8 map, 8 heads, 64x64 attention tokens with head dim 40, and 160 for each dot path:
 it pads to 256 and shrinks the tiles). It prints registers per thread, spill
 stores/loads (STL/LDL in the SASS), the shared memory the launch asks for, and for the row walks
@@ -140,38 +141,55 @@ def row_walk_variants(sweep: bool):
 
 
 def attention_variants():
-    """The attention statistics and the saliency mask at SD 1.5 shapes, the launchers' CUDA tiles."""
-    # (q dtype, k dtype): equal pairs, and a mixed pair (fp32 dots, as for fp32)
-    pairs = [(d, d) for d in INPUT_DTYPES] + [(torch.float16, torch.float32)]
+    """The attention statistics and the saliency mask at SD 1.5 shapes, the launchers' CUDA tiles.
+
+    The attention kernels compute in, and write, their output's dtype: fp32 for fp32 / fp16 / bf16
+    inputs, fp64 when probs, or q or k, is float64 (reference.compute_dtype). A float64 launch
+    writes OUT / LSE in fp64, reads q as the float64 q * scale * log2(e) of kernel_q_and_scale (k as
+    given), and uses "ieee" dots; its scalars stay fp32 arguments (1.0: Triton passes a Python float
+    as fp32), so only the pointer types and PRECISION differ from the fp32 launch.
+    """
+    # (q dtype, k dtype): equal pairs, and mixed pairs (fp32 dots, as for fp32; fp64 dots with a
+    # float32 k, whose q kernel_q_and_scale makes float64)
+    pairs = [(d, d) for d in INPUT_DTYPES] + [(torch.float16, torch.float32), (torch.float64, torch.float32)]
     block_q, block_k, warps, acc_2d = attention_mass.probs_mass_config(False)
     for dtype in INPUT_DTYPES:
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
         # the CUDA default, and (fp32) the interpreter's, which a config override can pick
         for acc in (acc_2d, not acc_2d) if dtype == torch.float32 else (acc_2d,):
             split = attention_mass.split_grid(2 * TOKENS // block_k, HEADS, TOKENS // block_q, N_SMS)
             yield variant(f"mass from probs{', elementwise sums' if acc else ''}",
-                          attention_mass._attention_mass_probs_kernel, dict(PROBS=PTR[dtype], OUT="*fp32"),
+                          attention_mass._attention_mass_probs_kernel, dict(PROBS=PTR[dtype], OUT=PTR[compute]),
                           dict(SPLIT_H=split[0], SPLIT_Q=split[1], ACC_2D=acc, BLOCK_Q=block_q, BLOCK_K=block_k),
                           warps, dtype=dtype)
     for head_dim in HEAD_DIMS:
-        # the wide head changes the tiles (shared memory), not the code: its two dot paths suffice
-        for q_dtype, k_dtype in pairs if head_dim == HEAD_DIMS[0] else [(torch.float32,) * 2, (torch.float16,) * 2]:
+        # the wide head changes the tiles (shared memory), not the code: its three dot paths suffice
+        wide = [(d, d) for d in (torch.float32, torch.float16, torch.float64)]
+        for q_dtype, k_dtype in pairs if head_dim == HEAD_DIMS[0] else wide:
             dot_f32 = not (q_dtype == k_dtype and q_dtype in HALVES)
+            compute = torch.float64 if torch.float64 in (q_dtype, k_dtype) else torch.float32
             mixed = "" if q_dtype == k_dtype else f"/{NAMES[k_dtype]}"
-            qk = dict(Q=PTR[q_dtype], K=PTR[k_dtype])
-            dots = ("fp32 dots" if dot_f32 else "half dots") + f", D={head_dim}{mixed}"
+            # a float64 launch passes kernel_q_and_scale's float64 q; lse is computed in (or read
+            # as) the compute dtype
+            qk = dict(Q=PTR[compute if compute == torch.float64 else q_dtype], K=PTR[k_dtype])
+            stats = PTR[compute]
+            kind = "fp64 dots" if compute == torch.float64 else "fp32 dots" if dot_f32 else "half dots"
+            dots = f"{kind}, D={head_dim}{mixed}"
             bq, bk, w, stages = attention_mass.lse_config(head_dim, dot_f32, False)
-            yield variant(f"lse, {dots}", attention_mass._attention_lse_kernel, dict(**qk, LSE="*fp32"),
-                          dict(DOT_F32=dot_f32, PRECISION=attention_mass.dot_precision(False), BLOCK_Q=bq,
+            yield variant(f"lse, {dots}", attention_mass._attention_lse_kernel, dict(**qk, LSE=stats),
+                          dict(DOT_F32=dot_f32, PRECISION=attention_mass.dot_precision(False, compute), BLOCK_Q=bq,
                                BLOCK_K=bk, BLOCK_D=block_d(head_dim)), w, stages, dtype=q_dtype)
             bq, bk, w, stages, acc, precision = attention_mass.qk_mass_config(head_dim, dot_f32, False)
+            if compute == torch.float64:  # as launch_attention_mass_from_qk
+                precision = attention_mass.dot_precision(False, compute)
             split = attention_mass.split_grid(2 * TOKENS // bk, HEADS, TOKENS // bq, N_SMS)
             yield variant(f"mass from q/k, {dots}", attention_mass._attention_mass_qk_kernel,
-                          dict(**qk, LSE="*fp32", OUT="*fp32"),
+                          dict(**qk, LSE=stats, OUT=stats),
                           dict(SPLIT_H=split[0], SPLIT_Q=split[1], ACC_2D=acc, DOT_F32=dot_f32, PRECISION=precision,
                                BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=block_d(head_dim)), w, stages, dtype=q_dtype)
             bq, bs, w, stages = token_probs.token_probs_config(head_dim, 4, dot_f32, False)
             yield variant(f"token probs, {dots}", token_probs._token_probs_kernel,
-                          dict(**qk, LSE="*fp32", TOKENS="*i64", OUT="*fp32"),
+                          dict(**qk, LSE=stats, TOKENS="*i64", OUT=stats),
                           dict(DOT_F32=dot_f32, BLOCK_Q=bq, BLOCK_S=bs, BLOCK_D=block_d(head_dim)), w, stages,
                           dtype=q_dtype)
     block_rows, block_cols, block_tokens = saliency_mask.mask_blocks(SIDE, SIDE, MAP * MAP, False)
@@ -210,6 +228,7 @@ def compile_variant(index: int, arch: int, sweep: bool) -> dict:
     v = variants(sweep)[index]
     row = {k: v[k] for k in ("label", "kernel", "dtype")}
     row["constexprs"] = {k: (str(x) if not isinstance(x, (bool, int)) else x) for k, x in v["constexprs"].items()}
+    row["pointers"] = {k: t for k, t in v["signature"].items() if t.startswith("*")}
     start = time.perf_counter()
     try:
         source = ASTSource(fn=v["fn"], signature={**v["signature"], **dict.fromkeys(v["constexprs"], "constexpr")},

@@ -40,6 +40,19 @@ def half_dot(dtype):
     return {"DOT_F32": dtype not in ("fp16", "bf16")}
 
 
+def stats(name, ptr):
+    """The pointer types of a q.k^T kernel's statistics (LSE, and OUT but for the lse kernel): the
+    compute dtype, whose element type the kernel computes in."""
+    return {"LSE": ptr} if name == "_attention_lse_kernel" else {"LSE": ptr, "OUT": ptr}
+
+
+def fp64_qk(name, k="*fp64"):
+    """A float64 launch of a q.k^T kernel: kernel_q_and_scale's float64 q, k as given, LSE and OUT
+    in fp64, exact ("ieee") fp64 dots."""
+    precision = {} if name == "_token_probs_kernel" else {"PRECISION": "ieee"}  # token probs: always "ieee"
+    return ("fp64", {"DOT_F32": True, **precision, "Q": "*fp64", "K": k, **stats(name, "*fp64")})
+
+
 # kernel -> (dtype, constexpr branches) the launchers can pick on CUDA: each must be compiled
 EXPECTED = {
     "_gaussian_blur_kernel": [(d, f) for d in DTYPES for f in flags(ADJOINT=[False, True])],
@@ -48,9 +61,13 @@ EXPECTED = {
                                            WRITE_MASK=[False, True])],
     "_degrade_bwd_kernel": [(d, dict(NEED_X0=x, NEED_EPS=e)) for d in DTYPES
                             for x, e in [(True, True), (True, False), (False, True)]],
-    "_attention_mass_probs_kernel": [(d, {"ACC_2D": True}) for d in DTYPES],
+    # the attention statistics write fp32 for fp32/fp16/bf16 inputs and fp64 for float64 ones
+    "_attention_mass_probs_kernel": [(d, {"ACC_2D": True, "OUT": "*fp32"}) for d in DTYPES]
+    + [("fp64", {"ACC_2D": True, "OUT": "*fp64"})],
     "_saliency_mask_kernel": [(d, f) for d in DTYPES for f in flags(MEAN_THRESHOLD=[False, True])],
-    **{name: [(d, half_dot(d)) for d in DTYPES] + [("fp16", {"DOT_F32": True})]  # + a mixed fp16/fp32 pair
+    # + a mixed fp16/fp32 pair, fp64 and a mixed fp64/fp32 pair
+    **{name: [(d, {**half_dot(d), **stats(name, "*fp32")}) for d in DTYPES]
+       + [("fp16", {"DOT_F32": True, "K": "*fp32", **stats(name, "*fp32")})] + [fp64_qk(name), fp64_qk(name, "*fp32")]
        for name in ("_attention_lse_kernel", "_attention_mass_qk_kernel", "_token_probs_kernel")},
 }
 
@@ -81,7 +98,9 @@ pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build sh
 
 
 def test_every_kernel_variant_compiles_for_sm90(report):
-    compiled = {(row["kernel"], row["dtype"], json.dumps(row["constexprs"], sort_keys=True)) for row in report}
+    # a branch names constexprs and pointer types (the element types the launcher passes)
+    compiled = {(row["kernel"], row["dtype"], json.dumps({**row["constexprs"], **row["pointers"]}, sort_keys=True))
+                for row in report}
     assert kernels_in_ops() == set(EXPECTED), "a kernel of sat_kernels.ops is not listed in EXPECTED (or vanished)"
     for kernel, cases in EXPECTED.items():
         for dtype, branch in cases:
