@@ -1,7 +1,7 @@
 """Sample images from the model being trained (the LoRA active) for the logs.
 
 One generator for both kinds: a ``SamplePrompt`` (sample_prompts.py) -> images, with its sampler
-(a diffusers scheduler built from the model's scheduler config) and optional SAG (sag.py).
+(a diffusers scheduler built from the model's scheduler config) and optional SAG (guide/sag.py).
 ``--validation_prompt`` is the one-prompt form (``validation_prompt``); ``TrainingSamples`` runs
 ``--sample_prompts`` at the steps and epochs its flags ask for. Sampling never moves the training
 RNG: every image's noise comes from a private CPU generator.
