@@ -10,10 +10,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 
 from .config.flags import build_parser
 from .config.settings import TrainConfig
 from .errors import NonFiniteLossError, UsageError
+
+# torchrun (and accelerate launch) end every process as soon as one of them exits; an error every process
+# raises alike is printed by the main one, so the others wait this long before exiting (they are ended
+# as soon as the main process has printed and exited)
+MAIN_PROCESS_GRACE_S = 5.0
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -38,6 +44,7 @@ def _say_error(message: str, same_on_every_process: bool) -> None:
     process's own, so each prints it, naming its rank."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if same_on_every_process and rank != 0:
+        time.sleep(MAIN_PROCESS_GRACE_S)  # exiting first would have the launcher end the main process unheard
         return
     prefix = f"[rank {rank}] " if world > 1 and not same_on_every_process else ""
     print(f"{prefix}sat-train: error: {message}", file=sys.stderr)
