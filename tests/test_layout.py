@@ -18,8 +18,8 @@ from train_helpers import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("sat_train", "sat_kernels")
 # sat_train's rooms, lowest first: a module may import its own room and the rooms before it
-LAYERS = (("errors", "faults", "seeding"), ("models",), ("data",), ("guide",), ("outputs",), ("demo",), ("run",),
-          ("config",), ("cli", "sample", "__main__", "__init__", "assets"))
+LAYERS = (("errors", "faults", "seeding"), ("models",), ("data",), ("guide",), ("outputs",), ("evaluate",), ("demo",), ("run",),
+          ("config",), ("cli", "sample", "compare", "__main__", "__init__", "assets"))
 
 
 def module_files() -> dict[str, Path]:
