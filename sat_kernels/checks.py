@@ -8,15 +8,30 @@ message naming the argument and what it must be; the helpers that normalize an a
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 import torch
 
-try:  # triton is optional at import time: the torch path needs only torch
-    import triton  # noqa: F401
+# triton is optional: the torch path needs only torch. 3.5 is the first release that runs every kernel
+# (setup.py says why); CUDA torch pins its own triton (torch 2.6, which kohya-ss/sd-scripts uses: 3.2),
+# so sat does not require one and runs the torch path where the installed triton is older.
+MIN_TRITON = (3, 5)
 
-    TRITON_IMPORT_ERROR = None
-except ImportError as err:  # pragma: no cover - depends on the install
-    TRITON_IMPORT_ERROR = err
+
+def triton_problem() -> str | None:
+    """Why the Triton kernels cannot run here (None: they can)."""
+    try:
+        import triton
+    except ImportError as err:  # pragma: no cover - depends on the install
+        return f"triton is not installed ({err})"
+    release = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if release < MIN_TRITON:
+        return f"triton {triton.__version__} is older than 3.5, the first that runs these kernels (torch >= 2.9 brings one)"
+    return None
+
+
+TRITON_PROBLEM = triton_problem()
 
 # @triton.jit reads TRITON_INTERPRET when a kernel module is imported; the kernel modules are
 # imported on first use (torch-only users never pay for them), so the setting is pinned here.
@@ -31,9 +46,11 @@ def use_triton(backend: str, device: torch.device) -> bool:
     if backend == "torch":
         return False
     if backend == "auto":
-        return device.type == "cuda" and TRITON_IMPORT_ERROR is None
-    if TRITON_IMPORT_ERROR is not None:
-        raise RuntimeError(f"backend='triton' needs triton: pip install triton ({TRITON_IMPORT_ERROR})")
+        if device.type == "cuda" and TRITON_PROBLEM is not None:
+            warnings.warn(f"sat_kernels: the torch path runs on CUDA: {TRITON_PROBLEM}", stacklevel=3)
+        return device.type == "cuda" and TRITON_PROBLEM is None
+    if TRITON_PROBLEM is not None:
+        raise RuntimeError(f"backend='triton' cannot run: {TRITON_PROBLEM}; use backend='torch' or auto")
     if device.type == "cpu" and not INTERPRETING:
         raise RuntimeError(
             "backend='triton' on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 before "

@@ -16,6 +16,7 @@ import torch
 
 from .errors import UsageError
 from .models.components import Components
+from .models.words import clip_tokenizer
 
 DEMO_DATA_DIR = Path(__file__).with_name("assets") / "demo_data"
 DEMO_SEED = 0
@@ -97,7 +98,6 @@ def build_tokenizer(pad_token: str = "<|endoftext|>"):
     """A byte-level CLIP BPE tokenizer: the 256 byte symbols (+ end-of-word forms) and whole-word merges;
     it pads with ``pad_token`` (SD v1.5's and SDXL's first: the end token; SDXL's second: "!")."""
     from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
 
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {s: i for i, s in enumerate(symbols)}
@@ -112,7 +112,7 @@ def build_tokenizer(pad_token: str = "<|endoftext|>"):
             vocab.setdefault(merged, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH, pad_token=pad_token)
+    return clip_tokenizer(vocab, merges, model_max_length=MODEL_MAX_LENGTH, pad_token=pad_token)
 
 
 def build_components(seed: int = DEMO_SEED) -> Components:

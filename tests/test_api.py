@@ -245,3 +245,24 @@ def test_torch_mass_from_qk_bounds_memory(monkeypatch):
     probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
     torch.testing.assert_close(mass, reference.attention_mass(probs, 2), rtol=1e-5, atol=1e-6)
     assert seen and max(seen) <= 2 * 2 * 6 * 3
+
+
+@pytest.mark.parametrize("version,runs", [("3.2.0", False), ("3.4.1", False), ("3.5.0", True), ("3.10.0", True)])
+def test_an_older_triton_runs_the_torch_path(version, runs, monkeypatch):
+    """sat does not require triton: CUDA torch 2.6 (kohya-ss/sd-scripts') pins triton 3.2. An older one
+    makes auto take the torch path on CUDA with a warning, and backend='triton' a one-line error."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=version))
+    problem = checks.triton_problem()
+    assert (problem is None) == runs
+    if runs:
+        return
+    assert version in problem and "3.5" in problem
+    monkeypatch.setattr(checks, "TRITON_PROBLEM", problem)
+    with pytest.warns(UserWarning, match="torch path runs on CUDA"):
+        assert checks.use_triton("auto", torch.device("cuda")) is False
+    assert checks.use_triton("auto", torch.device("cpu")) is False
+    with pytest.raises(RuntimeError, match=f"triton {version} is older than 3.5"):
+        checks.use_triton("triton", torch.device("cuda"))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from .words import clip_tokenizer
 
 BUNDLED_SD15 = Path(__file__).parents[1] / "assets" / "sd15"
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -439,7 +440,6 @@ def bundled_tokenizer():
     """SD v1.5's tokenizer (openai/clip-vit-large-patch14's): vocabulary built from the merges as OpenAI's
     CLIP SimpleTokenizer builds it: the 256 byte symbols, the same with "</w>", one entry per merge, then
     <|startoftext|> and <|endoftext|> (49408 entries)."""
-    from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     text = gzip.decompress((BUNDLED_SD15 / "tokenizer" / "merges.txt.gz").read_bytes()).decode("utf-8")
@@ -447,5 +447,4 @@ def bundled_tokenizer():
     byte_symbols = list(bytes_to_unicode().values())
     symbols = [*byte_symbols, *(s + "</w>" for s in byte_symbols), *("".join(m) for m in merges),
                "<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={s: i for i, s in enumerate(symbols)}, merges=merges,
-                         model_max_length=MODEL_MAX_LENGTH)
+    return clip_tokenizer({s: i for i, s in enumerate(symbols)}, merges, model_max_length=MODEL_MAX_LENGTH)

@@ -1,8 +1,28 @@
-"""Where chosen words sit in a caption's token ids (CAC's picks, from the model's own tokenizer)."""
+"""CLIP tokenizers built from a vocabulary, and where chosen words sit in a caption's token ids (CAC's
+picks, from the model's own tokenizer)."""
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import torch
+
+
+def clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], **kwargs):
+    """A ``CLIPTokenizer`` from a vocabulary and BPE merges, on transformers 4 and 5 alike.
+
+    Through files, the one form both take (4's tokenizer reads ``vocab_file``/``merges_file`` only, 5's
+    drops them): kohya-ss/sd-scripts pins transformers 4.54, where the drop-in must work too.
+    """
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        lines = ["#version: 0.2", *(" ".join(pair) for pair in merges)]
+        Path(folder, "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(folder, **kwargs)
 
 
 def word_token_ids(tokenizer, words: list[str]) -> list[tuple[int, ...]]:
