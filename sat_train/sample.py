@@ -19,8 +19,8 @@ import torch
 
 from .config.settings import TrainConfig
 from .errors import UsageError
-from .outputs.checkpoints import CONFIG_NAME
-from .outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from .outputs.checkpoints import CONFIG_NAME, checkpoint_step
+from .outputs.lora_files import find_lora_file, load_pipeline_lora
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,20 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", required=True, help="A training output_dir (or a LoRA .safetensors file).")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative_prompt", default="")
-    p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="Base SD v1.5 or SDXL model (default: the one the LoRA was trained on; the demo model for "
-                   "a demo run).")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--variant", default=None)
-    p.add_argument("--cache_dir", default=None)
-    p.add_argument("--vae", "--pretrained_vae_model_name_or_path", dest="vae", default=None,
-                   help="VAE replacing the base model's (default: the run's): a diffusers folder or a .safetensors.")
-    p.add_argument("--original_config", default=None, help="Single-file base: its LDM .yaml (default: the run's).")
-    p.add_argument("--single_file_config", default=None,
-                   help="Single-file base: a diffusers config folder describing it (default: the run's).")
-    p.add_argument("--tokenizer_name", default=None, help="CLIP tokenizer folder (default: the run's).")
-    p.add_argument("--allow_pickle_checkpoint", action="store_true", default=None,
-                   help="Allow .ckpt/.pt/.pth checkpoints (pickles can run code when loaded).")
+    add_base_model_arguments(p)
     p.add_argument("--sag_scale", type=float, default=0.75, help="Self-attention guidance scale; 0 = off.")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--lora_scale", type=float, default=1.0)
@@ -61,19 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def find_lora_file(lora: Path) -> Path:
-    if lora.is_file():
-        return lora
-    for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
-        if (lora / name).is_file():
-            return lora / name
-    raise UsageError(f"--lora {lora}: no {LORA_WEIGHTS_NAME} or {KOHYA_WEIGHTS_NAME} there; pass a training "
-                     "output_dir or a LoRA .safetensors file")
+def add_base_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The base model's flags (here and in ``python -m sat_train.compare``)."""
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="Base SD v1.5 or SDXL model (default: the one the LoRA was trained on; the demo model for "
+                   "a demo run).")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--vae", "--pretrained_vae_model_name_or_path", dest="vae", default=None,
+                   help="VAE replacing the base model's (default: the run's): a diffusers folder or a .safetensors.")
+    p.add_argument("--original_config", default=None, help="Single-file base: its LDM .yaml (default: the run's).")
+    p.add_argument("--single_file_config", default=None,
+                   help="Single-file base: a diffusers config folder describing it (default: the run's).")
+    p.add_argument("--tokenizer_name", default=None, help="CLIP tokenizer folder (default: the run's).")
+    p.add_argument("--allow_pickle_checkpoint", action="store_true", default=None,
+                   help="Allow .ckpt/.pt/.pth checkpoints (pickles can run code when loaded).")
 
 
 def recorded_settings(lora: Path) -> dict:
-    """The training run's train_config.json next to the LoRA ({} when there is none)."""
-    config_file = (lora if lora.is_dir() else lora.parent) / CONFIG_NAME
+    """The training run's train_config.json next to the LoRA, or in the run folder a checkpoint-N folder is
+    in ({} when there is none)."""
+    folder = lora if lora.is_dir() else lora.parent
+    if not (folder / CONFIG_NAME).is_file() and checkpoint_step(folder) is not None:
+        folder = folder.parent
+    config_file = folder / CONFIG_NAME
     return json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
 
 
@@ -111,20 +110,13 @@ def load_base_components(args, lora: Path, source: str | None):
 
 def load_pipeline_components(args, device):
     """(components with the LoRA loaded, the base model's source): diffusers' load_lora_weights (diffusers
-    or kohya keys; StableDiffusionXLPipeline's for an SDXL base)."""
+    or kohya keys; StableDiffusionXLPipeline's for an SDXL base); a LoRA that does not fit stops in one line."""
     lora = Path(args.lora)
     lora_file = find_lora_file(lora)
     source = base_model(args, lora)
     components = load_base_components(args, lora, source)
     pipe = components.pipeline()
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected
-    try:
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="sat")
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    load_pipeline_lora(pipe, lora_file, "sat")
     pipe.set_adapters(["sat"], adapter_weights=[args.lora_scale])
     for model in (components.unet, components.vae, *components.text_encoders):
         model.to(device).eval()
@@ -134,25 +126,35 @@ def load_pipeline_components(args, device):
 def image_size(args) -> tuple[int | None, int | None]:
     """(width, height) from --resolution (an int, or W,H) or --width/--height; None: the model's default.
     With SAG, a side below what its blur needs is refused here rather than by the kernel mid-sampling."""
+    return requested_size(args.resolution, args.width, args.height, args.sag_scale)
+
+
+def requested_size(resolution: str | None, width: int | None = None, height: int | None = None,
+                   sag_scale: float = 0.0) -> tuple[int | None, int | None]:
+    """image_size's values: --resolution (an int, or W,H) or --width/--height, checked."""
     from .outputs.sample_prompts import SAG_MIN_SIZE, read_size
 
-    if args.resolution is not None and (args.width is not None or args.height is not None):
-        raise UsageError(f"--resolution {args.resolution} and --width/--height both give the size; keep one "
+    if resolution is not None and (width is not None or height is not None):
+        raise UsageError(f"--resolution {resolution} and --width/--height both give the size; keep one "
                          "(--resolution W,H or --width W --height H)")
-    if args.resolution is not None:
-        width, height = TrainConfig(resolution=args.resolution).resolution_wh
+    if resolution is not None:
+        width, height = TrainConfig(resolution=resolution).resolution_wh
         flags = ("--resolution", "--resolution")
     else:
-        width, height = args.width, args.height
         flags = ("--width", "--height")
     size = tuple(None if side is None else read_size(str(side), flag)
                  for side, flag in zip((width, height), flags, strict=True))
     given = [side for side in size if side is not None]
-    if args.sag_scale > 0 and given and min(given) < SAG_MIN_SIZE:
+    if sag_scale > 0 and given and min(given) < SAG_MIN_SIZE:
         raise UsageError(f"--sag_scale needs images of at least {SAG_MIN_SIZE} px a side (its blur is 9 latents "
                          f"wide), got {' x '.join(map(str, given))} from {flags[0]}; give a larger size or "
                          "--sag_scale 0")
     return size
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device, by default cuda when there is one."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if args.num_images < 1 or args.num_inference_steps < 1:
             raise UsageError("--num_images and --num_inference_steps must be >= 1")
         width, height = image_size(args)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(args.device)
         components, source = load_pipeline_components(args, device)
         # checked as training's --sac_layer: a cross-attention map (77 tokens wide) would stop SAG mid-sampling
         layer = None if args.sag_layer is None else sac_layer(components.unet, args.sag_layer, "--sag_layer")

@@ -90,8 +90,8 @@ def sag_sample(components, prompt: str, negative_prompt: str = "", num_images: i
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    height = height or unet.config.sample_size * scale_factor
-    width = width or unet.config.sample_size * scale_factor
+    height = height or components.default_image_side
+    width = width or components.default_image_side
     scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=device)
 

@@ -37,6 +37,12 @@ class Components:
     def text_encoders(self) -> list[torch.nn.Module]:
         return self.family.text_encoders(self)
 
+    @property
+    def default_image_side(self) -> int:
+        """The image side the pipelines sample when none is given: the UNet's sample_size (latents) times
+        the VAE's downscale (SD v1.5: 512 px, SDXL: 1024 px)."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def pipeline(self, scheduler=None, force_zeros_for_empty_prompt: bool | None = None):
         """diffusers' text-to-image pipeline of these parts (the family's: StableDiffusionPipeline without
         the safety checker, StableDiffusionXLPipeline without the watermark), with ``scheduler`` (default:

@@ -27,8 +27,14 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first: ``checkpoint-N`` folders holding the COMPLETE marker
     (written last, before the folder is renamed into place; see save_checkpoint)."""
     found = [p for p in output_dir.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-", 1)[1].isdigit() and checkpoint_is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+             if p.is_dir() and checkpoint_step(p) is not None and checkpoint_is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N of a ``checkpoint-N`` folder's name, else None."""
+    prefix, _, number = folder.name.partition("-")
+    return int(number) if prefix == "checkpoint" and number.isdigit() else None
 
 
 def find_resume_checkpoint(config) -> Path | None:

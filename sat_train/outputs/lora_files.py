@@ -118,6 +118,75 @@ def check_lora_fits(unet, peft_state: dict, folder) -> None:
                      "it, or train into another --output_dir")
 
 
+def find_lora_file(lora: Path, flag: str = "--lora") -> Path:
+    """``lora`` itself when it is a file, else the LoRA file a run or checkpoint folder holds (diffusers'
+    first, then kohya's)."""
+    if lora.is_file():
+        if lora.suffix.lower() != ".safetensors":  # other formats are pickles, which can run code when loaded
+            raise UsageError(f"{flag} {lora}: LoRA files are read only as .safetensors; convert it or pass the "
+                             ".safetensors file")
+        return lora
+    if not lora.exists():
+        raise UsageError(f"{flag} {lora}: no such file or folder; pass a training output_dir, a checkpoint-N "
+                         "folder or a LoRA .safetensors file")
+    for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
+        if (lora / name).is_file():
+            return lora / name
+    raise UsageError(f"{flag} {lora}: no {LORA_WEIGHTS_NAME} or {KOHYA_WEIGHTS_NAME} there; pass a training "
+                     "output_dir or a LoRA .safetensors file")
+
+
+def load_pipeline_lora(pipe, lora_file: Path, adapter_name: str, flag: str = "--lora") -> None:
+    """``lora_file`` (diffusers or kohya keys) into ``pipe`` (the family's pipeline) with diffusers'
+    ``load_lora_weights``, as adapter ``adapter_name``. A LoRA that does not fit the UNet (another family's,
+    another base model's, inconsistent ranks) raises inside diffusers with a long traceback, or loads only
+    the layers whose names match: either stops here with one line."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from peft.utils import get_peft_model_state_dict
+
+    verbosity = diffusers_logging.get_verbosity()
+    # "no LoRA keys for the text encoder" is expected; a failed load's own log line would repeat our message
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            # peft's "inconsistency between the config and the state_dict": the count below says it in one line
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expected = lora_unet_tensor_count(pipe, lora_file)
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=adapter_name)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise UsageError(f"{flag} {lora_file} does not fit this {pipe_family_title(pipe)} base model "
+                         f"({first_reason(err)}); pass a LoRA trained on this base model (SD v1.5 and SDXL LoRAs "
+                         "do not mix)") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    loaded = len(get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name)) if expected else 0
+    if loaded < expected:
+        pipe.unload_lora_weights()
+        raise UsageError(f"{flag} {lora_file} does not fit this {pipe_family_title(pipe)} base model (only "
+                         f"{loaded} of its {expected} UNet tensors found their layer); pass a LoRA trained on this "
+                         "base model (SD v1.5 and SDXL LoRAs do not mix)")
+
+
+def lora_unet_tensor_count(pipe, lora_file: Path) -> int:
+    """How many UNet tensors ``lora_file`` holds, read as the pipeline reads it (kohya keys converted)."""
+    state = pipe.lora_state_dict(str(lora_file.parent), weight_name=lora_file.name, use_safetensors=True)
+    state = state[0] if isinstance(state, tuple) else state
+    return sum(1 for key in state if key.startswith("unet."))
+
+
+def pipe_family_title(pipe) -> str:
+    return unet_family(pipe.unet).a_title.split(" ", 1)[1]  # "an SDXL" -> "SDXL"
+
+
+def first_reason(err: Exception) -> str:
+    """The informative line of a load error: torch's "size mismatch for ..." (its first line is a header)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = next((line for line in lines if not line.endswith(":")), lines[0] if lines else type(err).__name__)
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
 # ----------------------------------------------------------------------------- the text encoders' part
 
 

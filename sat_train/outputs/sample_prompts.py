@@ -71,22 +71,22 @@ class SamplePrompt:
                                    sampler=self.sampler or sampler)
 
 
-def parse_prompt_file(path: str | Path) -> list[SamplePrompt]:
+def parse_prompt_file(path: str | Path, flag: str = "--sample_prompts") -> list[SamplePrompt]:
     """The prompts of ``path`` (module docstring's syntax); a UsageError naming ``path:line`` for a
-    malformed line, and for a missing, unreadable, empty or kohya .toml/.json file."""
+    malformed line, and (naming ``flag``) for a missing, unreadable, empty or kohya .toml/.json file."""
     path = Path(path)
     if path.suffix.lower() in (".toml", ".json"):
-        raise UsageError(f"--sample_prompts {path}: only kohya's text form is read (one prompt a line, options "
+        raise UsageError(f"{flag} {path}: only kohya's text form is read (one prompt a line, options "
                          f"--n --w --h --s --d --l --ss --sag), not {path.suffix}; write the prompts as a .txt file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--sample_prompts {path}: cannot be read as UTF-8 text ({type(err).__name__}); give a "
+        raise UsageError(f"{flag} {path}: cannot be read as UTF-8 text ({type(err).__name__}); give a "
                          "text file with one prompt a line") from None
     prompts = [parse_prompt_line(line, f"{path}:{number}") for number, line in enumerate(lines, start=1)
                if line.strip() and not line.strip().startswith(COMMENT)]
     if not prompts:
-        raise UsageError(f"--sample_prompts {path} has no prompt lines (only blank lines and # comments); "
+        raise UsageError(f"{flag} {path} has no prompt lines (only blank lines and # comments); "
                          "add one prompt a line")
     return prompts
 
