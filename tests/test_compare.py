@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from sat_train import compare, train
 from sat_train.demo import DEMO_DATA_DIR, build_components, build_sdxl_components, save_components
 from sat_train.evaluate.report import NO_FACE_NOTE
+from sat_train.evaluate.stats import METRIC_COLUMNS
 from sat_train.evaluate.sources import lora_source, images_source, parse_seeds
 from sat_train.errors import UsageError
 from sat_train.outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora
@@ -63,6 +64,11 @@ def face_scorer():
     pytest.importorskip("cv2")
     metrics = pytest.importorskip("sat_train.evaluate.metrics")
     return metrics.FaceScorer()
+
+
+def no_face(image):
+    """A scorer's answer for an image without a face (the stand-in where the eval extra is missing)."""
+    return {**dict.fromkeys(METRIC_COLUMNS), "faces": 0}, []
 
 
 def read_rows(path):
@@ -203,8 +209,13 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
 @pytest.fixture(scope="module")
 def compared(runs, tmp_path_factory):
     """`none`, the plain run and the SAC run's checkpoint-2, two prompts x two seeds at 64 px; and
-    `none` alone again, rendered after a LoRA this time, into another folder."""
-    scorer = face_scorer()
+    `none` alone again, rendered after a LoRA this time, into another folder. Scored with the face metrics
+    where the eval extra is installed, else with a stand-in that finds no face (the rendering tests
+    still run; the face tests skip)."""
+    try:
+        scorer = face_scorer()
+    except pytest.skip.Exception:
+        scorer = no_face
     root = tmp_path_factory.mktemp("compare")
     (root / "prompts.txt").write_text(PROMPTS)
     common = ["--pretrained_model_name_or_path", runs["base"], "--prompts", root / "prompts.txt", "--seeds", "0-1",
@@ -282,6 +293,7 @@ def test_images_are_diffusers_pipeline_images(runs, compared):
 
 
 def test_noise_images_have_no_face_and_the_report_says_so(compared):
+    face_scorer()  # the claim is the real detector's
     rows = read_rows(compared["out"] / "metrics.csv")
     assert {r["faces"] for r in rows} == {"0"}
     assert all(r[m] == "" for r in rows for m in ("face_score", "face_sharpness", "eye_sharpness", "eye_balance"))
@@ -292,6 +304,7 @@ def test_noise_images_have_no_face_and_the_report_says_so(compared):
 
 
 def test_images_mode_scores_copies_and_skips_an_unreadable_file(compared, capsys):
+    face_scorer()
     root, out = compared["root"], compared["out"]
     copies = {}
     for source in ("none", "plain"):
