@@ -23,16 +23,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
 from .errors import UsageError
 from .evaluate.report import NO_FACE_NOTE
 from .evaluate.results import Results, grid_pages, image_name, write_results
 from .evaluate.sources import Source, check_unique, image_files, images_source, lora_source, parse_seeds, read_image
+from .outputs.lora_files import find_lora_file, load_pipeline_lora
+from .outputs.pictures import save_png
 from .outputs.sample_prompts import SAMPLE_SAMPLERS, SamplePrompt, check_sample_prompt, parse_prompt_file, parse_prompt_line
-from .sample import add_base_model_arguments, requested_size
+from .outputs.samples import generate_images
+from .sample import add_base_model_arguments, base_model, load_base_components, pick_device, recorded_settings, requested_size
 
 ADAPTER = "compare"  # the adapter name each LoRA loads under while its images render
 IMAGES_FOLDER = "images"
-DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,21 +135,19 @@ def read_prompts(args) -> list[SamplePrompt]:
 def base_run(args, loras: list[Source]) -> Path | None:
     """The LoRA whose run's train_config.json gives the base model (sample.py's rule), or None with
     --pretrained_model_name_or_path. The runs must agree: one base renders every source."""
-    from .sample import recorded_settings
-
     if args.pretrained_model_name_or_path:
         return None
     recorded = [(source, recorded_settings(source.path)) for source in loras]
-    recorded = [(source, settings) for source, settings in recorded if settings]
+    recorded = [(source, base_name(settings)) for source, settings in recorded if settings]
     if not recorded:
         raise UsageError("--lora needs a base model: pass --pretrained_model_name_or_path (SD v1.5 or SDXL: a folder, "
                          "hub id or single file); no --lora is in a run folder whose train_config.json names one")
-    (first, settings), bases = recorded[0], {source.path: base_name(found) for source, found in recorded}
-    other = next((source for source, found in recorded if base_name(found) != base_name(settings)), None)
-    if other is not None:
-        raise UsageError(f"--lora {first.path} and --lora {other.path} were trained on different base models "
-                         f"({bases[first.path]} and {bases[other.path]}); compare LoRAs of one base model, or pass "
-                         "--pretrained_model_name_or_path to render them all on one")
+    first, base = recorded[0]
+    for other, other_base in recorded[1:]:
+        if other_base != base:
+            raise UsageError(f"--lora {first.path} and --lora {other.path} were trained on different base models "
+                             f"({base} and {other_base}); compare LoRAs of one base model, or pass "
+                             "--pretrained_model_name_or_path to render them all on one")
     return first.path
 
 
@@ -155,9 +159,6 @@ def base_name(settings: dict) -> str:
 def load_base(args, plan: Plan, device):
     """(components on ``device``, their pipeline, the base model's name); every LoRA is loaded once and
     unloaded again, so that one which does not fit stops here, before any image is rendered."""
-    from .outputs.lora_files import find_lora_file, load_pipeline_lora
-    from .sample import base_model, load_base_components
-
     run = base_run(args, plan.loras)
     lora = run if run is not None else Path(".")  # with the flag, no run's record is read
     source = base_model(args, lora)
@@ -216,8 +217,6 @@ def score_folder(source: Source, scorer, bar) -> list[dict]:
 
 def render_source(source: Source, rendering, scorer, bar) -> list[dict]:
     """Every prompt with every seed for one --lora source into images/<source>/, each image scored."""
-    from .outputs.lora_files import find_lora_file, load_pipeline_lora
-
     if source.kind == "lora":
         load_pipeline_lora(rendering.pipe, find_lora_file(source.path), ADAPTER)
         rendering.pipe.set_adapters([ADAPTER], adapter_weights=[rendering.lora_scale])
@@ -252,31 +251,21 @@ class Rendering:
     def image(self, prompt: SamplePrompt, seed: int):
         """One image, as training's sample prompts draw it (outputs/samples.py), from a private CPU
         generator seeded with ``seed``: the same noise for every source."""
-        import torch
-
-        from .outputs.samples import generate_images
-
         generator = torch.Generator().manual_seed(seed)
         return generate_images(self.components, self.components.unet, prompt, generator, self.dtype,
                                self.attention_backend)[0]
 
     def save(self, image, source: Source, name: str) -> Path:
-        from .outputs.pictures import save_png  # temp file + rename: never half a PNG
-
-        return save_png(image, self.folder / source.name / name)
+        return save_png(image, self.folder / source.name / name)  # temp file + rename: never half a PNG
 
 
 def start_rendering(args, plan: Plan) -> Rendering:
-    import torch
-
-    from .sample import pick_device
-
     device = pick_device(args.device)
     components, pipe, base = load_base(args, plan, device)
     prompts = sized_prompts(args, plan, components)
     print(f"base model: {base}", file=sys.stderr)
     return Rendering(components, pipe, prompts, plan.seeds, plan.output_dir / IMAGES_FOLDER,
-                     getattr(torch, DTYPES[args.mixed_precision]), args.attention_backend, args.lora_scale)
+                     DTYPES[args.mixed_precision], args.attention_backend, args.lora_scale)
 
 
 def face_scorer(reference_images: str | None):
@@ -299,8 +288,6 @@ def unpaired(rows: list[dict]) -> list[str]:
 def compare(args, scorer: Callable | None = None) -> Results:
     """The whole command after parsing; ``scorer`` (image -> (metric values, faces)) defaults to the face
     metrics with --reference_images."""
-    from tqdm.auto import tqdm
-
     plan = make_plan(args)
     scorer = scorer or face_scorer(args.reference_images)
     rendering = start_rendering(args, plan) if plan.generates else None

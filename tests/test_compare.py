@@ -24,7 +24,8 @@ from sat_train import compare, train
 from sat_train.demo import DEMO_DATA_DIR, build_components, build_sdxl_components, save_components
 from sat_train.evaluate.report import NO_FACE_NOTE
 from sat_train.evaluate.stats import METRIC_COLUMNS
-from sat_train.evaluate.sources import lora_source, images_source, parse_seeds
+from sat_train.evaluate.results import grid_pages, image_name, report_rows
+from sat_train.evaluate.sources import images_source, lora_source, parse_seeds
 from sat_train.errors import UsageError
 from sat_train.outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora
 from train_helpers import REPO, lora_unet, tiny_config
@@ -310,18 +311,27 @@ def test_images_mode_scores_copies_and_skips_an_unreadable_file(compared, capsys
     for source in ("none", "plain"):
         copies[source] = shutil.copytree(out / "images" / source, root / "copies" / source)
     (copies["plain"] / "broken.png").write_bytes(b"not a png")
-    results = run_main(["--images", copies["none"], "--images", copies["plain"], "--output_dir", root / "scored"],
-                       compared["scorer"])
+    Image.open(copies["plain"] / "p01_s1.png").resize((96, 80)).save(copies["plain"] / "p01_s1.png")  # scored as it is
+    other = root / "copies" / "renamed"
+    other.mkdir()
+    shutil.copy(copies["none"] / "p00_s0.png", other / "00001-12345.png")
+    results = run_main(["--images", copies["none"], "--images", copies["plain"], "--images", other,
+                        "--output_dir", root / "scored"], compared["scorer"])
     captured = capsys.readouterr()
     skipped = [line for line in captured.err.splitlines() if "broken.png" in line]
     assert len(skipped) == 1 and skipped[0].startswith("warning: cannot read image") and skipped[0].endswith("skipped")
+    assert "warning: renamed has no image named as one of none's: nothing pairs" in captured.err
     rows = read_rows(root / "scored" / "metrics.csv")
-    assert [(r["source"], r["file"]) for r in rows] == [(s, f) for s in ("none", "plain") for f in FILES]
+    assert [(r["source"], r["file"]) for r in rows] == [(s, f) for s in ("none", "plain") for f in FILES] + [
+        ("renamed", "00001-12345.png")]
     assert all(r["prompt_index"] == r["seed"] == r["step"] == "" for r in rows)
     # the same pixels score the same as when they were rendered
     rendered = {(r["source"], r["file"]): r for r in read_rows(out / "metrics.csv")}
     assert all({k: v for k, v in r.items() if k in ("faces", "face_sharpness")} ==
-               {k: v for k, v in rendered[(r["source"], r["file"])].items() if k in ("faces", "face_sharpness")} for r in rows)
+               {k: v for k, v in rendered[(r["source"], r["file"])].items() if k in ("faces", "face_sharpness")}
+               for r in rows if r["source"] != "renamed")
+    summary = {r["source"]: r for r in read_rows(root / "scored" / "summary.csv")}
+    assert (summary["plain"]["faces_pairs"], summary["renamed"]["faces_pairs"]) == ("4", "0")
     assert sorted(p.name for p in (root / "scored").iterdir()) == ["grid_images_00.png", "metrics.csv", "report.html",
                                                                    "summary.csv"]
     assert results.verdict in captured.out
@@ -367,3 +377,37 @@ def test_reference_images_add_identity_where_a_face_is(tmp_path):
     assert len(rows) == 6 and results.faces_found
     assert all((row["identity"] != "") == (row["faces"] != "0") for row in rows)
     assert all(-1.0 < float(row["identity"]) <= 1.0 for row in rows if row["identity"])
+
+
+def test_a_demo_run_renders_on_the_demo_model_without_the_base_flag(runs, compared, tmp_path):
+    """No --pretrained_model_name_or_path: the base model is the one the run recorded, read from the run
+    folder above a checkpoint-N folder: the demo model, whose weights the saved base folder holds."""
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    run_main(["--lora", runs["sac"] / "checkpoint-2", "--prompts", tmp_path / "prompts.txt", "--seeds", "1",
+              "--resolution", "64", "--output_dir", tmp_path / "out"], no_face)
+    for file in ("p00_s1.png", "p01_s1.png"):
+        assert pixels(tmp_path / "out/images/sat-sac/checkpoint-2" / file).tobytes() == \
+            pixels(compared["out"] / "images/sat-sac/checkpoint-2" / file).tobytes()
+
+
+# ---- what goes in the files ----------------------------------------------------------------------
+
+def test_grid_pages_per_prompt_then_the_other_files_eight_a_grid():
+    rows = [{"source": "a", "file": name} for name in
+            [image_name(p, s) for p in range(2) for s in (0, 5)] + [f"x{i:02d}.png" for i in range(10)]]
+    pages = grid_pages(rows, prompt_count=2, seeds=[0, 5])
+    assert [(page.name, page.files) for page in pages[:2]] == [
+        ("grid_p00.png", ("p00_s0.png", "p00_s5.png")), ("grid_p01.png", ("p01_s0.png", "p01_s5.png"))]
+    assert pages[0].labels == ("seed 0", "seed 5")
+    assert [(page.name, len(page.files)) for page in pages[2:]] == [("grid_images_00.png", 8), ("grid_images_01.png", 2)]
+    assert pages[2].files + pages[3].files == tuple(f"x{i:02d}.png" for i in range(10))
+
+
+def test_the_report_plots_the_steps_of_the_run_with_most_checkpoints():
+    runs = {"plain/checkpoint-1": "/r/plain", "plain/checkpoint-2": "/r/plain", "sac/checkpoint-1": "/r/sac",
+            "sac/checkpoint-2": "/r/sac", "sac/checkpoint-3": "/r/sac", "none": "none"}
+    rows = [{"source": name, "file": "a.png", "step": int(name[-1]) if name != "none" else None} for name in runs]
+    kept = {row["source"]: row["step"] for row in report_rows(rows, runs)}
+    assert kept == {"plain/checkpoint-1": None, "plain/checkpoint-2": None, "sac/checkpoint-1": 1,
+                    "sac/checkpoint-2": 2, "sac/checkpoint-3": 3, "none": None}
+    assert [row["step"] for row in rows][:2] == [1, 2]  # metrics.csv's rows keep theirs
