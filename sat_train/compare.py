@@ -43,6 +43,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sat_train.compare", description=__doc__.split("::")[0],
+                                epilog="examples:\n" + __doc__.split("::")[1].split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lora", dest="sources", action="append", type=lambda value: ("lora", value), metavar="LORA",
                    help="A source to render (repeatable): none (the base model alone), a training output_dir, a "

@@ -53,9 +53,9 @@ def add_base_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="Base SD v1.5 or SDXL model (default: the one the LoRA was trained on; the demo model for "
                    "a demo run).")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--variant", default=None)
-    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--revision", default=None, help="The base model's hub revision: a branch, tag or commit.")
+    p.add_argument("--variant", default=None, help="The base model's weights variant, e.g. fp16.")
+    p.add_argument("--cache_dir", default=None, help="Where hub downloads are cached (default: Hugging Face's).")
     p.add_argument("--vae", "--pretrained_vae_model_name_or_path", dest="vae", default=None,
                    help="VAE replacing the base model's (default: the run's): a diffusers folder or a .safetensors.")
     p.add_argument("--original_config", default=None, help="Single-file base: its LDM .yaml (default: the run's).")

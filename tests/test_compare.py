@@ -411,3 +411,9 @@ def test_the_report_plots_the_steps_of_the_run_with_most_checkpoints():
     assert kept == {"plain/checkpoint-1": None, "plain/checkpoint-2": None, "sac/checkpoint-1": 1,
                     "sac/checkpoint-2": 2, "sac/checkpoint-3": 3, "none": None}
     assert [row["step"] for row in rows][:2] == [1, 2]  # metrics.csv's rows keep theirs
+
+
+def test_every_flag_has_help():
+    parser = compare.build_parser()
+    assert [a.dest for a in parser._actions if not a.help] == []
+    assert "python -m sat_train.compare --images a1111/plain" in parser.format_help()  # the examples
