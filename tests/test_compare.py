@@ -242,6 +242,8 @@ def test_every_file_is_written(compared):
     # a grid: a row per source, a column per seed, each 64 px cell as rendered
     grid = Image.open(out / "grid_p01.png")
     assert grid.height > 3 * 64 and grid.width > 2 * 64
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert report.count('src="data:image/png;base64,') == 2 and "grid_p00.png" in report and "grid_p01.png" in report
 
 
 def test_rows_pair_by_prompt_and_seed(compared):
