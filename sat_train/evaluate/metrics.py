@@ -41,8 +41,8 @@ import numpy as np
 
 from ..errors import UsageError
 from .faces import MIN_FACE_SIZE, Face, as_rgb_array, detect_faces, package_dir, require
+from .stats import METRIC_COLUMNS
 
-METRIC_COLUMNS = ("faces", "face_score", "face_sharpness", "eye_sharpness", "eye_balance", "identity")
 FACE_SIZE = 128  # px a side the face box is resized to before its Laplacian
 EYE_SIZE = 32  # px a side each eye patch is resized to
 EYE_PATCH = 0.6  # eye patch side / eye distance: the eye (about half the eye distance) and its lids
