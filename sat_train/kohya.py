@@ -26,7 +26,9 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 from .errors import UsageError
+from .guide.dropin import bare_model, caption_token_positions, guided_prediction, install_sat_capture
 from .guide.settings import DEFAULT_CAC_WORDS, GUIDES, GuideSettings
+from .outputs.kohya_metadata import sat_metadata
 
 USAGE = ("usage: python -m sat_train.kohya PATH/TO/train_network.py [their flags] --sat_guide sac "
          "[--sat_ratio R --sat_threshold T --sat_kernel_size K --sat_sigma S --sat_cac_words W]")
@@ -162,7 +164,7 @@ def guided_trainer(base: type) -> type:
     class SATGuided(base):
         sat = None  # sat_settings(args), set by train()
         sat_handle = None  # the capture, hooked on the bare UNet at the first guided step
-        sat_step = None  # (latents, noise_scheduler, batch) of the training step in progress
+        sat_step = None  # (latents, noise_scheduler) of the training step in progress
 
         def train(self, args):
             self.sat = sat_settings(args)
@@ -174,7 +176,7 @@ def guided_trainer(base: type) -> type:
 
         def get_noise_pred_and_target(self, args, accelerator, noise_scheduler, latents, batch, text_encoder_conds,
                                       unet, network, weight_dtype, train_unet, is_train=True):
-            self.sat_step = (latents, noise_scheduler, batch) if is_train else None
+            self.sat_step = (latents, noise_scheduler) if is_train else None
             try:
                 return super().get_noise_pred_and_target(args, accelerator, noise_scheduler, latents, batch,
                                                          text_encoder_conds, unet, network, weight_dtype,
@@ -192,37 +194,29 @@ def guided_trainer(base: type) -> type:
 
             if self.sat_step is None or kwargs.get("indices") is not None:  # validation, their DOP prior
                 return forward(noisy_latents)
-            latents, noise_scheduler, batch = self.sat_step
+            latents, noise_scheduler = self.sat_step
             self.sat_step = None  # one guided call a step
-            from .guide.dropin import guided_prediction
-
             pred, _ = guided_prediction(
-                unet, noisy_latents, latents, timesteps, None, noise_scheduler, self.sat_capture(unet, args),
-                tokens=self.sat_tokens(args, batch), forward=forward,
+                unet, noisy_latents, latents, timesteps, None, noise_scheduler, self.sat_capture(unet),
+                tokens=self.sat_tokens(batch), forward=forward,
                 prediction_type="v_prediction" if args.v_parameterization else "epsilon")
             return pred
 
-        def sat_capture(self, unet, args):
+        def sat_capture(self, unet):
             if self.sat_handle is None:
-                from .guide.dropin import bare_model, install_sat_capture
-
                 bare = bare_model(unet)
                 layer = None if hasattr(bare, "mid_block") else SGM_SAC_LAYER
                 self.sat_handle = install_sat_capture(bare, guide=self.sat.guide, settings=self.sat.guide_settings,
                                                       self_attention=layer)
             return self.sat_handle
 
-        def sat_tokens(self, args, batch):
+        def sat_tokens(self, batch):
             if self.sat.guide != "cac":
                 return None
-            from .guide.dropin import caption_token_positions
-
             return caption_token_positions(self.sat_tokenizers[0], list(batch["captions"]), self.sat.cac_words)
 
         def update_metadata(self, metadata, args):
             super().update_metadata(metadata, args)
-            from .outputs.kohya_metadata import sat_metadata
-
             metadata.update(sat_metadata(self.sat))
 
     SATGuided.__name__ = SATGuided.__qualname__ = f"SATGuided{base.__name__}"
