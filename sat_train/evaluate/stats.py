@@ -21,8 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-# The metric columns of metrics.csv, in order. metrics.py (the face metrics) defines the same tuple;
-# one of the two will import the other once both have landed.
+# The metric columns of metrics.csv, in order (metrics.FaceScorer's row holds them).
 METRIC_COLUMNS = ("faces", "face_score", "face_sharpness", "eye_sharpness", "eye_balance", "identity")
 # The metrics the verdict ranks: higher is better for each. "faces" (a count) is left out: more faces
 # in a portrait is not better.

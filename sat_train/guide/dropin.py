@@ -52,7 +52,8 @@ class SATCaptureHandle:
         self.saliency.remove_hooks()
 
 
-def _bare(model):
+def bare_model(model):
+    """The model under DDP / accelerate wrappers and torch.compile."""
     while hasattr(model, "module"):  # DDP / accelerate wrappers
         model = model.module
     return getattr(model, "_orig_mod", model)  # torch.compile
@@ -75,7 +76,7 @@ def install_sat_capture(unet, guide: str = "sac", attention_backend: str = "auto
     ``settings`` (ratio, threshold, blur, capture mode, ...) are the step's defaults for this handle;
     ``kernel_backend`` is the sat_kernels backend (auto | triton | torch)."""
     settings = dataclasses.replace(settings or GuideSettings(), kernel_backend=kernel_backend)
-    unet = _bare(unet)
+    unet = bare_model(unet)
     if guide not in ("sac", "cac"):
         raise ValueError(f'guide must be "sac" or "cac", got {guide!r}')
     backend = None
@@ -89,7 +90,8 @@ def install_sat_capture(unet, guide: str = "sac", attention_backend: str = "auto
 
 def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor,
                       cond: torch.Tensor, scheduler, handle: SATCaptureHandle, tokens: torch.Tensor | None = None,
-                      prediction_type: str | None = None, added_cond_kwargs: dict | None = None, **settings):
+                      prediction_type: str | None = None, added_cond_kwargs: dict | None = None, forward=None,
+                      **settings):
     """``pred + ratio * (pred - pred_deg)`` (float32) and an info dict, from the SAT step's UNet
     forwards (sat_train.guide.guidance.SATGuide, the trainer's own step).
 
@@ -98,7 +100,10 @@ def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, times
     re-noising). With ``handle.guide == "cac"``, ``tokens`` (B, S) long are the caption positions of
     the chosen words (-1 = padding; see ``caption_token_positions``); samples without any use the
     SAC mask. ``added_cond_kwargs`` (SDXL: ``text_embeds`` (B, 1280) pooled, ``time_ids`` (B, 6)) go to
-    every UNet forward (sat_train.models.family's encode_prompt and time_ids build them). ``settings``
+    every UNet forward (sat_train.models.family's encode_prompt and time_ids build them). ``forward``, a
+    callable latents -> prediction, replaces the UNet call in both forwards (a trainer's own call that
+    conditions the UNet itself, as kohya's ``call_unet``; ``cond`` and ``added_cond_kwargs`` are then
+    unused, and ``unet`` is only needed for ``capture="separate"``). ``settings``
     override fields of ``handle.settings`` for this call (``GuideSettings``: ratio, threshold,
     kernel_size, sigma, capture, detach_degraded, recompute, kernel_backend); ``recompute`` needs one
     ``backward`` of a loss on the result, as usual.
@@ -109,7 +114,7 @@ def guided_prediction(unet, noisy_latents: torch.Tensor, x0: torch.Tensor, times
     guide = SATGuide(handle.saliency, scheduler.alphas_cumprod, dataclasses.replace(handle.settings, **settings),
                      prediction_type or scheduler.config.prediction_type)
     inputs = StepInputs(x0=x0, noise=None, noisy=noisy_latents, timesteps=timesteps, cond=cond, target=None,
-                        tokens=tokens, added_cond_kwargs=added_cond_kwargs)
+                        tokens=tokens, added_cond_kwargs=added_cond_kwargs, forward=forward)
     g = guide.guided_prediction(unet, inputs)
     fallback = g.saliency.fallback
     used_cac = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device) if fallback is None else ~fallback

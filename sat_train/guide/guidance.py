@@ -24,6 +24,7 @@ memory about a plain step's instead of ~2x, one more forward).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,9 @@ class StepInputs:
     tokens: torch.Tensor | None = None  # --guide cac: (B, S) caption positions of the chosen words, -1 = padding
     # SDXL: {"text_embeds": (B, 1280) pooled, "time_ids": (B, 6)}, passed to every UNet forward of the step
     added_cond_kwargs: dict | None = None
+    # another trainer's own UNet call, latents -> prediction (kohya's call_unet, which builds its SDXL
+    # conditioning itself); None: diffusers' call with cond and added_cond_kwargs
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -198,6 +202,8 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 
 
 def predict(unet, latents: torch.Tensor, s: StepInputs) -> torch.Tensor:
+    if s.forward is not None:
+        return s.forward(latents)
     if s.added_cond_kwargs is None:
         return unet(latents, s.timesteps, s.cond, return_dict=False)[0]
     return unet(latents, s.timesteps, s.cond, added_cond_kwargs=s.added_cond_kwargs, return_dict=False)[0]
