@@ -32,9 +32,11 @@ from .evaluate.results import Results, grid_pages, image_name, write_results
 from .evaluate.sources import Source, check_unique, image_files, images_source, lora_source, parse_seeds, read_image
 from .outputs.lora_files import find_lora_file, load_pipeline_lora
 from .outputs.pictures import save_png
-from .outputs.sample_prompts import SAMPLE_SAMPLERS, SamplePrompt, check_sample_prompt, parse_prompt_file, parse_prompt_line
+from .outputs.sample_prompts import (SAMPLE_SAMPLERS, SamplePrompt, check_sample_prompt, parse_prompt_file,
+                                     parse_prompt_line)
 from .outputs.samples import generate_images
-from .sample import add_base_model_arguments, base_model, load_base_components, pick_device, recorded_settings, requested_size
+from .sample import (add_base_model_arguments, base_model, load_base_components, pick_device, recorded_settings,
+                     requested_size)
 
 ADAPTER = "compare"  # the adapter name each LoRA loads under while its images render
 IMAGES_FOLDER = "images"
@@ -297,7 +299,10 @@ def compare(args, scorer: Callable | None = None) -> Results:
     rows = []
     with tqdm(total=total, unit="image", file=sys.stderr) as bar:
         for source in plan.sources:
-            rows += render_source(source, rendering, scorer, bar) if source.generated else score_folder(source, scorer, bar)
+            if source.generated:
+                rows += render_source(source, rendering, scorer, bar)
+            else:
+                rows += score_folder(source, scorer, bar)
     for warning in unpaired(rows):
         print(warning, file=sys.stderr)
     runs = {source.name: source.run for source in plan.sources}

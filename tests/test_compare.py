@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +23,8 @@ from sat_train import compare, train
 from sat_train.demo import DEMO_DATA_DIR, build_components, build_sdxl_components, save_components
 from sat_train.evaluate.metrics import FaceScorer
 from sat_train.evaluate.report import NO_FACE_NOTE
-from sat_train.evaluate.stats import METRIC_COLUMNS
 from sat_train.evaluate.results import grid_pages, image_name, report_rows
+from sat_train.evaluate.stats import METRIC_COLUMNS
 from sat_train.evaluate.sources import images_source, lora_source, parse_seeds
 from sat_train.errors import UsageError
 from sat_train.outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, save_lora
@@ -123,7 +122,7 @@ def test_sources_are_named_from_their_paths_with_the_step_of_checkpoints(runs, m
 # ---- bad input: one line, exit 2, nothing written ----------------------------------------------
 
 def bad_input_cases(runs):
-    root, base, plain, sac = runs["root"], runs["base"], runs["plain"], runs["sac"]
+    root, base, plain = runs["root"], runs["base"], runs["plain"]
     no_images = root / "no-images"
     no_images.mkdir(exist_ok=True)
     (no_images / "notes.txt").write_text("not an image")
