@@ -94,7 +94,7 @@ def check_sample_metrics_flags(config) -> None:
                          "--sample_metrics: add --sample_metrics, or drop --reference_images")
     if not config.sample_metrics:
         return
-    if config.sample_prompts is None and config.validation_prompt is None:
+    if not config.sample_prompts and not config.validation_prompt:  # an empty --validation_prompt never samples
         raise UsageError("--sample_metrics scores the images of --sample_prompts FILE or --validation_prompt "
                          "TEXT: give one of them")
     require_extra("--sample_metrics", "eval")
