@@ -17,6 +17,7 @@ import csv
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from ..data.main_process import from_main_process
 from ..errors import UsageError
 from .faces import require
 from .metrics import FaceScorer, reference_files
@@ -62,10 +63,17 @@ class SampleMetrics:
     def for_run(cls, config, accelerator) -> SampleMetrics | None:
         """The run's scorer with --reference_images' embedding (main process), or None without
         --sample_metrics or on the other processes, which never sample."""
-        if not config.sample_metrics or not accelerator.is_main_process:
+        if not config.sample_metrics:
             return None
-        scorer = FaceScorer(config.reference_images, warn=lambda line: accelerator.print(f"warning: {line}"))
-        return cls(Path(config.output_dir) / "samples" / METRICS_NAME, scorer, accelerator.log)
+        scorers = []
+
+        def load() -> None:  # returns nothing: the scorer (models, embedding) stays on the main process
+            scorers.append(FaceScorer(config.reference_images,
+                                      warn=lambda line: accelerator.print(f"warning: {line}")))
+
+        # reference photos without a face stop every process together (data.main_process), not the main one alone
+        from_main_process(accelerator, "reading --reference_images", load)
+        return cls(Path(config.output_dir) / "samples" / METRICS_NAME, scorers[0], accelerator.log) if scorers else None
 
     def resume(self, step: int) -> None:
         """A run resumed at ``step`` keeps the rows written up to it; later ones (sampled after that

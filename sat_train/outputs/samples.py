@@ -155,8 +155,8 @@ def write_validation_images(accelerator, components, unet, config, weight_dtype,
     images = generate_images(components, accelerator.unwrap_model(unet), prompt, prompt_generator(prompt, None, 0),
                              weight_dtype, config.attention)
     sampled = []
+    when = f"step{step:06d}" if epoch is None else f"epoch{epoch:04d}"
     for i, image in enumerate(images):
-        when = f"step{step:06d}" if epoch is None else f"epoch{epoch:04d}"
         name = f"validation/{when}-{i}.png"
         save_png(image, Path(config.output_dir) / name)
         sampled.append(SampledImage(name, 0, first_draw_seed(prompt, i), image))
