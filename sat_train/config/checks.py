@@ -12,6 +12,7 @@ from ..data.latent_cache import check_latent_cache_flags
 from ..data.records import check_dataset_flags
 from ..demo import check_demo_flag
 from ..errors import UsageError
+from ..evaluate.training_metrics import check_sample_metrics_flags
 from ..guide.settings import (check_attention_flags, check_blur_flags, check_cac_words_flag, check_guide_mode_flags,
                               check_latents_fit_the_blur, check_sac_layer_flag)
 from ..models.lora import check_lora_flags
@@ -61,6 +62,7 @@ CHECKS = (
     check_optimizer_flags,
     check_compile_flags,
     check_sample_flags,
+    check_sample_metrics_flags,
     check_cac_words_flag,
     check_max_train_steps,
     check_blur_flags,

@@ -254,6 +254,14 @@ class TrainConfig:
         None, "Sample --sample_prompts every N epochs (overrides --sample_every_n_steps, as in kohya).", type=int)
     sample_at_first: bool = _opt(False, "Sample --sample_prompts before training (step 0; not again on a resume).")
     sample_sampler: str = _opt("ddim", "Sampler of the --sample_prompts lines without --ss.", choices=SAMPLE_SAMPLERS)
+    # --- face metrics of the sampled images (evaluate/training_metrics.py; needs pip install 'sat[eval]')
+    sample_metrics: bool = _opt(
+        False, "Score every --sample_prompts and --validation_prompt image with the face metrics (faces, face "
+        "score, face and eye sharpness, eye balance; identity with --reference_images): one row per image in "
+        "output_dir/samples/metrics.csv, the step's means to TensorBoard as face/<samples|validation>/<metric>.")
+    reference_images: str | None = _opt(
+        None, "--sample_metrics: a folder of photos of the person the LoRA learns (e.g. the training images); adds "
+        "the identity column, 1 - dlib's face-embedding distance to them (needs pip install 'sat[eval,identity]').")
     debug: bool = _opt(False, "Show full tracebacks instead of one-line errors.")
 
     @property

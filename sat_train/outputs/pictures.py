@@ -122,7 +122,8 @@ def loss_curve(steps: list[int], losses: list[float], width: int = 640, height: 
 class RunPictures:
     """What the training loop draws: mask previews every ``mask_every`` steps and at the end (the
     run's --mask_preview_steps, or the demo's interval: demo.mask_preview_steps), step-based
-    validation (``validate(step)``) every ``--validation_steps``, the --sample_prompts images
+    validation (``validate(step)``; the loop calls ``validate(step, epoch=)`` at the --validation_epochs)
+    every ``--validation_steps``, the --sample_prompts images
     (``samples``: validation.TrainingSamples) when their flags say, and ``loss.png`` (with its data,
     ``loss_history.json``) at the end. ``steps``/``losses`` hold one entry per optimizer step, from
     step 1 after ``resume``. Only the main process writes; every call is cheap when its flag is off."""

@@ -5,15 +5,21 @@ One generator for both kinds: a ``SamplePrompt`` (sample_prompts.py) -> images, 
 ``--validation_prompt`` is the one-prompt form (``validation_prompt``); ``TrainingSamples`` runs
 ``--sample_prompts`` at the steps and epochs its flags ask for. Sampling never moves the training
 RNG: every image's noise comes from a private CPU generator.
+
+Both take an optional ``score(step, source, images)`` callable (--sample_metrics:
+evaluate.training_metrics.SampleMetrics, handed in by run.prepare: this room imports nothing above it),
+called once per sampling with each image as a ``SampledImage``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..guide.sag import sag_sample
 from ..models.vae import vae_on_device
@@ -46,6 +52,21 @@ SCHEDULER_CLASSES = {
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
 }
+
+
+class SampledImage(NamedTuple):
+    """One sampled image as a ``score`` callable receives it."""
+
+    file: str  # relative to --output_dir, e.g. samples/step000500_00.png
+    prompt_index: int
+    seed: int | None  # the seed that alone gives this image (its generator's first draw), else None
+    image: Image.Image
+
+
+def first_draw_seed(prompt: SamplePrompt, index: int) -> int | None:
+    """The seed that reproduces image ``index`` of ``prompt`` alone: the prompt's seed (--d, or --seed
+    for --validation_prompt) for the first image; later images are later draws of that generator."""
+    return prompt.seed if index == 0 else None
 
 
 def make_scheduler(sampler: str, scheduler_config):
@@ -124,18 +145,24 @@ def log_images(accelerator, tag: str, images: list, step: int) -> None:
             tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
 
 
-def write_validation_images(accelerator, components, unet, config, weight_dtype, epoch: int | None = None,
-                            step: int | None = None) -> None:
-    """Images for --validation_prompt: output_dir/validation/epochNNNN-i.png (or stepNNNNNN-i.png)."""
+def write_validation_images(accelerator, components, unet, config, weight_dtype, step: int,
+                            epoch: int | None = None, score=None) -> None:
+    """Images for --validation_prompt at the run's ``step``: output_dir/validation/stepNNNNNN-i.png, or
+    epochNNNN-i.png for the validation at the end of ``epoch``; then ``score(step, "validation", ...)``."""
     if not accelerator.is_main_process:
         return
     prompt = validation_prompt(config)
     images = generate_images(components, accelerator.unwrap_model(unet), prompt, prompt_generator(prompt, None, 0),
                              weight_dtype, config.attention)
-    folder = Path(config.output_dir) / "validation"
+    sampled = []
+    when = f"step{step:06d}" if epoch is None else f"epoch{epoch:04d}"
     for i, image in enumerate(images):
-        save_png(image, folder / (f"epoch{epoch:04d}-{i}.png" if step is None else f"step{step:06d}-{i}.png"))
-    log_images(accelerator, "validation", images, epoch if step is None else step)
+        name = f"validation/{when}-{i}.png"
+        save_png(image, Path(config.output_dir) / name)
+        sampled.append(SampledImage(name, 0, first_draw_seed(prompt, i), image))
+    log_images(accelerator, "validation", images, step if epoch is None else epoch)
+    if score is not None:
+        score(step, "validation", sampled)
 
 
 class TrainingSamples:
@@ -144,9 +171,11 @@ class TrainingSamples:
     kohya, overrides the steps). Prompt i at step s goes to ``output_dir/samples/step{s:06d}_{i:02d}.png``
     and to TensorBoard as ``samples/{i:02d}`` at step s. Only the main process samples."""
 
-    def __init__(self, accelerator, components, unet, config, weight_dtype, seed: int, attention_backend: str):
+    def __init__(self, accelerator, components, unet, config, weight_dtype, seed: int, attention_backend: str,
+                 score=None):
         self.accelerator, self.components, self.unet, self.config = accelerator, components, unet, config
         self.weight_dtype, self.seed, self.attention_backend = weight_dtype, seed, attention_backend
+        self.score = score  # score(step, "samples", [SampledImage, ...]) after each sampling, or None
         self.prompts = config.sample_prompt_list
         self.folder = Path(config.output_dir) / SAMPLES_FOLDER
 
@@ -170,11 +199,15 @@ class TrainingSamples:
         if not self.prompts or not self.accelerator.is_main_process:
             return []
         unet = self.accelerator.unwrap_model(self.unet)
-        paths = []
+        paths, sampled = [], []
         for index, prompt in enumerate(self.prompts):
             generator = prompt_generator(prompt, self.seed, index)
             images = generate_images(self.components, unet, prompt, generator, self.weight_dtype,
                                      self.attention_backend)
-            paths.append(save_png(images[0], self.folder / f"step{step:06d}_{index:02d}.png"))
+            name = f"step{step:06d}_{index:02d}.png"
+            paths.append(save_png(images[0], self.folder / name))
+            sampled.append(SampledImage(f"{SAMPLES_FOLDER}/{name}", index, first_draw_seed(prompt, 0), images[0]))
             log_images(self.accelerator, f"{SAMPLES_FOLDER}/{index:02d}", images, step)
+        if self.score is not None:
+            self.score(step, SAMPLES_FOLDER, sampled)
         return paths

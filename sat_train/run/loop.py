@@ -25,7 +25,6 @@ import torch
 
 from ..errors import NonFiniteLossError
 from ..outputs.checkpoints import latest_checkpoint_name
-from ..outputs.samples import write_validation_images
 from ..seeding import derived_generator, seeded_global_rng
 from .finish import finish_run, save_run_checkpoint, stop_on_nonfinite_weights, stop_run
 from .inputs import make_step_inputs
@@ -151,5 +150,5 @@ def validate_at_epoch_end(run: Run, epoch: int) -> None:
     """--validation_prompt every --validation_epochs (step-based validation is RunPictures')."""
     config = run.config
     if config.validation_prompt and (epoch + 1) % config.validation_epochs == 0:
-        write_validation_images(run.accelerator, run.components, run.unet, config, run.weight_dtype, epoch=epoch + 1)
+        run.pictures.validate(run.global_step, epoch=epoch + 1)  # outputs.samples.write_validation_images
     run.pictures.samples.at_epoch_end(epoch + 1, run.global_step)  # --sample_every_n_epochs

@@ -9,6 +9,7 @@ loss history for loss.png).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ..data.dataset import build_dataset, collate
 from ..data.latent_cache import cache_latents
 from ..data.records import Records, read_run_records
 from ..errors import UsageError
+from ..evaluate.training_metrics import SampleMetrics
 from ..guide.capture import resolve_backend, stock_processor
 from ..guide.guidance import build_guide
 from ..models.components import Components
@@ -65,6 +67,7 @@ class Run:
     # --train_text_encoder: accelerate's wrappers of the text encoders (the family's order), else empty
     text_encoders: list[torch.nn.Module] = field(default_factory=list)
     pictures: RunPictures | None = None
+    sample_metrics: SampleMetrics | None = None  # --sample_metrics, on the main process
     global_step: int = 0
     first_epoch: int = 0
     skip_batches: int = 0  # micro-batches of first_epoch the checkpoint had already trained on
@@ -84,6 +87,7 @@ def prepare_run(config: TrainConfig) -> Run:
     # its records, names and image sizes
     records = read_run_records(config, accelerator, demo.DEMO_DATA_DIR if config.is_demo else None)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    sample_metrics = SampleMetrics.for_run(config, accelerator)  # reference photos without a face stop here
     components, backend = prepare_models(config, accelerator, weight_dtype)
     guide = build_guide(config, components.unet, components.noise_scheduler)
     if config.torch_compile:
@@ -105,12 +109,15 @@ def prepare_run(config: TrainConfig) -> Run:
               optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader, guide=guide,
               weight_dtype=weight_dtype, seed=seed, output_dir=Path(config.output_dir),
               max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch,
-              num_epochs=math.ceil(max_train_steps / steps_per_epoch), checkpoint_tag=main_process_pid(accelerator))
+              num_epochs=math.ceil(max_train_steps / steps_per_epoch), checkpoint_tag=main_process_pid(accelerator),
+              sample_metrics=sample_metrics)
+    # validate(step, epoch=None): every --validation_steps (RunPictures) and at the --validation_epochs (the loop)
+    validate = functools.partial(write_validation_images, accelerator, components, unet, config, weight_dtype,
+                                 score=sample_metrics)
     run.pictures = RunPictures(accelerator, config, components.vae, mask_every=demo.mask_preview_steps(config),
-                               validate=lambda step: write_validation_images(accelerator, components, unet, config,
-                                                                             weight_dtype, step=step),
+                               validate=validate,
                                samples=TrainingSamples(accelerator, components, unet, config, weight_dtype, seed,
-                                                       backend))
+                                                       backend, score=sample_metrics))
     announce_run(run, backend, learning_rate, len(dataset))
     resume_run(run)
     return run
@@ -278,6 +285,8 @@ def resume_run(run: Run) -> None:
     # optimizer steps already taken in that epoch, in micro-batches
     run.skip_batches = (run.global_step % run.steps_per_epoch) * run.config.gradient_accumulation_steps
     run.pictures.resume(checkpoint, run.global_step)  # loss.png covers the whole run, not only this part
+    if run.sample_metrics is not None:
+        run.sample_metrics.resume(run.global_step)  # samples/metrics.csv keeps the steps sampled before
 
 
 def check_compile_flags(config) -> None:
