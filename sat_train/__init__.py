@@ -2,8 +2,8 @@
 
 Run ``python -m sat_train --help``; with no model and no data it trains an embedded tiny demo
 model offline on bundled photos. The house, by job (each room imports only the rooms below it):
-``errors``, ``faults``, ``seeding`` < ``models`` < ``data`` < ``guide`` < ``outputs`` < ``demo`` < ``run``
-< ``config`` < ``cli``, ``sample``.
+``errors``, ``faults``, ``seeding`` < ``models`` < ``data`` < ``guide`` < ``outputs`` < ``evaluate`` < ``demo`` < ``run``
+< ``config`` < ``cli``, ``sample``, ``compare``, ``kohya``.
 """
 
 from .config.settings import TrainConfig
