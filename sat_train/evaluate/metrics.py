@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .faces import MIN_FACE_SIZE, Face, as_rgb_array, detect_faces, package_dir, require
+from .sources import read_image
 from .stats import METRIC_COLUMNS
 
 FACE_SIZE = 128  # px a side the face box is resized to before its Laplacian
@@ -120,17 +121,6 @@ def face_embedding(image, face: Face) -> np.ndarray:
     return np.asarray(encoder.compute_face_descriptor(pixels, shape), dtype=np.float64)
 
 
-def load_image(path: Path):
-    """An RGB PIL image, or a one-line reason it cannot be read."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as err:
-        return f"{path}: cannot read it ({err})"
-
-
 def reference_files(references: str | Path | Sequence) -> list:
     """A folder becomes its image files (sorted); a list is kept as it is (paths or PIL images)."""
     if isinstance(references, (str, Path)):
@@ -167,9 +157,9 @@ class FaceScorer:
         embeddings = []
         for i, ref in enumerate(reference_files(references)):
             name = ref if isinstance(ref, (str, Path)) else f"reference image {i}"
-            image = load_image(Path(ref)) if isinstance(ref, (str, Path)) else ref
+            image = read_image(Path(ref)) if isinstance(ref, (str, Path)) else ref
             if isinstance(image, str):
-                problem = f"{image}; skipped"
+                problem = image
             else:
                 faces = detect_faces(image)
                 if faces:
