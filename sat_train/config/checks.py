@@ -14,11 +14,12 @@ from ..demo import check_demo_flag
 from ..errors import UsageError
 from ..evaluate.training_metrics import check_sample_metrics_flags
 from ..guide.settings import (check_attention_flags, check_blur_flags, check_cac_words_flag, check_guide_mode_flags,
-                              check_latents_fit_the_blur, check_sac_layer_flag)
+                              check_latents_fit_the_blur, check_loss_flags, check_sac_layer_flag)
 from ..models.lora import check_lora_flags
 from ..models.single_file import check_model_flags
 from ..outputs.pictures import check_mask_preview_flags
 from ..outputs.sample_prompts import check_sample_flags
+from ..run.inputs import check_noise_flags
 from ..run.optimizers import check_optimizer_flags, check_text_encoder_flags
 from ..run.prepare import check_compile_flags, check_mixed_precision_flag
 
@@ -60,6 +61,8 @@ CHECKS = (
     check_lora_flags,
     check_text_encoder_flags,
     check_optimizer_flags,
+    check_loss_flags,
+    check_noise_flags,
     check_compile_flags,
     check_sample_flags,
     check_sample_metrics_flags,

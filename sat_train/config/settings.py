@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..guide.settings import (ATTENTION_BACKENDS, DEFAULT_CAC_WORDS, DEFAULT_SAC_LAYER, GUIDE_CAPTURES, GUIDES,
-                              GuideSettings)
+                              HUBER_SCHEDULES, LOSS_TYPES, GuideSettings, LossSettings)
 from ..outputs.kohya_metadata import SAVE_PRECISIONS
 from ..outputs.lora_files import EXPORT_FORMATS
 from ..outputs.sample_prompts import SAMPLE_SAMPLERS
@@ -145,6 +145,29 @@ class TrainConfig:
     snr_gamma: float | None = _opt(
         None, "Min-SNR weighting gamma (5.0 is the paper's value); off when unset.", type=float)
     noise_offset: float = _opt(0.0, "Noise offset scale.", type=float)
+    # --- loss and noise options (kohya-ss/sd-scripts' names and defaults; guide/loss.py, run/inputs.py)
+    loss_type: str = _opt(
+        LossSettings.loss_type, "Loss of each element of the (guided) prediction: l2 (mse), l1, huber or smooth_l1 "
+        "(both with the threshold --huber_c, scheduled by --huber_schedule).", choices=LOSS_TYPES)
+    huber_schedule: str = _opt(
+        LossSettings.huber_schedule, "huber / smooth_l1: the threshold c over timesteps t: constant (huber_c x "
+        "huber_scale), exponential (huber_c^(t/T) x huber_scale) or snr ((1 - huber_c) / (1 + sqrt(1/snr(t)))^2 + "
+        "huber_c, without huber_scale).", choices=HUBER_SCHEDULES)
+    huber_c: float = _opt(
+        LossSettings.huber_c, "huber / smooth_l1: the threshold parameter of --huber_schedule.", type=float)
+    huber_scale: float = _opt(
+        LossSettings.huber_scale, "huber / smooth_l1: scales the constant and exponential thresholds.", type=float)
+    debiased_estimation_loss: bool = _opt(
+        LossSettings.debiased_estimation, "Weight each sample's loss by 1/sqrt(snr(t)) (v-prediction: "
+        "1/(snr(t)+1)), snr capped at 1000; combines with --snr_gamma.")
+    multires_noise_iterations: int | None = _opt(
+        None, "Multi-resolution (pyramid) noise: add up to this many coarser noise layers (kohya suggests 6-10); "
+        "off when unset or 0.", type=int)
+    multires_noise_discount: float = _opt(
+        0.3, "--multires_noise_iterations: layer i is weighted discount^i.", type=float)
+    ip_noise_gamma: float | None = _opt(
+        None, "Input perturbation: noise the latents with noise + gamma x fresh noise while the target keeps the "
+        "noise alone (kohya suggests 0.1); off when unset.", type=float)
     prediction_type: str | None = _opt(None, "Override the scheduler's prediction type.", choices=PREDICTION_TYPES)
     # --- optimizer
     optimizer: str = _opt(
@@ -345,6 +368,11 @@ class TrainConfig:
         return GuideSettings(ratio=self.guide_ratio, threshold=self.guide_threshold,
                              kernel_size=self.guide_kernel_size, sigma=self.guide_sigma, capture=self.guide_capture,
                              detach_degraded=self.guide_detach_degraded, recompute=self.guide_recompute)
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(loss_type=self.loss_type, huber_schedule=self.huber_schedule, huber_c=self.huber_c,
+                            huber_scale=self.huber_scale, debiased_estimation=self.debiased_estimation_loss)
 
     @property
     def cac_word_list(self) -> list[str]:

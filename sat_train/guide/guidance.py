@@ -7,6 +7,8 @@
     pred_deg = unet(x_deg, t, c)
     pred_g   = pred + r * (pred - pred_deg)       # SATGuide.__call__: loss = mse(pred_g, target)
 
+(mse by default; --loss_type and its kohya options: ``guide.loss.StepLoss``, the loss every guide applies.)
+
 SAC and CAC differ only in where the saliency comes from, a small object with ``arm`` / ``take``:
 ``MidBlockSaliency`` (the attention mass each mid-block token receives, thresholded at
 ``GuideSettings.threshold``) and ``CaptionWordSaliency`` (the highest-resolution cross-attention on
@@ -28,11 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .capture import CrossAttentionCapture, MidBlockCapture, lora_disabled, sac_layer
-from .settings import GuideSettings
+from .loss import StepLoss
+from .settings import GuideSettings, LossSettings
 
 
 @dataclass
@@ -57,7 +59,7 @@ class StepInputs:
 @dataclass
 class StepResult:
     loss: torch.Tensor  # what backward() runs on
-    pred_loss: torch.Tensor  # detached mse(pred, target): the unguided loss, for logging
+    pred_loss: torch.Tensor  # detached loss(pred, target): the unguided loss, for logging
     guide_delta: torch.Tensor | None = None  # detached mean (pred - pred_deg)^2: the guide term's size
     mask_coverage: torch.Tensor | None = None  # detached % of latent pixels masked (the blurred area)
     mask: torch.Tensor | None = None  # detached (B, H, W) bool blur mask at latent size, for the pictures
@@ -193,14 +195,6 @@ class CaptionWordSaliency:
 # ----------------------------------------------------------------------------- the step
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error in float32; per-sample weighted (min-SNR) as in diffusers' example."""
-    if weights is None:
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
-
-
 def predict(unet, latents: torch.Tensor, s: StepInputs) -> torch.Tensor:
     if s.forward is not None:
         return s.forward(latents)
@@ -227,13 +221,19 @@ def noise_estimate(pred: torch.Tensor, s: StepInputs, alphas_cumprod: torch.Tens
 
 
 class Guide:
-    """No guidance: the plain LoRA loss, one UNet forward."""
+    """No guidance: the plain LoRA loss, one UNet forward. ``loss``: the run's (--loss_type ...; default mse)."""
 
     forwards_per_step = 1
 
+    def __init__(self, loss: StepLoss | None = None):
+        self.loss = loss or StepLoss()
+
+    def loss_of(self, pred: torch.Tensor, s: StepInputs) -> torch.Tensor:
+        return self.loss(pred, s.target, s.timesteps, s.loss_weights)
+
     def __call__(self, unet, s: StepInputs) -> StepResult:
         pred = predict(unet, s.noisy, s)
-        loss = weighted_mse(pred, s.target, s.loss_weights)
+        loss = self.loss_of(pred, s)
         return StepResult(loss=loss, pred_loss=loss.detach())
 
     def end_of_run_summary(self, total=int) -> str | None:
@@ -254,7 +254,9 @@ class SATGuide(Guide):
     """Guide each prediction away from a copy blurred where ``saliency`` says the UNet attends."""
 
     def __init__(self, saliency: MidBlockSaliency | CaptionWordSaliency, alphas_cumprod: torch.Tensor,
-                 settings: GuideSettings = GuideSettings(), prediction_type: str = "epsilon"):
+                 settings: GuideSettings = GuideSettings(), prediction_type: str = "epsilon",
+                 loss: StepLoss | None = None):
+        super().__init__(loss)
         self.saliency, self.alphas_cumprod = saliency, alphas_cumprod
         self.settings, self.prediction_type = settings, prediction_type
 
@@ -282,14 +284,14 @@ class SATGuide(Guide):
 
     def __call__(self, unet, s: StepInputs) -> StepResult:
         g = self.guided_prediction(unet, s)
-        return self.step_result(weighted_mse(g.guided, s.target, s.loss_weights), g, s)
+        return self.step_result(self.loss_of(g.guided, s), g, s)
 
     def step_result(self, loss: torch.Tensor, g: GuidedPrediction, s: StepInputs) -> StepResult:
         mask = g.saliency.mask(tuple(s.x0.shape[-2:]), self.settings.kernel_backend)
         with torch.no_grad():
             return StepResult(
                 loss=loss,
-                pred_loss=weighted_mse(g.pred, s.target, s.loss_weights),
+                pred_loss=self.loss_of(g.pred, s),
                 guide_delta=(g.pred.float() - g.pred_degraded.float()).pow(2).mean(),
                 mask_coverage=mask.float().mean() * 100,
                 mask=mask,
@@ -301,13 +303,21 @@ class SATGuide(Guide):
 
 
 def build_guide(config, unet, noise_scheduler) -> Guide:
-    """The guide ``config.guide`` names, its capture hooked on the bare ``unet`` (before accelerate wraps it)."""
+    """The guide ``config.guide`` names, its capture hooked on the bare ``unet`` (before accelerate wraps it),
+    with the run's loss."""
+    loss = build_loss(config.loss_settings, noise_scheduler)
     if config.guide == "none":
-        return Guide()
+        return Guide(loss)
     settings = config.guide_settings
     saliency = make_saliency(unet, config.guide, settings.kernel_backend, words=f"--cac_words ({config.cac_words})",
                              self_attention=sac_layer(unet, config.sac_layer))
-    return SATGuide(saliency, noise_scheduler.alphas_cumprod, settings, noise_scheduler.config.prediction_type)
+    return SATGuide(saliency, noise_scheduler.alphas_cumprod, settings, noise_scheduler.config.prediction_type, loss)
+
+
+def build_loss(settings: LossSettings, noise_scheduler) -> StepLoss:
+    """The step loss of ``settings`` on ``noise_scheduler``'s schedule and prediction type."""
+    return StepLoss(settings, noise_scheduler.alphas_cumprod, noise_scheduler.config.num_train_timesteps,
+                    noise_scheduler.config.prediction_type)
 
 
 def make_saliency(unet, guide: str, kernel_backend: str = "auto", words: str = "the chosen words",

@@ -1,4 +1,5 @@
-"""The SAT step's settings (``GuideSettings``), its flags' choices and defaults, and their checks.
+"""The SAT step's settings (``GuideSettings``, and ``LossSettings`` for its loss), its flags' choices and
+defaults, and their checks.
 
 Imports no torch: the flags are built from these (``python -m sat_train --help`` stays light).
 """
@@ -34,6 +35,41 @@ class GuideSettings:
     detach_degraded: bool = False  # no gradient through the degraded forward (an approximation)
     recompute: bool = False  # backward reruns the first forward (exact; peak memory ~ a plain step's)
     kernel_backend: str = "auto"  # sat_kernels backend: auto | triton | torch
+
+
+# kohya-ss/sd-scripts' --loss_type and --huber_schedule choices (library/train_util.py)
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The step's loss, kohya's options and defaults (guide/loss.py has the formulas)."""
+
+    loss_type: str = "l2"  # per element: l2 (today's mse), l1, huber or smooth_l1
+    huber_schedule: str = "snr"  # huber / smooth_l1: how the threshold c varies with the timestep
+    huber_c: float = 0.1  # the threshold (constant), its value at t = T (exponential), or at infinite noise (snr)
+    huber_scale: float = 1.0  # multiplies c under constant and exponential (kohya's snr schedule ignores it)
+    debiased_estimation: bool = False  # weight each sample by 1/sqrt(snr) (v-prediction: 1/(snr + 1))
+
+    @property
+    def uses_huber_c(self) -> bool:
+        return self.loss_type in ("huber", "smooth_l1")
+
+
+def check_loss_flags(config) -> None:
+    """--huber_* shape the huber and smooth_l1 losses only; c must be positive (exponential takes its log)."""
+    settings, default = config.loss_settings, LossSettings()
+    if not settings.uses_huber_c:
+        for name in ("huber_schedule", "huber_c", "huber_scale"):
+            if getattr(settings, name) != getattr(default, name):
+                raise UsageError(f"--{name} shapes the huber and smooth_l1 losses: use it with --loss_type huber or "
+                                 f"smooth_l1 (got --loss_type {settings.loss_type})")
+        return
+    if not settings.huber_c > 0:
+        raise UsageError(f"--huber_c must be > 0, got {settings.huber_c}")
+    if not settings.huber_scale > 0:
+        raise UsageError(f"--huber_scale must be > 0, got {settings.huber_scale}")
 
 
 def check_guide_mode_flags(config) -> None:

@@ -1,11 +1,13 @@
 """A batch → the SAT step's inputs (``guide.guidance.StepInputs``): latents, noise, timesteps, the
-noised latents, the target, the text conditioning and the min-SNR weights."""
+noised latents, the target, the text conditioning and the min-SNR weights; kohya's noise options
+(--multires_noise_iterations, --ip_noise_gamma) and their checks."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from ..data.dataset import LATENT_PARAMS
 from ..errors import UsageError
@@ -35,14 +37,7 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
     trainable = bool(trained_text_encoders)
     cond, added = components.family.encode_batch(trained_text_encoders or components.text_encoders, batch,
                                                  weight_dtype, trainable)
-    batch_size, channels, device = latents.shape[0], latents.shape[1], latents.device
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    if config.noise_offset:
-        noise += config.noise_offset * torch.randn((batch_size, channels, 1, 1), generator=generator, device=device,
-                                                   dtype=latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator,
-                              device=device).long()
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noise, timesteps, noisy = noise_latents(latents, config, scheduler, generator)
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     elif scheduler.config.prediction_type == "v_prediction":
@@ -56,3 +51,52 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
         weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
     return StepInputs(x0=latents, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=target,
                       loss_weights=weights, tokens=batch.get("cac_tokens"), added_cond_kwargs=added)
+
+
+def noise_latents(latents: torch.Tensor, config: TrainConfig, scheduler, generator=None):
+    """(noise, timesteps, x_t): the target's noise (--noise_offset, then --multires_noise_iterations), the
+    timesteps, and x_t = ``scheduler.add_noise``(latents, noise + --ip_noise_gamma x fresh noise). Drawn from
+    ``generator`` in kohya's order, each draw only when its flag is on (a run without them draws as before)."""
+    batch_size, channels, device = latents.shape[0], latents.shape[1], latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    if config.noise_offset:
+        noise += config.noise_offset * torch.randn((batch_size, channels, 1, 1), generator=generator, device=device,
+                                                   dtype=latents.dtype)
+    if config.multires_noise_iterations:
+        noise = pyramid_noise(noise, config.multires_noise_iterations, config.multires_noise_discount, generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator,
+                              device=device).long()
+    noised_with = noise
+    if config.ip_noise_gamma:  # input perturbation (Ning et al. 2023): x_t gets more noise than the target says
+        noised_with = noise + config.ip_noise_gamma * torch.randn(latents.shape, generator=generator, device=device,
+                                                                  dtype=latents.dtype)
+    return noise, timesteps, scheduler.add_noise(latents, noised_with, timesteps)
+
+
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generator=None) -> torch.Tensor:
+    """Multi-resolution noise (kohya's ``pyramid_noise_like``, after Whitaker's report): ``noise`` plus, for
+    i = 0.., fresh noise at 1/r^i the size (r drawn in [2, 4) each time) bilinearly upsampled and weighted
+    discount^i, until a side reaches 1; rescaled to unit std over the whole batch."""
+    batch, channels, height, width = noise.shape
+    ratios = (2 + 2 * torch.rand(iterations, generator=generator, device=noise.device)).tolist()  # one sync
+    for i, r in enumerate(ratios):
+        h, w = max(1, int(height / r ** i)), max(1, int(width / r ** i))
+        layer = torch.randn((batch, channels, h, w), generator=generator, device=noise.device, dtype=noise.dtype)
+        noise = noise + F.interpolate(layer, size=(height, width), mode="bilinear") * discount ** i
+        if h == 1 or w == 1:
+            break
+    return noise / noise.std()
+
+
+def check_noise_flags(config) -> None:
+    """--multires_noise_iterations >= 0 (0 = off, as in kohya) with a positive discount; --ip_noise_gamma >= 0."""
+    iterations = config.multires_noise_iterations
+    if iterations is not None and iterations < 0:
+        raise UsageError(f"--multires_noise_iterations must be >= 0, got {iterations}")
+    default_discount = type(config).__dataclass_fields__["multires_noise_discount"].default
+    if config.multires_noise_discount != default_discount and not iterations:
+        raise UsageError("--multires_noise_discount weights the layers of --multires_noise_iterations: give that too")
+    if not config.multires_noise_discount > 0:
+        raise UsageError(f"--multires_noise_discount must be > 0, got {config.multires_noise_discount}")
+    if config.ip_noise_gamma is not None and not config.ip_noise_gamma >= 0:
+        raise UsageError(f"--ip_noise_gamma must be >= 0, got {config.ip_noise_gamma}")
