@@ -325,3 +325,10 @@ def test_resume_with_every_option_matches_the_uninterrupted_run(tmp_path):
     expected, got = load_file(straight), load_file(resumed)
     assert expected.keys() == got.keys() and len(expected) > 0
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_kohya_min_snr_gamma_spelling_sets_snr_gamma():
+    from sat_train.cli import parse_config
+
+    assert parse_config(["--min_snr_gamma", "5", "--max_train_steps", "1"]).snr_gamma == 5.0
+    assert parse_config(["--max_train_steps", "1"]).snr_gamma is None

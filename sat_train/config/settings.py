@@ -143,7 +143,8 @@ class TrainConfig:
     lr_num_cycles: int = _opt(1, "--lr_scheduler cosine_with_restarts: the number of hard restarts.", type=int)
     lr_power: float = _opt(1.0, "--lr_scheduler polynomial: the power of the decay (1 = linear).", type=float)
     snr_gamma: float | None = _opt(
-        None, "Min-SNR weighting gamma (5.0 is the paper's value); off when unset.", type=float)
+        None, "Min-SNR weighting gamma (5.0 is the paper's value; kohya: --min_snr_gamma); off when unset.",
+        type=float, aliases=("--min_snr_gamma",))
     noise_offset: float = _opt(0.0, "Noise offset scale.", type=float)
     # --- loss and noise options (kohya-ss/sd-scripts' names and defaults; guide/loss.py, run/inputs.py)
     loss_type: str = _opt(
