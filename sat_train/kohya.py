@@ -229,7 +229,9 @@ def guided_trainer(base: type) -> type:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv in (["-h"], ["--help"]):
-        print(f"{USAGE}\n\n{__doc__.split(chr(10) + chr(10), 1)[1]}")
+        about = __doc__.split("\n\n", 2)[2]  # the paragraphs after the command line
+        print(f"{USAGE}\n\n{about}\nTheir flags and the --sat_* flags: python -m sat_train.kohya "
+              "PATH/TO/train_network.py --help")
         return
     try:
         script, rest = split_script(argv)

@@ -401,3 +401,10 @@ def test_real_sd_scripts_help_through_the_launcher():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--sat_guide" in done.stdout and "--network_module" in done.stdout
+
+
+def test_help_without_a_script_says_how_to_start(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m sat_train.kohya PATH/TO/train_network.py")
+    assert "get_noise_pred_and_target" in out and out.count("usage:") == 1
