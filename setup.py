@@ -28,7 +28,7 @@ IDENTITY = ["dlib-bin>=19.24", "face_recognition_models>=0.3"]
 # triton: CUDA torch brings its own (and pins it: a requirement here would fight torch 2.6's 3.2, which
 # kohya-ss/sd-scripts users have); the tests run the kernels in triton's CPU interpreter, so they need one
 TRITON = ["triton>=3.5; platform_system == 'Linux'"]
-TEST = TRAIN + TRITON + ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "scikit-image>=0.22",
+TEST = TRAIN + TRITON + ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6.100", "scikit-image>=0.22",
                 "datasets>=3.0"] + PRODIGY + LION + EVAL + IDENTITY
 
 setup(
