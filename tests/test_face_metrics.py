@@ -24,7 +24,7 @@ from sat_train.evaluate import faces as faces_module
 from sat_train.evaluate.faces import Face, detect_faces, require
 from sat_train.evaluate.metrics import (EYE_PATCH, EYE_SIZE, FACE_SIZE, METRIC_COLUMNS, FaceScorer,
                                         sharpness_metrics)
-from train_helpers import block_imports
+from train_helpers import block_imports, padded_square
 
 SIZE = 512
 # without the extras only the missing-extra tests run (they need none)
@@ -50,13 +50,7 @@ DEMO_CROPS = {
 
 
 def pad_to_square(image: Image.Image, size: int = SIZE) -> Image.Image:
-    """Resize the long side to ``size`` and pad with gray to a square (as the issue's measurements)."""
-    image = image.convert("RGB")
-    scale = size / max(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-    out = Image.new("RGB", (size, size), (127, 127, 127))
-    out.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
-    return out
+    return padded_square(image, size)
 
 
 def demo_region(name: str) -> tuple[float, ...]:

