@@ -27,7 +27,7 @@ from types import ModuleType, SimpleNamespace
 
 from .errors import UsageError
 from .guide.dropin import bare_model, caption_token_positions, guided_prediction, install_sat_capture
-from .guide.settings import DEFAULT_CAC_WORDS, GUIDES, GuideSettings
+from .guide.settings import DEFAULT_CAC_WORDS, GUIDES, GuideSettings, parse_threshold
 from .outputs.kohya_metadata import sat_metadata
 
 USAGE = ("usage: python -m sat_train.kohya PATH/TO/train_network.py [their flags] --sat_guide sac "
@@ -40,10 +40,6 @@ NEEDED_METHODS = ("train", "get_noise_pred_and_target", "call_unet", "update_met
 # kohya's SDXL UNet (library/sdxl_original_unet.py) names its blocks as SGM does; its mid block's first
 # transformer block's attn1 is the layer sat captures on diffusers' SDXL UNet
 SGM_SAC_LAYER = "middle_block.1.transformer_blocks.0.attn1"
-
-
-def _threshold(text: str) -> float | str:
-    return text if text == "mean" else float(text)
 
 
 def _odd_positive(text: str) -> int:
@@ -65,7 +61,7 @@ SAT_FLAGS = (
                          "plain run, their trainer untouched), sac (self-attention control) or cac (cross-attention "
                          "control on --sat_cac_words; train_network.py only)")),
     ("--sat_ratio", dict(type=float, default=GuideSettings.ratio, help="r in pred + r * (pred - pred_deg)")),
-    ("--sat_threshold", dict(type=_threshold, default=GuideSettings.threshold,
+    ("--sat_threshold", dict(type=parse_threshold, default=GuideSettings.threshold,
                              help='SAC: blur latents whose attention mass exceeds this (or "mean")')),
     ("--sat_kernel_size", dict(type=_odd_positive, default=GuideSettings.kernel_size,
                                help="Gaussian blur kernel size (odd)")),

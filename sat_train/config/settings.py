@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..guide.settings import (ATTENTION_BACKENDS, DEFAULT_CAC_WORDS, DEFAULT_SAC_LAYER, GUIDE_CAPTURES, GUIDES,
-                              HUBER_SCHEDULES, LOSS_TYPES, GuideSettings, LossSettings)
+                              HUBER_SCHEDULES, LOSS_TYPES, GuideSettings, LossSettings, parse_threshold)
 from ..outputs.kohya_metadata import SAVE_PRECISIONS
 from ..outputs.lora_files import EXPORT_FORMATS
 from ..outputs.sample_prompts import SAMPLE_SAMPLERS
@@ -33,10 +33,6 @@ INTERPOLATION_MODES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "near
 
 def _opt(default, help: str, **argparse_kwargs):
     return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
-def _threshold(value: str) -> float | str:
-    return value if value == "mean" else float(value)
 
 
 def _resolution(value: str) -> int | str:
@@ -209,7 +205,7 @@ class TrainConfig:
         "dotted path in the UNet (indices as [0] or .0).")
     guide_ratio: float = _opt(0.01, "r in pred + r * (pred - pred_deg); the paper used 0.01, 0.1, 1.", type=float)
     guide_threshold: float | str = _opt(
-        1.0, "Mask tokens whose attention mass exceeds this (or \"mean\").", type=_threshold)
+        1.0, "Mask tokens whose attention mass exceeds this (or \"mean\").", type=parse_threshold)
     guide_kernel_size: int = _opt(9, "Gaussian blur kernel size (odd).", type=int)
     guide_sigma: float = _opt(1.0, "Gaussian blur sigma.", type=float)
     guide_capture: str = _opt(

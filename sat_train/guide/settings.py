@@ -23,6 +23,11 @@ DEFAULT_SAC_LAYER = "mid_block.attentions[0].transformer_blocks[0].attn1"
 VAE_SCALE_FACTOR = 8
 
 
+def parse_threshold(value: str) -> float | str:
+    """A --guide_threshold / --sat_threshold value: "mean" (per sample), else a float."""
+    return value if value == "mean" else float(value)
+
+
 @dataclass(frozen=True)
 class GuideSettings:
     """How the SAT step degrades and guides (DESIGN.md, "The method"); one value passed whole."""
