@@ -115,6 +115,9 @@ def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int
         "ss_min_bucket_reso": config.min_bucket_reso,
         "ss_max_bucket_reso": config.max_bucket_reso,
         "ss_bucket_no_upscale": config.bucket_no_upscale,
+        # sd-scripts' train_network.py writes neither flag (checked Feb 2026); named as its ss_* keys are
+        "ss_masked_loss": config.masked_loss or config.alpha_mask or config.face_masks,
+        "ss_alpha_mask": config.alpha_mask,
     }
     if model is not None:  # sd-scripts: a local model's folder name, else the hub id
         values["ss_sd_model_name"] = _model_name(model)
@@ -160,6 +163,12 @@ def sat_metadata(config) -> dict[str, str]:
               "sat_guide_capture": settings.capture, "sat_guide_detach_degraded": settings.detach_degraded}
     if config.guide == "cac":
         values["sat_cac_words"] = config.cac_words
+    if config.masked_loss or config.alpha_mask or config.face_masks:  # the loss masks (data/masks.py)
+        values.update(sat_unmasked_weight=config.unmasked_weight,
+                      sat_normalize_masked_area_loss=config.normalize_masked_area_loss,
+                      sat_face_masks=config.face_masks, sat_guide_within_mask=config.guide_within_mask)
+        if config.face_masks:
+            values["sat_face_mask_margin"] = config.face_mask_margin
     return {k: str(v) for k, v in values.items()}
 
 
