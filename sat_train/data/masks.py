@@ -199,7 +199,7 @@ def check_mask_flags(config) -> None:
     if not 0.0 <= config.unmasked_weight <= 1.0:  # also rejects nan
         raise UsageError(f"--unmasked_weight is the loss weight outside the mask: give a value in [0, 1], "
                          f"got {config.unmasked_weight}")
-    if config.face_mask_margin != 0.25 and not config.face_masks:
+    if config.face_mask_margin != type(config).__dataclass_fields__["face_mask_margin"].default and not config.face_masks:
         raise UsageError("--face_mask_margin widens the boxes of --face_masks: add --face_masks, or drop it")
     if not config.face_mask_margin >= 0:
         raise UsageError(f"--face_mask_margin must be >= 0 (a fraction of the face box), got {config.face_mask_margin}")
