@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..data.buckets import check_resolution_flags
 from ..data.dataset import check_caption_flags
 from ..data.latent_cache import check_latent_cache_flags
+from ..data.masks import check_mask_flags
 from ..data.records import check_dataset_flags
 from ..demo import check_demo_flag
 from ..errors import UsageError
@@ -19,6 +20,7 @@ from ..models.lora import check_lora_flags
 from ..models.single_file import check_model_flags
 from ..outputs.pictures import check_mask_preview_flags
 from ..outputs.sample_prompts import check_sample_flags
+from ..run.face_masks import check_face_mask_flags
 from ..run.inputs import check_noise_flags
 from ..run.optimizers import check_optimizer_flags, check_text_encoder_flags
 from ..run.prepare import check_compile_flags, check_mixed_precision_flag
@@ -58,6 +60,8 @@ CHECKS = (
     check_sac_layer_flag,
     check_caption_flags,
     check_latent_cache_flags,
+    check_mask_flags,
+    check_face_mask_flags,
     check_lora_flags,
     check_text_encoder_flags,
     check_optimizer_flags,

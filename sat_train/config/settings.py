@@ -126,6 +126,30 @@ class TrainConfig:
     random_crop: bool = _opt(
         False, "Random crops (to --resolution, or to each image's bucket): already the default without --center_crop (kohya's flag, stated explicitly); "
         "not with --cache_latents / --cache_latents_to_disk, whose cache holds one crop per image.")
+    # --- loss masks (kohya-ss/sd-scripts' and OneTrainer's flags; data/masks.py, guide/masks.py, run/face_masks.py)
+    masked_loss: bool = _opt(
+        False, "Weight the loss by a mask per image (1 = trained, 0 = not), downsampled to the latents as kohya does; "
+        "masks from --conditioning_data_dir, --alpha_mask or --face_masks.")
+    conditioning_data_dir: str | None = _opt(
+        None, "--masked_loss: folder of mask images, one per training image with the same stem (flat, or mirroring "
+        "--train_data_dir's N_name/ subfolders); the mask is the R channel (grayscale: white = trained).")
+    alpha_mask: bool = _opt(False, "Use each image's alpha channel as its loss mask (implies --masked_loss, as in kohya).")
+    unmasked_weight: float = _opt(
+        0.0, "--masked_loss: loss weight outside the mask, in [0, 1] (weight = mask + W x (1 - mask); 0 = kohya's, "
+        "OneTrainer's default is 0.1).", type=float)
+    normalize_masked_area_loss: bool = _opt(
+        False, "--masked_loss: divide each sample's loss by its mean mask weight, so small masks weigh as much as "
+        "large ones (OneTrainer's flag).")
+    face_masks: bool = _opt(
+        False, "Loss masks from the detected faces (implies --masked_loss; needs pip install 'sat[eval]'): each "
+        "face box widened by --face_mask_margin, feathered, written once to OUTPUT_DIR/face_masks/ and reused; "
+        "an image without a face trains unmasked (stops the run with --strict_data).")
+    face_mask_margin: float = _opt(
+        0.25, "--face_masks: widen each face box by this fraction of its size on every side (the feather spans "
+        "the outer half of the margin).", type=float)
+    guide_within_mask: bool = _opt(
+        False, "sat's extension, not the paper's: SAT blurs only inside the loss mask (where it exceeds 0.5 at "
+        "latent size), e.g. only the face with --face_masks.")
     # --- schedule
     train_batch_size: int = _opt(16, "Batch size per device.", type=int)
     num_train_epochs: int = _opt(100, "Epochs (ignored when --max_train_steps is given).", type=int)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ CAPTION_STREAM = 1  # extra key of derived_generator: the caption pick draws apa
 CAPTION_AUGMENT_STREAM = 2  # ... and kohya's caption dropout / tag shuffle / tag dropout apart from both
 # batch key of the cached VAE latent distributions (latent_cache.py), carried instead of pixel_values
 LATENT_PARAMS = "latent_params"
+# batch key of a sample's loss mask (1, H, W) in [0, 1] at the image's trained size (--masked_loss; masks.py)
+LOSS_MASK = "loss_mask"
 
 # --image_interpolation_mode → PIL filter, as torchvision maps InterpolationMode for PIL images
 PIL_FILTERS = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR,
@@ -65,17 +67,29 @@ class ImageTransform:
         """The transformed image and its crop box in the resized image (SDXL's crop conditioning), mirrored
         when the crop is flipped: the box of the same pixels in the flipped image, as diffusers' SDXL
         example (which flips, then crops) and sd-scripts report a flipped sample's crop."""
-        target = size or self.size
-        image = to_rgb(image)  # grayscale, 16-bit, RGBA, CMYK, palette → 8-bit RGB
-        image = image.resize(self.resized_size(image.size, target), self.resample)
-        box = self.crop_box(image.size, generator, target)
-        width = image.width
-        image = image.crop(box)
-        if self.draws_flip(generator):
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            box = mirrored_box(box, width)
+        return self.with_geometry(image, generator, size)[:2]
+
+    def with_geometry(self, image: Image.Image, generator: torch.Generator | None = None,
+                      size: tuple[int, int] | None = None):
+        """``with_crop_box`` and the sample's ``Geometry`` (what ``warp`` repeats on its mask)."""
+        geometry = self.geometry(image.size, generator, size)
+        image = self.warp(to_rgb(image), geometry)  # to_rgb: grayscale, 16-bit, RGBA, CMYK, palette → 8-bit RGB
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return pixels.float().div(127.5).sub(1.0), box
+        box = mirrored_box(geometry.box, geometry.resized[0]) if geometry.flipped else geometry.box
+        return pixels.float().div(127.5).sub(1.0), box, geometry
+
+    def geometry(self, image_size: tuple[int, int], generator: torch.Generator | None = None,
+                 size: tuple[int, int] | None = None) -> Geometry:
+        """Where an image of ``image_size`` goes: its resize, crop box (drawn first) and flip (drawn next)."""
+        target = size or self.size
+        resized = self.resized_size(image_size, target)
+        box = self.crop_box(resized, generator, target)
+        return Geometry(resized, box, self.draws_flip(generator))
+
+    def warp(self, image: Image.Image, geometry: Geometry) -> Image.Image:
+        """``image`` resized, cropped and flipped as ``geometry`` says (an image's loss mask goes the same way)."""
+        image = image.resize(geometry.resized, self.resample).crop(geometry.box)
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if geometry.flipped else image
 
     def resized_size(self, size: tuple[int, int], target: tuple[int, int] | None = None) -> tuple[int, int]:
         """(W, H) of an image of ``size`` once resized to cover ``target`` (default: the resolution's
@@ -100,6 +114,14 @@ class ImageTransform:
         """--random_flip's pick (one draw from ``generator``, after the crop's); False without the flag.
         The latent cache (latent_cache.py) picks a sample's cached flip with the same draw."""
         return self.random_flip and torch.rand((), generator=generator).item() < 0.5
+
+
+class Geometry(NamedTuple):
+    """A sample's resize (W, H), crop box (in the resized image) and flip: its image's and its mask's."""
+
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flipped: bool
 
 
 def mirrored_box(box: tuple[int, int, int, int], width: int) -> tuple[int, int, int, int]:
@@ -162,6 +184,7 @@ class CaptionedImages(Dataset):
         self.buckets: list[tuple[int, int]] | None = None  # each sample's (W, H) bucket; set for --enable_bucket
         self.sizes: list[tuple[int, int]] | None = None  # each record's image (W, H), when the data check read it
         self.latent_cache = None  # set by latent_cache.cache_latents: items then carry latent_params, no pixels
+        self.loss_masks = None  # --masked_loss: masks.LossMasks; items then carry LOSS_MASK
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
         self.epoch = epoch
@@ -185,24 +208,34 @@ class CaptionedImages(Dataset):
         generator = derived_generator(self.seed, self.epoch, index)
         if self.latent_cache is not None:
             flipped = self.transform.draws_flip(generator)
-            return {LATENT_PARAMS: self.latent_cache.params(index, flipped=flipped),
+            item = {LATENT_PARAMS: self.latent_cache.params(index, flipped=flipped),
                     **self.latent_cache.image_conditioning(index, flipped)}
-        pixels, conditioning = self.transformed(index, generator)
-        return {"pixel_values": pixels, **conditioning}
+            if self.loss_masks is not None:  # the cached center crop's geometry, this epoch's flip
+                item[LOSS_MASK] = self.loss_masks.cached(index, self.latent_cache.entries[index], flipped)
+            return item
+        pixels, conditioning, geometry = self.transformed(index, generator, with_geometry=True)
+        item = {"pixel_values": pixels, **conditioning}
+        if self.loss_masks is not None:
+            item[LOSS_MASK] = self.loss_masks.view(index, geometry)
+        return item
 
     def pixels(self, index: int, generator: torch.Generator | None = None, transform=None) -> torch.Tensor:
         """Sample ``index``'s image through ``transform`` (default: the dataset's) at its target size,
         drawing from ``generator``."""
         return self.transformed(index, generator, transform)[0]
 
-    def transformed(self, index: int, generator: torch.Generator | None = None, transform=None):
-        """(pixels, the family's conditioning on their sizes: SD15.image_conditioning) of sample ``index``."""
+    def transformed(self, index: int, generator: torch.Generator | None = None, transform=None,
+                    with_geometry: bool = False):
+        """(pixels, the family's conditioning on their sizes: SD15.image_conditioning) of sample ``index``,
+        and its Geometry when ``with_geometry``."""
         try:
             image = open_image(self.records[index][0])
-            pixels, box = (transform or self.transform).with_crop_box(image, generator, self.target_size(index))
+            pixels, box, geometry = (transform or self.transform).with_geometry(image, generator,
+                                                                                self.target_size(index))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise UsageError(f"cannot read image {self.describe(index)}: {err}; fix or remove it") from err
-        return pixels, self.family.image_conditioning(image.size, box)
+        conditioning = self.family.image_conditioning(image.size, box)
+        return (pixels, conditioning, geometry) if with_geometry else (pixels, conditioning)
 
     def record_sizes(self) -> list[tuple[int, int]]:
         """Every record's image (W, H): ``sizes`` when the data check gave them, else read (``image_sizes``)."""

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .capture import CrossAttentionCapture, MidBlockCapture, lora_disabled, sac_layer
 from .loss import StepLoss
+from .masks import LossMask, degrade_with_mask
 from .settings import GuideSettings, LossSettings
 
 
@@ -54,6 +55,8 @@ class StepInputs:
     # another trainer's own UNet call, latents -> prediction (kohya's call_unet, which builds its SDXL
     # conditioning itself); None: diffusers' call with cond and added_cond_kwargs
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # --masked_loss: the batch's mask at latent size (guide/masks.py); None: no mask, or every mask full
+    loss_mask: LossMask | None = None
 
 
 @dataclass
@@ -229,7 +232,7 @@ class Guide:
         self.loss = loss or StepLoss()
 
     def loss_of(self, pred: torch.Tensor, s: StepInputs) -> torch.Tensor:
-        return self.loss(pred, s.target, s.timesteps, s.loss_weights)
+        return self.loss(pred, s.target, s.timesteps, s.loss_weights, s.loss_mask)
 
     def __call__(self, unet, s: StepInputs) -> StepResult:
         pred = predict(unet, s.noisy, s)
@@ -248,6 +251,7 @@ class GuidedPrediction:
     pred: torch.Tensor
     pred_degraded: torch.Tensor
     saliency: Saliency
+    within: torch.Tensor | None = None  # --guide_within_mask: (B, H, W) bool, where blurring is allowed
 
 
 class SATGuide(Guide):
@@ -277,10 +281,16 @@ class SATGuide(Guide):
         alphas_cumprod = self.alphas_cumprod.to(s.x0.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not settings.detach_degraded):
             eps = noise_estimate(pred, s, alphas_cumprod, self.prediction_type)
-            x_deg = saliency.degrade(s.x0.float(), eps, alphas_cumprod, s.timesteps, settings)
+            within = s.loss_mask.blur_region if s.loss_mask is not None and s.loss_mask.within_mask else None
+            if within is None:
+                x_deg = saliency.degrade(s.x0.float(), eps, alphas_cumprod, s.timesteps, settings)
+            else:  # --guide_within_mask: the saliency mask AND the loss mask, degraded with that explicit mask
+                mask = saliency.mask(tuple(s.x0.shape[-2:]), settings.kernel_backend) & within
+                x_deg = degrade_with_mask(s.x0, eps, mask, alphas_cumprod, s.timesteps, settings.kernel_size,
+                                          settings.sigma, settings.kernel_backend)
             pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
         guided = pred.float() + settings.ratio * (pred.float() - pred_deg.float())
-        return GuidedPrediction(guided, pred, pred_deg, saliency)
+        return GuidedPrediction(guided, pred, pred_deg, saliency, within)
 
     def __call__(self, unet, s: StepInputs) -> StepResult:
         g = self.guided_prediction(unet, s)
@@ -288,6 +298,8 @@ class SATGuide(Guide):
 
     def step_result(self, loss: torch.Tensor, g: GuidedPrediction, s: StepInputs) -> StepResult:
         mask = g.saliency.mask(tuple(s.x0.shape[-2:]), self.settings.kernel_backend)
+        if g.within is not None:
+            mask = mask & g.within
         with torch.no_grad():
             return StepResult(
                 loss=loss,

@@ -1,6 +1,7 @@
 """The step's loss of a prediction, kohya-ss/sd-scripts' options (``LossSettings``), in kohya's order:
 
-    per element  --loss_type: l2 (mse), l1, huber or smooth_l1 with a per-sample threshold c(t)
+    per element  --loss_type: l2 (mse), l1, huber or smooth_l1 with a per-sample threshold c(t),
+                 times the loss mask's weight (--masked_loss; guide/masks.py)
     per sample   mean over the other dims, times the min-SNR weights (StepInputs.loss_weights)
                  and, with --debiased_estimation_loss, the debiased weights
     the batch    mean
@@ -17,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .masks import LossMask
 from .settings import LossSettings
 
 
@@ -71,18 +73,23 @@ class StepLoss:
         self.num_train_timesteps, self.prediction_type = num_train_timesteps, prediction_type
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 loss of ``pred``; ``weights`` (B,): the min-SNR weights, or None."""
+                 weights: torch.Tensor | None = None, mask: LossMask | None = None) -> torch.Tensor:
+        """Float32 loss of ``pred``; ``weights`` (B,): the min-SNR weights, or None; ``mask``: the loss mask
+        (--masked_loss, guide/masks.py: weights each element before the per-sample mean), or None."""
         settings = self.settings
         pred, target = pred.float(), target.float()
-        if settings.loss_type == "l2" and weights is None and not settings.debiased_estimation:
+        if settings.loss_type == "l2" and weights is None and not settings.debiased_estimation and mask is None:
             # the loss before --loss_type existed, kept bit for bit: mse_loss's own mean reduction
             # (the per-sample path below rounds its gradient differently)
             return F.mse_loss(pred, target, reduction="mean")
         huber_c = None
         if settings.uses_huber_c:
             huber_c = huber_threshold(settings, timesteps, self.alphas_cumprod, self.num_train_timesteps)
-        per_sample = elementwise_loss(pred, target, settings.loss_type, huber_c).mean(dim=tuple(range(1, pred.dim())))
+        elementwise = elementwise_loss(pred, target, settings.loss_type, huber_c)
+        if mask is not None:
+            per_sample = mask.per_sample(elementwise)
+        else:
+            per_sample = elementwise.mean(dim=tuple(range(1, pred.dim())))
         if weights is not None:
             per_sample = per_sample * weights
         if settings.debiased_estimation:

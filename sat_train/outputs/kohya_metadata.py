@@ -70,6 +70,8 @@ def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int
     """The ``ss_*`` keys sd-scripts' train_network.py writes that this trainer has an equivalent of
     (``max_train_steps``: the run's length, also when --num_train_epochs set it; ``family``: the model's,
     whose names sd-scripts writes, models/family.py)."""
+    from ..data.masks import masks_on  # here: the flags (config/settings.py) import this module without torch
+
     model = config.pretrained_model_name_or_path
     values = {
         "ss_network_module": "networks.lora",
@@ -115,6 +117,9 @@ def kohya_training_metadata(config, steps: int, epoch: int, max_train_steps: int
         "ss_min_bucket_reso": config.min_bucket_reso,
         "ss_max_bucket_reso": config.max_bucket_reso,
         "ss_bucket_no_upscale": config.bucket_no_upscale,
+        # sd-scripts' train_network.py writes neither flag (checked Feb 2026); named as its ss_* keys are
+        "ss_masked_loss": masks_on(config),
+        "ss_alpha_mask": config.alpha_mask,
     }
     if model is not None:  # sd-scripts: a local model's folder name, else the hub id
         values["ss_sd_model_name"] = _model_name(model)
@@ -154,12 +159,20 @@ def _package_version() -> str:
 
 def sat_metadata(config) -> dict[str, str]:
     """SAT's own settings, so a file says how it was guided."""
+    from ..data.masks import masks_on
+
     settings = config.guide_settings
     values = {"sat_guide": config.guide, "sat_guide_ratio": settings.ratio, "sat_guide_threshold": settings.threshold,
               "sat_guide_kernel_size": settings.kernel_size, "sat_guide_sigma": settings.sigma,
               "sat_guide_capture": settings.capture, "sat_guide_detach_degraded": settings.detach_degraded}
     if config.guide == "cac":
         values["sat_cac_words"] = config.cac_words
+    if masks_on(config):  # the loss masks (data/masks.py)
+        values.update(sat_unmasked_weight=config.unmasked_weight,
+                      sat_normalize_masked_area_loss=config.normalize_masked_area_loss,
+                      sat_face_masks=config.face_masks, sat_guide_within_mask=config.guide_within_mask)
+        if config.face_masks:
+            values["sat_face_mask_margin"] = config.face_mask_margin
     return {k: str(v) for k, v in values.items()}
 
 

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..data.dataset import LATENT_PARAMS
+from ..data.dataset import LATENT_PARAMS, LOSS_MASK
 from ..errors import UsageError
 from ..guide.guidance import StepInputs
+from ..guide.masks import latent_loss_mask
 from ..models.vae import sample_latents
 
 if TYPE_CHECKING:
@@ -49,8 +50,13 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
         snr = compute_snr(scheduler, timesteps)
         weights = torch.clamp(snr, max=config.snr_gamma)
         weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
+    loss_mask = None
+    if LOSS_MASK in batch:  # --masked_loss: area-downsampled to the latents (guide/masks.py); None when all full
+        loss_mask = latent_loss_mask(batch[LOSS_MASK].to(latents.device), latents.shape[-2:], config.unmasked_weight,
+                                     config.normalize_masked_area_loss, config.guide_within_mask)
     return StepInputs(x0=latents, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=target,
-                      loss_weights=weights, tokens=batch.get("cac_tokens"), added_cond_kwargs=added)
+                      loss_weights=weights, tokens=batch.get("cac_tokens"), added_cond_kwargs=added,
+                      loss_mask=loss_mask)
 
 
 def noise_latents(latents: torch.Tensor, config: TrainConfig, scheduler, generator=None):

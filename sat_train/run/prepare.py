@@ -22,6 +22,7 @@ from .. import demo
 from ..data.buckets import BucketBatchSampler, bucket_table_text
 from ..data.dataset import build_dataset, collate
 from ..data.latent_cache import cache_latents
+from ..data.masks import LossMasks
 from ..data.records import Records, read_run_records
 from ..errors import UsageError
 from ..evaluate.training_metrics import SampleMetrics
@@ -35,6 +36,7 @@ from ..outputs.checkpoints import (CONFIG_NAME, check_same_optimizer, find_resum
                                    register_lora_checkpoint_hooks, remove_stale_temporaries)
 from ..outputs.pictures import RunPictures
 from ..outputs.samples import TrainingSamples, write_validation_images
+from .face_masks import loss_mask_sources
 from .optimizers import make_lr_scheduler, make_scaled_optimizer
 
 if TYPE_CHECKING:
@@ -86,6 +88,8 @@ def prepare_run(config: TrainConfig) -> Run:
     # the data check runs before any model loads: on the main process, which reports it and sends the others
     # its records, names and image sizes
     records = read_run_records(config, accelerator, demo.DEMO_DATA_DIR if config.is_demo else None)
+    # --masked_loss: the masks found and checked (the face masks made) before any model loads, main process
+    mask_sources = loss_mask_sources(config, accelerator, records, demo.DEMO_DATA_DIR if config.is_demo else None)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     sample_metrics = SampleMetrics.for_run(config, accelerator)  # reference photos without a face stop here
     components, backend = prepare_models(config, accelerator, weight_dtype)
@@ -98,7 +102,7 @@ def prepare_run(config: TrainConfig) -> Run:
     text_encoder_params = [lora_parameters(m) for m in trained_text_encoders]
     optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes, text_encoder_params)
     seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
-    dataset, dataloader = prepare_data(config, accelerator, components, records, seed)
+    dataset, dataloader = prepare_data(config, accelerator, components, records, seed, mask_sources)
     lr_scheduler, max_train_steps = make_lr_scheduler(config, optimizer, len(dataloader), accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
                                                                     lr_scheduler)
@@ -123,12 +127,14 @@ def prepare_run(config: TrainConfig) -> Run:
     return run
 
 
-def prepare_data(config: TrainConfig, accelerator, components, records: Records, seed: int):
+def prepare_data(config: TrainConfig, accelerator, components, records: Records, seed: int, mask_sources=None):
     """The dataset of ``records`` for the model's family and tokenizers (its latents cached with
-    --cache_latents*, in the VAE's dtype; buckets and cache from the data check's image sizes) and its
-    data loader; the bucket table printed."""
+    --cache_latents*, in the VAE's dtype; buckets and cache from the data check's image sizes; each record's
+    loss mask from ``mask_sources``, run/face_masks.py) and its data loader; the bucket table printed."""
     dataset = build_dataset(config, records.records, records.names, components.tokenizers, components.family,
                             seed=seed, sizes=records.sizes)
+    if mask_sources is not None:
+        dataset.loss_masks = LossMasks(mask_sources, dataset.records, dataset.transform)
     cache_latents(config, accelerator, components.vae, dataset, components.vae.dtype)
     dataloader = make_dataloader(config, dataset, seed)
     if dataset.buckets is not None:
