@@ -47,13 +47,17 @@ class StepInputs:
     timesteps: torch.Tensor  # (B,) long
     cond: torch.Tensor  # text embeddings (B, S, D)
     target: torch.Tensor | None  # eps, or v for v-prediction
-    loss_weights: torch.Tensor | None = None  # (B,) min-SNR weights, or None for a plain mean
+    # (B,) per-sample loss weights, or None for a plain mean: min-SNR's times kohya's loss_weights
+    # (--prior_loss_weight on regularization samples; run/inputs.py)
+    loss_weights: torch.Tensor | None = None
     tokens: torch.Tensor | None = None  # --guide cac: (B, S) caption positions of the chosen words, -1 = padding
     # SDXL: {"text_embeds": (B, 1280) pooled, "time_ids": (B, 6)}, passed to every UNet forward of the step
     added_cond_kwargs: dict | None = None
     # another trainer's own UNet call, latents -> prediction (kohya's call_unet, which builds its SDXL
     # conditioning itself); None: diffusers' call with cond and added_cond_kwargs
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    is_reg: torch.Tensor | None = None  # (B,) bool: regularization samples (data/regularization.py), or None
+    guided: torch.Tensor | None = None  # (B,) bool: the samples SAT guides (ratio r; the others 0); None: all
 
 
 @dataclass
@@ -250,6 +254,14 @@ class GuidedPrediction:
     saliency: Saliency
 
 
+def guide_ratio(ratio: float, s: StepInputs) -> float | torch.Tensor:
+    """r, or per sample (B, 1, 1, 1) r for the samples ``s.guided`` names and 0 for the others (by default the
+    regularization samples: their loss is the unguided prediction's)."""
+    if s.guided is None:
+        return ratio
+    return ratio * s.guided.to(torch.float32).view(-1, *[1] * (s.x0.dim() - 1))
+
+
 class SATGuide(Guide):
     """Guide each prediction away from a copy blurred where ``saliency`` says the UNet attends."""
 
@@ -279,7 +291,7 @@ class SATGuide(Guide):
             eps = noise_estimate(pred, s, alphas_cumprod, self.prediction_type)
             x_deg = saliency.degrade(s.x0.float(), eps, alphas_cumprod, s.timesteps, settings)
             pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
-        guided = pred.float() + settings.ratio * (pred.float() - pred_deg.float())
+        guided = pred.float() + guide_ratio(settings.ratio, s) * (pred.float() - pred_deg.float())
         return GuidedPrediction(guided, pred, pred_deg, saliency)
 
     def __call__(self, unet, s: StepInputs) -> StepResult:

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..data.dataset import LATENT_PARAMS
+from ..data.dataset import IS_REG, LATENT_PARAMS
 from ..errors import UsageError
 from ..guide.guidance import StepInputs
 from ..models.vae import sample_latents
+from ..guide.prior import with_prior_loss_weights
 
 if TYPE_CHECKING:
     from ..config.settings import TrainConfig
@@ -49,8 +50,12 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
         snr = compute_snr(scheduler, timesteps)
         weights = torch.clamp(snr, max=config.snr_gamma)
         weights = weights / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weights / snr
+    is_reg = batch.get(IS_REG)
+    if is_reg is not None:  # regularization images: kohya's loss_weights and who SAT guides (guide/prior.py)
+        weights = with_prior_loss_weights(weights, is_reg, config.prior_loss_weight)
     return StepInputs(x0=latents, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=target,
-                      loss_weights=weights, tokens=batch.get("cac_tokens"), added_cond_kwargs=added)
+                      loss_weights=weights, tokens=batch.get("cac_tokens"), added_cond_kwargs=added, is_reg=is_reg,
+                      guided=None if is_reg is None or config.guide_reg_samples else ~is_reg)
 
 
 def noise_latents(latents: torch.Tensor, config: TrainConfig, scheduler, generator=None):
