@@ -269,3 +269,32 @@ def test_resume_with_regularization_matches_the_uninterrupted_run(tmp_path, tiny
     assert expected.keys() == got.keys() and len(expected) > 0
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_killed_run_with_regularization_resumes_bit_exact(tmp_path):
+    """test_train_crash's SIGKILL resume on the demo model and photos with regularization images, their
+    LoRA-off targets and SAC: killed while checkpoint-4 is written, resumed from checkpoint-2 (mid-epoch:
+    6 photos + 6 regularization samples, batch 2)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from test_train_crash import run as run_cli_killed
+    from train_helpers import LORA_FILE
+
+    write_images(tmp_path / "reg" / "1_person", 4, "a person", seed=3)
+    reg = ["--reg_data_dir", str(tmp_path / "reg"), "--prior_target", "base", "--prior_loss_weight", "0.7"]
+    expected = load_file(train(tiny_config(tmp_path / "straight", max_train_steps=4, guide="sac",
+                                           reg_data_dir=str(tmp_path / "reg"), prior_target="base",
+                                           prior_loss_weight=0.7)))
+    out = tmp_path / "crashy"
+    proc = run_cli_killed(out, "checkpoint-4:mid", resume=False, extra=reg)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert f"data check {tmp_path / 'reg'}: 4 usable images" in proc.stdout, proc.stdout[-2000:]
+    proc = run_cli_killed(out, None, resume=True, extra=reg)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in proc.stdout
+    got = load_file(out / LORA_FILE)
+    assert expected.keys() == got.keys() and len(expected) > 0
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)

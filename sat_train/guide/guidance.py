@@ -8,6 +8,9 @@
     pred_g   = pred + r * (pred - pred_deg)       # SATGuide.__call__: loss = mse(pred_g, target)
 
 (mse by default; --loss_type and its kohya options: ``guide.loss.StepLoss``, the loss every guide applies.)
+With regularization images r is per sample (``guide_ratio``): r for the samples ``StepInputs.guided`` names,
+0 for the others, which are the regularization samples unless --guide_reg_samples (they preserve the base
+model's behaviour, which SAT is not meant to change; their second forward still runs, batched with the rest).
 
 SAC and CAC differ only in where the saliency comes from, a small object with ``arm`` / ``take``:
 ``MidBlockSaliency`` (the attention mass each mid-block token receives, thresholded at

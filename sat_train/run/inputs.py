@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from ..data.dataset import IS_REG, LATENT_PARAMS
 from ..errors import UsageError
 from ..guide.guidance import StepInputs
-from ..models.vae import sample_latents
 from ..guide.prior import with_prior_loss_weights
+from ..models.vae import sample_latents
 
 if TYPE_CHECKING:
     from ..config.settings import TrainConfig
