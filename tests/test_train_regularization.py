@@ -18,7 +18,7 @@ import sat_train.run.loop as loop_module
 from sat_train import train
 from sat_train.cli import main
 from sat_train.data.subsets import balanced_repeats
-from sat_train.demo import build_components, save_components
+from sat_train.demo import build_components, build_sdxl_components, save_components
 from sat_train.guide.guidance import SATGuide, make_saliency
 from sat_train.guide.prior import with_base_targets, with_prior_loss_weights
 from sat_train.guide.settings import GuideSettings
@@ -138,19 +138,24 @@ def test_prior_loss_weights_follow_kohyas_formula():
     torch.testing.assert_close(loss, (per_sample * torch.tensor([0.5, 0.5, 0.25, 3.0])).mean())
 
 
-def test_base_targets_are_the_lora_off_prediction():
-    components = lora_unet(seed=3)
+@pytest.mark.parametrize("build", [build_components, build_sdxl_components], ids=["sd15", "sdxl"])
+def test_base_targets_are_the_lora_off_prediction(build):
+    components = lora_unet(seed=3, build=build)
     unet = components.unet
     s = step_inputs(components, batch=4)
     s.is_reg = torch.tensor([True, False, True, False])
     got = with_base_targets(unet, s)
     # independently: a LoRA-free copy of the UNet (LoRA layers' base weights) on the two regularization rows
-    plain = build_components().unet
+    plain = build().unet
     state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
     plain.load_state_dict(state)
+    rows = [0, 2]
+    added = None if s.added_cond_kwargs is None else {k: v[rows] for k, v in s.added_cond_kwargs.items()}
     with torch.no_grad():
-        expected = plain(s.noisy[[0, 2]], s.timesteps[[0, 2]], s.cond[[0, 2]], return_dict=False)[0]
-        with_lora = unet(s.noisy[[0, 2]], s.timesteps[[0, 2]], s.cond[[0, 2]], return_dict=False)[0]
+        expected = plain(s.noisy[rows], s.timesteps[rows], s.cond[rows], added_cond_kwargs=added,
+                         return_dict=False)[0]
+        with_lora = unet(s.noisy[rows], s.timesteps[rows], s.cond[rows], added_cond_kwargs=added,
+                         return_dict=False)[0]
     torch.testing.assert_close(got.target[[0, 2]], expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(with_lora, expected, atol=1e-3)  # LoRA matters here: the test can fail
     assert torch.equal(got.target[[1, 3]], s.target[[1, 3]])
