@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UsageError
-from .subsets import REPEATS_PREFIX, Subset, folder_subset
+from .subsets import Subset, folder_subset
 
 # suffixes read as images (the data check's and the kohya-style folder reader's)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -515,7 +515,7 @@ def _kohya_subfolder_images(folder: Path, caption_suffix: str, problem, is_reg: 
     """The images of one ``N_name`` folder with its subset; notes on everything else in it."""
     subset = folder_subset(folder, is_reg, caption_suffix)
     if subset is None:
-        subset = Subset(folder, 1, is_reg, "" if is_reg else None, caption_suffix)
+        subset = Subset(folder, 1, is_reg, folder.name if is_reg else None, caption_suffix)
         problem(folder, "no-repeats", f"folder {folder} has no repeat-count prefix (kohya-style N_name, e.g. "
                                       f"10_{folder.name}): its images count once an epoch")
     elif subset.num_repeats < 1:

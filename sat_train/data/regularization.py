@@ -2,7 +2,7 @@
 ``--class_data_dir`` (one folder captioned by ``--class_prompt``), read through the data check as subsets
 (subsets.Subset, is_reg) and balanced against the training images as kohya balances them
 (subsets.balanced_repeats); their samples follow the training samples in the run's records, and each
-sample's ``IS_REG`` flag travels in its batch (dataset.CaptionedImages.is_reg).
+sample's flag travels in its batch under ``dataset.IS_REG`` (dataset.CaptionedImages.is_reg).
 
 What a regularization sample changes in a step lives elsewhere: its loss weight (--prior_loss_weight,
 run/inputs.py), its target (--prior_target base, guide/prior.py) and its SAT guidance (--guide_reg_samples,
@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from .datacheck import IMAGE_SUFFIXES, SmallImageRule, scan_kohya_folder, scan_subsets
-from .dataset import IS_REG  # noqa: F401 (the batch key of the flags, named here for readers)
+from .datacheck import IMAGE_SUFFIXES, DataReport, SmallImageRule, scan_kohya_folder, scan_subsets
 from .main_process import from_main_process
 from .records import Records
 from .subsets import Subset, balanced_repeats
@@ -65,15 +64,20 @@ def read_reg_images(config: TrainConfig, quiet: bool = False) -> RegImages:
         report = scan_kohya_folder(root, config.caption_suffix, is_reg=True, **common)
     else:
         report = scan_subsets(root, [Subset(root, 1, True, config.class_prompt, config.caption_suffix)], **common)
-    firsts = [first for first, _ in report.usable]
-    subsets = [subset for _, subset in report.usable]
+    return reg_images_of(report)
+
+
+def reg_images_of(report: DataReport) -> RegImages:
+    """The regularization images of a subsets' data check (``report.usable``: subsets with ``is_reg``), each
+    once; a dataset config's mixed report gives its regularization subsets' images."""
+    usable = [(first, subset) for first, subset in report.usable if subset.is_reg]
     folders: dict[str, dict[str, int]] = {}
-    for subset in subsets:  # kohya: {folder name: {"n_repeats", "img_count"}}
+    for _, subset in usable:  # kohya's ss_reg_dataset_dirs: {folder name: {"n_repeats", "img_count"}}
         entry = folders.setdefault(os.path.basename(subset.image_dir), {"n_repeats": subset.num_repeats,
                                                                          "img_count": 0})
         entry["img_count"] += 1
-    return RegImages([report.records[i] for i in firsts], [str(report.records[i][0]) for i in firsts],
-                     [report.sizes[i] for i in firsts], subsets, folders)
+    return RegImages([report.records[i] for i, _ in usable], [str(report.records[i][0]) for i, _ in usable],
+                     [report.sizes[i] for i, _ in usable], [subset for _, subset in usable], folders)
 
 
 def read_run_reg_images(config: TrainConfig, accelerator) -> RegImages | None:
