@@ -11,6 +11,7 @@ from ..data.dataset import check_caption_flags
 from ..data.latent_cache import check_latent_cache_flags
 from ..data.masks import check_mask_flags
 from ..data.records import check_dataset_flags
+from ..data.regularization import check_regularization_flags
 from ..demo import check_demo_flag
 from ..errors import UsageError
 from ..evaluate.training_metrics import check_sample_metrics_flags
@@ -55,6 +56,7 @@ CHECKS = (
     check_mask_preview_flags,
     check_guide_mode_flags,
     check_dataset_flags,
+    check_regularization_flags,
     check_model_flags,  # single-file checkpoints, --vae, --tokenizer_name
     check_demo_flag,
     check_sac_layer_flag,

@@ -30,7 +30,6 @@ one summary; there a problem's place is the path of its file or folder.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UsageError
+from .subsets import Subset, folder_subset
 
 # suffixes read as images (the data check's and the kohya-style folder reader's)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -97,6 +97,8 @@ class DataReport:
     lines: int = 0  # metadata.jsonl lines read; kohya-style folders: images found
     kohya: bool = False  # read from N_name/ subfolders (records repeat each image N times)
     usable_images: int = 0  # kohya-style: images kept, each counted once
+    # kohya-style: each kept image's first record and its subset (records repeat it subset.num_repeats times)
+    usable: list[tuple[int, Subset]] = field(default_factory=list)
 
     def add(self, where, kind: str, message: str, fatal: bool = False, skipped: bool = False,
             strict: bool = False) -> None:
@@ -347,8 +349,6 @@ def _metadata_record(line: str, root: Path, image_key: str, caption_column: str,
 
 # ----------------------------------------------------------------------------- kohya-style folders
 
-# "10_sks woman" → 10 repeats (kohya-ss/sd-scripts' DreamBooth layout); a bare "10" repeats too
-REPEATS_PREFIX = re.compile(r"^(\d+)(?:_|$)")
 OTHER_CAPTION_SUFFIXES = (".txt", ".caption", ".tags")  # named in the hint when --caption_extension misses
 
 
@@ -368,7 +368,7 @@ def read_caption_file(path: Path) -> tuple[str | None, str | None, int]:
 
 def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: int = 512,
                       skip_small_images: bool = False, strict: bool = False, progress: bool | None = None,
-                      stream=None, quiet: bool = False) -> DataReport:
+                      stream=None, quiet: bool = False, is_reg: bool = False) -> DataReport:
     """Checks a kohya-style folder: ``root/N_name/img.jpg`` + ``img{caption_suffix}``, each image a
     record N times. Problems are kept, printed and raised as scan_image_folder does; ``where`` is the
     path of the file or folder concerned.
@@ -379,14 +379,17 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
     unreadable image (as in metadata.jsonl folders), a symlink loop, a subfolder that cannot be listed.
     warnings: a subfolder without an ``N_`` prefix (counted once), an empty subfolder, a nested folder
     or a file that is neither image nor caption (ignored), a caption file without its image, images in
-    ``root`` itself (ignored), an empty or multi-line caption, converted or upscaled images."""
+    ``root`` itself (ignored), an empty or multi-line caption, converted or upscaled images.
+
+    ``is_reg``: a --reg_data_dir; its subsets (subsets.folder_subset) are regularization images, and an image
+    without its caption file is captioned by its folder's class tokens, as kohya does."""
     report = DataReport(root, kohya=True)
     real_root = root.resolve()
 
     def problem(where, kind, message, fatal=False, skipped=False):
         report.add(where, kind, message, fatal, skipped, strict)
 
-    images: list[tuple[Path, int]] = []  # (image, repeats) in folder, then name order
+    images: list[tuple[Path, Subset]] = []  # (image, its subset) in folder, then name order
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):  # .DS_Store, .ipynb_checkpoints, ...
             continue
@@ -395,38 +398,17 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
                 problem(entry, "escapes-folder", f"folder {entry} leaves the data folder ({entry.resolve()}); "
                                                  f"images must lie inside {root}", fatal=True)
                 continue
-            images += _kohya_subfolder_images(entry, caption_suffix, problem)
+            images += _kohya_subfolder_images(entry, caption_suffix, problem, is_reg)
         elif entry.suffix.lower() in IMAGE_SUFFIXES:
             problem(entry, "outside-subfolder", f"image {entry} is not in an N_name subfolder: ignored (move it "
                                                 f"into e.g. {root / ('1_' + entry.stem)})")
 
-    bar = _checking_bar(images, "image", progress, quiet)
-    for path, repeats in bar:
-        report.lines += 1
-        leaves = _leaves(real_root, path)
-        if leaves is None:
-            problem(path, "unreadable", f"image {path} is a symlink loop; fix or remove it", skipped=True)
-            continue
-        if leaves:
-            problem(path, "escapes-folder", f"image {path} leaves the data folder ({path.resolve()}); images "
-                                            f"must lie inside {root}", fatal=True)
-            continue
-        caption, escapes = _kohya_caption(path, caption_suffix, real_root, problem)
-        if escapes:
-            continue
-        findings, size = _check_image(path, resolution, skip_small_images)
-        for kind, message, skip in findings:
-            problem(path, kind, message, skipped=skip)
-        if caption is None or any(skip for _, _, skip in findings):
-            continue
-        report.usable_images += 1
-        report.records += [(path, caption)] * repeats
-        report.names += [f"{path} (x{repeats} an epoch)"] * repeats
-        report.sizes += [size] * repeats
-    bar.close()
-
+    _check_subset_images(report, images, real_root, resolution, skip_small_images, strict, progress, quiet)
     _print_and_raise_fatal(report, quiet, stream)
     if not report.records:
+        if not report.lines and is_reg:
+            raise UsageError(f"--reg_data_dir {root} holds no images: put the regularization images in kohya-style "
+                             f"N_class/ subfolders (e.g. {root / '1_woman' / 'img001.png'}), or drop --reg_data_dir")
         if not report.lines:
             raise UsageError(f"{root} has no {METADATA} and its subfolders hold no images: put them in kohya-style "
                              f"N_name/ subfolders (e.g. {root / '10_name' / 'img001.jpg'} + img001{caption_suffix})"
@@ -436,14 +418,74 @@ def scan_kohya_folder(root: Path, caption_suffix: str = ".caption", resolution: 
     return report
 
 
-def _kohya_caption(path: Path, caption_suffix: str, real_root: Path, problem) -> tuple[str | None, bool]:
-    """(the caption of image ``path`` from its same-stem caption file, or None when there is none to
-    train on; whether that file leaves the data folder, a fatal problem). Problems go to ``problem``."""
+def scan_subsets(root: Path, subsets: list[Subset], resolution: int = 512, skip_small_images: bool = False,
+                 strict: bool = False, progress: bool | None = None, stream=None, quiet: bool = False) -> DataReport:
+    """Checks the images of each subset's folder (not its subfolders) as scan_kohya_folder checks those of
+    its N_name folders; ``root`` names the data in messages. No usable image raises UsageError."""
+    report = DataReport(root, kohya=True)
+
+    def problem(where, kind, message, fatal=False, skipped=False):
+        report.add(where, kind, message, fatal, skipped, strict)
+
+    for subset in subsets:
+        images = _folder_images(subset, problem)
+        _check_subset_images(report, images, subset.image_dir.resolve(), resolution, skip_small_images, strict,
+                             progress, quiet)
+    _print_and_raise_fatal(report, quiet, stream)
+    if not report.records:
+        raise UsageError(f"no usable images in {root}" + (f": all {report.lines} skipped, first: {report.skipped[0]}"
+                                                          if report.lines else ""))
+    return report
+
+
+def _check_subset_images(report: DataReport, images: list[tuple[Path, Subset]], real_root: Path, resolution,
+                         skip_small_images: bool, strict: bool, progress: bool | None, quiet: bool) -> None:
+    """Checks each (image, subset) and adds the usable ones to ``report``, each subset.num_repeats times."""
+
+    def problem(where, kind, message, fatal=False, skipped=False):
+        report.add(where, kind, message, fatal, skipped, strict)
+
+    root = report.root
+    bar = _checking_bar(images, "image", progress, quiet)
+    for path, subset in bar:
+        repeats = subset.num_repeats
+        report.lines += 1
+        leaves = _leaves(real_root, path)
+        if leaves is None:
+            problem(path, "unreadable", f"image {path} is a symlink loop; fix or remove it", skipped=True)
+            continue
+        if leaves:
+            problem(path, "escapes-folder", f"image {path} leaves the data folder ({path.resolve()}); images "
+                                            f"must lie inside {root}", fatal=True)
+            continue
+        caption, escapes = _kohya_caption(path, subset, real_root, problem)
+        if escapes:
+            continue
+        findings, size = _check_image(path, resolution, skip_small_images)
+        for kind, message, skip in findings:
+            problem(path, kind, message, skipped=skip)
+        if caption is None or any(skip for _, _, skip in findings):
+            continue
+        report.usable_images += 1
+        report.usable.append((len(report.records), subset))
+        report.records += [(path, caption)] * repeats
+        report.names += [f"{path} (x{repeats} an epoch)"] * repeats
+        report.sizes += [size] * repeats
+    bar.close()
+
+
+def _kohya_caption(path: Path, subset: Subset, real_root: Path, problem) -> tuple[str | None, bool]:
+    """(the caption of image ``path`` from its same-stem caption file, else its subset's class tokens, or None
+    when there is none to train on; whether that file leaves the data folder, a fatal problem). Problems go to
+    ``problem``."""
+    caption_suffix = subset.caption_extension
     caption_path = path.with_suffix(caption_suffix)
     if _leaves(real_root, caption_path) is None:
         problem(caption_path, "bad-caption", f"caption file {caption_path} is a symlink loop; fix or remove it",
                 skipped=True)
         return None, False
+    if not caption_path.is_file() and subset.class_tokens is not None:  # kohya: the folder's class tokens
+        return subset.class_tokens, False
     if not caption_path.is_file():
         others = [path.with_suffix(s).name for s in OTHER_CAPTION_SUFFIXES
                   if s != caption_suffix and path.with_suffix(s).is_file()]
@@ -468,19 +510,24 @@ def _kohya_caption(path: Path, caption_suffix: str, real_root: Path, problem) ->
     return caption, False
 
 
-def _kohya_subfolder_images(folder: Path, caption_suffix: str, problem) -> list[tuple[Path, int]]:
-    """The images of one ``N_name`` folder with their repeat count; notes on everything else in it."""
-    match = REPEATS_PREFIX.match(folder.name)
-    if match is None:
-        repeats = 1
+def _kohya_subfolder_images(folder: Path, caption_suffix: str, problem, is_reg: bool = False
+                            ) -> list[tuple[Path, Subset]]:
+    """The images of one ``N_name`` folder with its subset; notes on everything else in it."""
+    subset = folder_subset(folder, is_reg, caption_suffix)
+    if subset is None:
+        subset = Subset(folder, 1, is_reg, folder.name if is_reg else None, caption_suffix)
         problem(folder, "no-repeats", f"folder {folder} has no repeat-count prefix (kohya-style N_name, e.g. "
                                       f"10_{folder.name}): its images count once an epoch")
-    else:
-        repeats = int(match.group(1))
-        if repeats < 1:
-            problem(folder, "bad-repeats", f"folder {folder} repeats its images {repeats} times an epoch; "
-                                           "rename it with N >= 1 (or move it out of the data folder)", fatal=True)
-            return []
+    elif subset.num_repeats < 1:
+        problem(folder, "bad-repeats", f"folder {folder} repeats its images {subset.num_repeats} times an epoch; "
+                                       "rename it with N >= 1 (or move it out of the data folder)", fatal=True)
+        return []
+    return _folder_images(subset, problem)
+
+
+def _folder_images(subset: Subset, problem) -> list[tuple[Path, Subset]]:
+    """The images of ``subset``'s folder, in name order; notes on everything else in it."""
+    folder, caption_suffix = subset.image_dir, subset.caption_extension
     try:
         entries = [e for e in sorted(folder.iterdir()) if not e.name.startswith(".")]
     except OSError as err:  # no permission to list it: its images cannot be trained
@@ -501,4 +548,4 @@ def _kohya_subfolder_images(folder: Path, caption_suffix: str, problem) -> list[
                                         f"a {caption_suffix} caption: ignored")
     if not images:
         problem(folder, "empty-folder", f"folder {folder} holds no images: nothing of it is trained")
-    return [(image, repeats) for image in images]
+    return [(image, subset) for image in images]

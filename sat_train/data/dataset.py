@@ -36,6 +36,7 @@ CAPTION_AUGMENT_STREAM = 2  # ... and kohya's caption dropout / tag shuffle / ta
 LATENT_PARAMS = "latent_params"
 # batch key of a sample's loss mask (1, H, W) in [0, 1] at the image's trained size (--masked_loss; masks.py)
 LOSS_MASK = "loss_mask"
+IS_REG = "is_reg"  # batch key: (B,) bool, the regularization samples (data/regularization.py)
 
 # --image_interpolation_mode → PIL filter, as torchvision maps InterpolationMode for PIL images
 PIL_FILTERS = {"nearest": Image.NEAREST, "nearest_exact": Image.NEAREST, "bilinear": Image.BILINEAR,
@@ -185,6 +186,7 @@ class CaptionedImages(Dataset):
         self.sizes: list[tuple[int, int]] | None = None  # each record's image (W, H), when the data check read it
         self.latent_cache = None  # set by latent_cache.cache_latents: items then carry latent_params, no pixels
         self.loss_masks = None  # --masked_loss: masks.LossMasks; items then carry LOSS_MASK
+        self.is_reg: list[bool] | None = None  # each record's regularization flag; set with regularization images
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls this
         self.epoch = epoch
@@ -199,6 +201,8 @@ class CaptionedImages(Dataset):
         if self.cac_word_ids is not None:  # --guide cac: where the chosen words sit in the caption
             item["cac_tokens"] = torch.tensor(
                 word_token_positions(self.tokenizers[0], item["input_ids"], self.cac_word_ids), dtype=torch.long)
+        if self.is_reg is not None:
+            item[IS_REG] = torch.tensor(self.is_reg[index])
         return item
 
     def image_item(self, index: int) -> dict[str, torch.Tensor]:

@@ -8,6 +8,9 @@
     pred_g   = pred + r * (pred - pred_deg)       # SATGuide.__call__: loss = mse(pred_g, target)
 
 (mse by default; --loss_type and its kohya options: ``guide.loss.StepLoss``, the loss every guide applies.)
+With regularization images r is per sample (``guide_ratio``): r for the samples ``StepInputs.guided`` names,
+0 for the others, which are the regularization samples unless --guide_reg_samples (they preserve the base
+model's behaviour, which SAT is not meant to change; their second forward still runs, batched with the rest).
 
 SAC and CAC differ only in where the saliency comes from, a small object with ``arm`` / ``take``:
 ``MidBlockSaliency`` (the attention mass each mid-block token receives, thresholded at
@@ -48,7 +51,9 @@ class StepInputs:
     timesteps: torch.Tensor  # (B,) long
     cond: torch.Tensor  # text embeddings (B, S, D)
     target: torch.Tensor | None  # eps, or v for v-prediction
-    loss_weights: torch.Tensor | None = None  # (B,) min-SNR weights, or None for a plain mean
+    # (B,) per-sample loss weights, or None for a plain mean: min-SNR's times kohya's loss_weights
+    # (--prior_loss_weight on regularization samples; run/inputs.py)
+    loss_weights: torch.Tensor | None = None
     tokens: torch.Tensor | None = None  # --guide cac: (B, S) caption positions of the chosen words, -1 = padding
     # SDXL: {"text_embeds": (B, 1280) pooled, "time_ids": (B, 6)}, passed to every UNet forward of the step
     added_cond_kwargs: dict | None = None
@@ -57,6 +62,8 @@ class StepInputs:
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     # --masked_loss: the batch's mask at latent size (guide/masks.py); None: no mask, or every mask full
     loss_mask: LossMask | None = None
+    is_reg: torch.Tensor | None = None  # (B,) bool: regularization samples (data/regularization.py), or None
+    guided: torch.Tensor | None = None  # (B,) bool: the samples SAT guides (ratio r; the others 0); None: all
 
 
 @dataclass
@@ -254,6 +261,14 @@ class GuidedPrediction:
     within: torch.Tensor | None = None  # --guide_within_mask: (B, H, W) bool, where blurring is allowed
 
 
+def guide_ratio(ratio: float, s: StepInputs) -> float | torch.Tensor:
+    """r, or per sample (B, 1, 1, 1) r for the samples ``s.guided`` names and 0 for the others (by default the
+    regularization samples: their loss is the unguided prediction's)."""
+    if s.guided is None:
+        return ratio
+    return ratio * s.guided.to(torch.float32).view(-1, *[1] * (s.x0.dim() - 1))
+
+
 class SATGuide(Guide):
     """Guide each prediction away from a copy blurred where ``saliency`` says the UNet attends."""
 
@@ -289,7 +304,7 @@ class SATGuide(Guide):
                 x_deg = degrade_with_mask(s.x0, eps, mask, alphas_cumprod, s.timesteps, settings.kernel_size,
                                           settings.sigma, settings.kernel_backend)
             pred_deg = predict(unet, x_deg.to(s.noisy.dtype), s)
-        guided = pred.float() + settings.ratio * (pred.float() - pred_deg.float())
+        guided = pred.float() + guide_ratio(settings.ratio, s) * (pred.float() - pred_deg.float())
         return GuidedPrediction(guided, pred, pred_deg, saliency, within)
 
     def __call__(self, unet, s: StepInputs) -> StepResult:

@@ -177,11 +177,13 @@ def sat_metadata(config) -> dict[str, str]:
 
 
 def kohya_file_metadata(state: dict, config, steps: int, epoch: int, max_train_steps: int,
-                        family, prediction_type: str = "epsilon") -> dict[str, str]:
+                        family, prediction_type: str = "epsilon", data_keys: dict[str, str] | None = None
+                        ) -> dict[str, str]:
     """Everything the kohya file's header carries; ``state`` is the state dict as it will be saved
-    (after --save_precision), which the hashes cover; ``family``: the model's (its names)."""
+    (after --save_precision), which the hashes cover; ``family``: the model's (its names); ``data_keys``: what
+    only the data knows (regularization images: data/regularization.reg_metadata)."""
     metadata = {"format": "pt", **kohya_training_metadata(config, steps, epoch, max_train_steps, family),
-                **modelspec_metadata(config, prediction_type, time.time(), family),
+                **(data_keys or {}), **modelspec_metadata(config, prediction_type, time.time(), family),
                 **sat_metadata(config)}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
     return metadata

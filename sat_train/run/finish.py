@@ -102,7 +102,8 @@ def kohya_describer(run: Run):
     return functools.partial(kohya_file_metadata, config=run.config, steps=run.global_step,
                              epoch=math.ceil(run.global_step / run.steps_per_epoch),
                              max_train_steps=run.max_train_steps, family=run.components.family,
-                             prediction_type=run.components.noise_scheduler.config.prediction_type)
+                             prediction_type=run.components.noise_scheduler.config.prediction_type,
+                             data_keys=run.data_metadata)
 
 
 def stop_on_save_precision(run: Run, problem: str, checkpoint: Path) -> None:

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..data.dataset import LATENT_PARAMS, LOSS_MASK
+from ..data.dataset import IS_REG, LATENT_PARAMS, LOSS_MASK
 from ..errors import UsageError
 from ..guide.guidance import StepInputs
 from ..guide.masks import latent_loss_mask
+from ..guide.prior import with_prior_loss_weights
 from ..models.vae import sample_latents
 
 if TYPE_CHECKING:
@@ -54,9 +55,13 @@ def make_step_inputs(batch, components, config: TrainConfig, weight_dtype, gener
     if LOSS_MASK in batch:  # --masked_loss: area-downsampled to the latents (guide/masks.py); None when all full
         loss_mask = latent_loss_mask(batch[LOSS_MASK].to(latents.device), latents.shape[-2:], config.unmasked_weight,
                                      config.normalize_masked_area_loss, config.guide_within_mask)
+    is_reg = batch.get(IS_REG)
+    if is_reg is not None:  # regularization images: kohya's loss_weights and who SAT guides (guide/prior.py)
+        weights = with_prior_loss_weights(weights, is_reg, config.prior_loss_weight)
     return StepInputs(x0=latents, noise=noise, noisy=noisy, timesteps=timesteps, cond=cond, target=target,
                       loss_weights=weights, tokens=batch.get("cac_tokens"), added_cond_kwargs=added,
-                      loss_mask=loss_mask)
+                      loss_mask=loss_mask, is_reg=is_reg,
+                      guided=None if is_reg is None or config.guide_reg_samples else ~is_reg)
 
 
 def noise_latents(latents: torch.Tensor, config: TrainConfig, scheduler, generator=None):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import NonFiniteLossError
+from ..guide.prior import with_base_targets
 from ..outputs.checkpoints import latest_checkpoint_name
 from ..seeding import derived_generator, seeded_global_rng
 from .finish import finish_run, save_run_checkpoint, stop_on_nonfinite_weights, stop_run
@@ -88,6 +89,8 @@ def train_micro_batch(run: Run, batch):
         with dropout_rng:
             inputs = make_step_inputs(batch, run.components, run.config, run.weight_dtype, generator,
                                       run.text_encoders)
+            if run.config.prior_target == "base":
+                inputs = with_base_targets(run.unet, inputs)
             result = run.guide(run.unet, inputs)
         accelerator.backward(result.loss)
         if accelerator.sync_gradients and run.config.max_grad_norm > 0:

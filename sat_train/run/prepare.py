@@ -24,6 +24,7 @@ from ..data.dataset import build_dataset, collate
 from ..data.latent_cache import cache_latents
 from ..data.masks import LossMasks
 from ..data.records import Records, read_run_records
+from ..data.regularization import read_run_reg_images, reg_metadata, with_regularization
 from ..errors import UsageError
 from ..evaluate.training_metrics import SampleMetrics
 from ..guide.capture import resolve_backend, stock_processor
@@ -36,6 +37,7 @@ from ..outputs.checkpoints import (CONFIG_NAME, check_same_optimizer, find_resum
                                    register_lora_checkpoint_hooks, remove_stale_temporaries)
 from ..outputs.pictures import RunPictures
 from ..outputs.samples import TrainingSamples, write_validation_images
+from .class_images import ensure_class_images
 from .face_masks import loss_mask_sources
 from .optimizers import make_lr_scheduler, make_scaled_optimizer
 
@@ -76,6 +78,7 @@ class Run:
     micro_batch: int = 0  # micro-batches since the last optimizer step
     running: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRICS, 0.0))
     progress: Any = None  # the tqdm bar of optimizer steps
+    data_metadata: dict[str, str] = field(default_factory=dict)  # the data's kohya keys (regularization images)
 
 
 def prepare_run(config: TrainConfig) -> Run:
@@ -90,9 +93,13 @@ def prepare_run(config: TrainConfig) -> Run:
     records = read_run_records(config, accelerator, demo.DEMO_DATA_DIR if config.is_demo else None)
     # --masked_loss: the masks found and checked (the face masks made) before any model loads, main process
     mask_sources = loss_mask_sources(config, accelerator, records, demo.DEMO_DATA_DIR if config.is_demo else None)
+    reg = read_run_reg_images(config, accelerator) if config.reg_data_dir is not None else None
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     sample_metrics = SampleMetrics.for_run(config, accelerator)  # reference photos without a face stop here
     components, backend = prepare_models(config, accelerator, weight_dtype)
+    if config.with_prior_preservation:  # class images need the base model: generated once it is loaded
+        ensure_class_images(config, accelerator, components)
+        reg = read_run_reg_images(config, accelerator)
     guide = build_guide(config, components.unet, components.noise_scheduler)
     if config.torch_compile:
         compile_unet(components.unet, config.dynamo_backend, accelerator.device)
@@ -102,7 +109,8 @@ def prepare_run(config: TrainConfig) -> Run:
     text_encoder_params = [lora_parameters(m) for m in trained_text_encoders]
     optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes, text_encoder_params)
     seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
-    dataset, dataloader = prepare_data(config, accelerator, components, records, seed, mask_sources)
+    records, is_reg = with_regularization(records, reg)
+    dataset, dataloader = prepare_data(config, accelerator, components, records, seed, is_reg, mask_sources)
     lr_scheduler, max_train_steps = make_lr_scheduler(config, optimizer, len(dataloader), accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
                                                                     lr_scheduler)
@@ -114,7 +122,7 @@ def prepare_run(config: TrainConfig) -> Run:
               weight_dtype=weight_dtype, seed=seed, output_dir=Path(config.output_dir),
               max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch,
               num_epochs=math.ceil(max_train_steps / steps_per_epoch), checkpoint_tag=main_process_pid(accelerator),
-              sample_metrics=sample_metrics)
+              sample_metrics=sample_metrics, data_metadata=reg_metadata(reg, config))
     # validate(step, epoch=None): every --validation_steps (RunPictures) and at the --validation_epochs (the loop)
     validate = functools.partial(write_validation_images, accelerator, components, unet, config, weight_dtype,
                                  score=sample_metrics)
@@ -127,14 +135,19 @@ def prepare_run(config: TrainConfig) -> Run:
     return run
 
 
-def prepare_data(config: TrainConfig, accelerator, components, records: Records, seed: int, mask_sources=None):
+def prepare_data(config: TrainConfig, accelerator, components, records: Records, seed: int,
+                 is_reg: list[bool] | None = None, mask_sources: list | None = None):
     """The dataset of ``records`` for the model's family and tokenizers (its latents cached with
-    --cache_latents*, in the VAE's dtype; buckets and cache from the data check's image sizes; each record's
-    loss mask from ``mask_sources``, run/face_masks.py) and its data loader; the bucket table printed."""
+    --cache_latents*, in the VAE's dtype; buckets and cache from the data check's image sizes) and its
+    data loader; the bucket table printed. ``is_reg``: each record's regularization flag, carried in batches;
+    ``mask_sources``: the training records' loss-mask sources (run/face_masks.py); the regularization records
+    that follow them train unmasked."""
     dataset = build_dataset(config, records.records, records.names, components.tokenizers, components.family,
                             seed=seed, sizes=records.sizes)
+    dataset.is_reg = is_reg
     if mask_sources is not None:
-        dataset.loss_masks = LossMasks(mask_sources, dataset.records, dataset.transform)
+        full = [None] * (len(dataset.records) - len(mask_sources))  # regularization records: a full mask
+        dataset.loss_masks = LossMasks(mask_sources + full, dataset.records, dataset.transform)
     cache_latents(config, accelerator, components.vae, dataset, components.vae.dtype)
     dataloader = make_dataloader(config, dataset, seed)
     if dataset.buckets is not None:
