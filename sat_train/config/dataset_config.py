@@ -7,7 +7,7 @@
 A subset's value comes from the subset, else its dataset, else [general], else the command line, else
 the flag's default (sd-scripts' fallback order); a dataset value found in the file wins over the flag
 (``resolution`` over --resolution, ``batch_size`` over --train_batch_size), as in sd-scripts, and
---train_data_dir / --reg_data_dir are ignored (with a note). JSON files (.json) are read the same way.
+--train_data_dir / --reg_data_dir are ignored (with a note); TrainConfig applies them when it is made. JSON files (.json) are read the same way.
 
 sat trains one resolution, batch size and crop/flip rule per run: where the file gives datasets or
 subsets different values of those, it stops with one line instead of training something else. Keys
@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.subsets import Subset
 from ..errors import UsageError
 
 # key -> (type check, what the message calls it); bool before int: True is an int in Python
@@ -69,9 +70,18 @@ class SubsetTable:
     where: str  # "[[datasets]] 1, [[datasets.subsets]] 2" (1-based), for messages
     values: dict
 
-    @property
-    def image_dir(self) -> Path:
-        return Path(self.values["image_dir"])
+    def subset(self, config) -> Subset:
+        """The data room's Subset; a caption key no table sets stays None (the run's flag applies)."""
+        v = self.values
+        extension = v.get("caption_extension")
+        conditioning = v.get("conditioning_data_dir")
+        return Subset(Path(v["image_dir"]), v.get("num_repeats", 1), v.get("is_reg", False), v.get("class_tokens"),
+                      config.caption_suffix if extension is None else "." + extension.strip().lstrip("."),
+                      shuffle_caption=v.get("shuffle_caption"), keep_tokens=v.get("keep_tokens"),
+                      caption_dropout_rate=v.get("caption_dropout_rate"),
+                      caption_tag_dropout_rate=v.get("caption_tag_dropout_rate"),
+                      alpha_mask=v.get("alpha_mask", False),
+                      conditioning_data_dir=None if conditioning is None else Path(conditioning))
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,31 @@ class DatasetFile:
     path: str
     run_settings: dict  # TrainConfig field -> value (resolution, train_batch_size, buckets, crops, flips)
     subsets: list[SubsetTable]
+    notes: list[str]  # what was ignored, said once when the flags are read (cli.parse_config)
+
+    @property
+    def gives_masks(self) -> bool:
+        """Whether a subset names a loss-mask source (alpha_mask, conditioning_data_dir): the run masks its loss."""
+        return any(t.values.get("alpha_mask") or "conditioning_data_dir" in t.values for t in self.subsets)
+
+
+def dataset_config_settings(path: str) -> dict:
+    """The TrainConfig values --dataset_config sets over the flags (TrainConfig.__post_init__ applies them):
+    its run-wide values, --train_data_dir and --reg_data_dir unset (the file names the images), and
+    --masked_loss on when a subset names masks (kohya's alpha_mask turns it on alike)."""
+    found = read_dataset_config(path)
+    return {**{flag: None for flag in REPLACED_FLAGS}, **found.run_settings,
+            **({"masked_loss": True} if found.gives_masks else {})}
+
+
+def say_dataset_config_notes(given: dict) -> None:
+    """Say once what --dataset_config makes the run ignore: flags it replaces, repeated subsets."""
+    found = read_dataset_config(given["dataset_config"])
+    dropped = [flag for flag in REPLACED_FLAGS if given.get(flag) is not None]
+    notes = found.notes + ([f"--dataset_config {found.path} names the images: ignoring "
+                            f"{', '.join('--' + flag for flag in dropped)}, as sd-scripts does"] if dropped else [])
+    for note in notes:
+        print(f"sat-train: note: {note}")
 
 
 def read_dataset_config(path: str) -> DatasetFile:
@@ -94,8 +129,9 @@ def read_dataset_config(path: str) -> DatasetFile:
     datasets = data.get("datasets", [])
     if not isinstance(datasets, list) or not datasets:
         raise UsageError(f"{where}: no [[datasets]]; add at least one, with [[datasets.subsets]] naming an image_dir")
-    run: dict[str, tuple[object, str]] = {}  # TrainConfig field -> (value, where it was set)
+    run: dict[str, tuple] = {}  # key -> (value as its field takes it, as written, where it was set)
     subsets: list[SubsetTable] = []
+    notes: list[str] = []
     for d, dataset in enumerate(datasets, 1):
         dataset_where = f"[[datasets]] {d}"
         dataset = check_table(dataset, dataset_where, where, allowed={*SUBSET_KEYS, *DATASET_KEYS, "subsets"})
@@ -114,17 +150,42 @@ def read_dataset_config(path: str) -> DatasetFile:
             if "image_dir" not in table:
                 raise UsageError(f"{where}: {subset_where} has no image_dir; name the folder that holds its images")
             if table["image_dir"] in seen:  # sd-scripts drops a repeated subset of the same dataset
-                print(f"sat-train: note: {where}: {subset_where} repeats image_dir {table['image_dir']!r} of "
-                      "an earlier subset of its dataset: ignored, as sd-scripts does")
+                notes.append(f"{where}: {subset_where} repeats image_dir {table['image_dir']!r} of an earlier "
+                             "subset of its dataset: ignored, as sd-scripts does")
                 continue
             seen.add(table["image_dir"])
             inherited = {k: v for k, v in values.items() if k in SUBSET_KEYS}
             subset = SubsetTable(subset_where, {**inherited, **table})
+            check_subset_values(subset, where)
             for key in RUN_WIDE_SUBSET_KEYS:
                 if key in subset.values:
                     agree(run, key, subset.values[key], subset.values[key], subset_where, where)
             subsets.append(subset)
-    return DatasetFile(path, dict(run_field(key, value) for key, (value, _, _) in run.items()), subsets)
+    for key in RUN_WIDE_SUBSET_KEYS:  # one flip/crop rule for the run: a subset may not fall back to the flag
+        unset = [t for t in subsets if key not in t.values]
+        if key in run and unset:
+            _, given, setter = run[key]
+            raise UsageError(f"{where}: {key} is {given!r} in {setter} but not set in {unset[0].where}; sat "
+                             f"applies one {key} to the whole run: set it in [general] (or in every subset)")
+    return DatasetFile(path, dict(run_field(key, value) for key, (value, _, _) in run.items()), subsets, notes)
+
+
+def check_subset_values(subset: SubsetTable, where: str) -> None:
+    """Folders exist; counts and rates are in range (one line naming the table and the key)."""
+    v, at = subset.values, f"{where}: {subset.where}"
+    for key in ("image_dir", "conditioning_data_dir"):
+        if key in v and not Path(v[key]).is_dir():
+            raise UsageError(f"{at}: {key} {v[key]!r} is not a folder; give the folder that holds its "
+                             f"{'images' if key == 'image_dir' else 'mask images'}")
+    if v.get("num_repeats", 1) < 1:
+        raise UsageError(f"{at}: num_repeats must be >= 1 (times each image is seen an epoch), got {v['num_repeats']}")
+    if v.get("keep_tokens", 0) < 0:
+        raise UsageError(f"{at}: keep_tokens must be >= 0, got {v['keep_tokens']}")
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0.0 <= v.get(key, 0.0) <= 1.0:
+            raise UsageError(f"{at}: {key} is a probability: give a value in [0, 1], got {v[key]}")
+    if v.get("alpha_mask") and "conditioning_data_dir" in v:
+        raise UsageError(f"{at}: alpha_mask and conditioning_data_dir are two mask sources: keep one")
 
 
 def read_table_file(path: str) -> dict:
