@@ -208,3 +208,21 @@ def test_a_missing_dataset_config_is_one_line(tmp_path, capsys):
         main(["--dataset_config", str(tmp_path / "nope.toml"), "--pretrained_model_name_or_path", "unused"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "cannot read it" in err and "nope.toml" in err
+
+
+def test_the_readme_example_reads_as_it_says(tmp_path, monkeypatch):
+    from train_helpers import REPO
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("`--dataset_config dataset.toml` instead of")
+    block = text[text.index("\n\n", start) + 2: text.index("\n\n", text.index("\n\n", start) + 2)]
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "train_data" / "10_sks woman", ["a"], caption="sks woman, smiling")
+    write_images(tmp_path / "masks" / "10_sks woman", ["a"])
+    write_images(tmp_path / "reg_data" / "1_woman", ["r"])
+    (tmp_path / "dataset.toml").write_text("\n".join(line[4:] for line in block.splitlines()))
+    config = TrainConfig(dataset_config="dataset.toml", pretrained_model_name_or_path="unused")
+    assert (config.resolution, config.train_batch_size, config.masked_loss) == (512, 4, True)
+    train_subset, reg_subset = config.dataset_subsets
+    assert (train_subset.num_repeats, train_subset.keep_tokens, reg_subset.is_reg) == (10, 1, True)
+    assert [c for _, c in collect_records(config, quiet=True).records] == ["sks woman, smiling"] * 10
