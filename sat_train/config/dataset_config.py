@@ -7,7 +7,8 @@
 A subset's value comes from the subset, else its dataset, else [general], else the command line, else
 the flag's default (sd-scripts' fallback order); a dataset value found in the file wins over the flag
 (``resolution`` over --resolution, ``batch_size`` over --train_batch_size), as in sd-scripts, and
---train_data_dir / --reg_data_dir are ignored (with a note); TrainConfig applies them when it is made. JSON files (.json) are read the same way.
+--train_data_dir / --reg_data_dir are ignored (with a note); TrainConfig applies these when it is made.
+JSON files (.json) are read the same way.
 
 sat trains one resolution, batch size and crop/flip rule per run: where the file gives datasets or
 subsets different values of those, it stops with one line instead of training something else. Keys
