@@ -93,7 +93,8 @@ def prepare_run(config: TrainConfig) -> Run:
     records = read_run_records(config, accelerator, demo.DEMO_DATA_DIR if config.is_demo else None)
     # --masked_loss: the masks found and checked (the face masks made) before any model loads, main process
     mask_sources = loss_mask_sources(config, accelerator, records, demo.DEMO_DATA_DIR if config.is_demo else None)
-    reg = read_run_reg_images(config, accelerator)  # None without regularization images
+    # regularization images (None without); --with_prior_preservation's once the base model made them
+    reg = None if config.with_prior_preservation else read_run_reg_images(config, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     sample_metrics = SampleMetrics.for_run(config, accelerator)  # reference photos without a face stop here
     components, backend = prepare_models(config, accelerator, weight_dtype)
