@@ -30,6 +30,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         from .config.file import config_file_settings
 
         given = {**config_file_settings(given["config_file"]), **given}
+    if given.get("dataset_config"):
+        from .config.dataset_config import say_dataset_config_notes
+
+        say_dataset_config_notes(given)
     config = TrainConfig(**given)
     if config.is_demo:
         from .demo import demo_defaults

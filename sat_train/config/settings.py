@@ -73,6 +73,12 @@ class TrainConfig:
         "an fp16-safe one such as madebyollin/sdxl-vae-fp16-fix; the stock SDXL VAE then encodes in float32).",
         aliases=("--pretrained_vae_model_name_or_path",))
     # --- data
+    dataset_config: str | None = _opt(
+        None, "kohya-ss/sd-scripts' dataset config (.toml or .json): [general], [[datasets]] (resolution, batch_size, "
+        "bucket keys) and [[datasets.subsets]] (image_dir, num_repeats, is_reg, class_tokens, caption_extension, "
+        "shuffle_caption, keep_tokens, caption_dropout_rate, caption_tag_dropout_rate, flip_aug, random_crop, "
+        "alpha_mask, conditioning_data_dir). Its values win over the flags and --train_data_dir/--reg_data_dir are "
+        "ignored, as in sd-scripts; keys sat does not support stop the run.")
     dataset_name: str | None = _opt(None, "Hugging Face dataset name or path (needs `pip install datasets`).")
     dataset_config_name: str | None = _opt(None, "Config of --dataset_name.")
     train_data_dir: str | None = _opt(
@@ -333,10 +339,27 @@ class TrainConfig:
         "the identity column, 1 - dlib's face-embedding distance to them (needs pip install 'sat[eval,identity]').")
     debug: bool = _opt(False, "Show full tracebacks instead of one-line errors.")
 
+    def __post_init__(self) -> None:
+        if self.dataset_config is not None:  # its values win over the flags, as in sd-scripts
+            from .dataset_config import dataset_config_settings
+
+            for name, value in dataset_config_settings(self.dataset_config).items():
+                setattr(self, name, value)
+
     @property
     def is_demo(self) -> bool:
         """No model and no data given: train the embedded tiny model on the bundled photos."""
-        return self.pretrained_model_name_or_path is None and self.train_data_dir is None and self.dataset_name is None
+        return (self.pretrained_model_name_or_path is None and self.train_data_dir is None and self.dataset_name is None
+                and self.dataset_config is None)
+
+    @property
+    def dataset_subsets(self) -> list | None:
+        """--dataset_config's subsets (data.subsets.Subset) in the file's order; None without the flag."""
+        if self.dataset_config is None:
+            return None
+        from .dataset_config import read_dataset_config
+
+        return [table.subset(self) for table in read_dataset_config(self.dataset_config).subsets]
 
     def validate(self) -> "TrainConfig":
         """Checks that need no model or data (config.checks, in order); raises UsageError naming the flag."""

@@ -185,6 +185,7 @@ class CaptionedImages(Dataset):
         self.buckets: list[tuple[int, int]] | None = None  # each sample's (W, H) bucket; set for --enable_bucket
         self.sizes: list[tuple[int, int]] | None = None  # each record's image (W, H), when the data check read it
         self.latent_cache = None  # set by latent_cache.cache_latents: items then carry latent_params, no pixels
+        self.record_augments: list[CaptionAugment] | None = None  # --dataset_config: each record's subset's flags
         self.loss_masks = None  # --masked_loss: masks.LossMasks; items then carry LOSS_MASK
         self.is_reg: list[bool] | None = None  # each record's regularization flag; set with regularization images
 
@@ -256,8 +257,9 @@ class CaptionedImages(Dataset):
         if not isinstance(caption, str):
             pick = derived_generator(self.seed, self.epoch, index, CAPTION_STREAM)
             caption = caption[int(torch.randint(0, len(caption), (), generator=pick).item())]
-        if self.augment.active:
-            caption = self.augment(caption, derived_generator(self.seed, self.epoch, index, CAPTION_AUGMENT_STREAM))
+        augment = self.augment if self.record_augments is None else self.record_augments[index]
+        if augment.active:
+            caption = augment(caption, derived_generator(self.seed, self.epoch, index, CAPTION_AUGMENT_STREAM))
         return caption
 
 
@@ -287,10 +289,11 @@ def open_image(source) -> Image.Image:
 
 
 def build_dataset(config: TrainConfig, records, names, tokenizers: list, family, seed: int = 0,
-                  sizes: list[tuple[int, int]] | None = None) -> CaptionedImages:
+                  sizes: list[tuple[int, int]] | None = None, subsets: list | None = None) -> CaptionedImages:
     """The run's dataset, for a model of ``family`` with ``tokenizers`` (Components.tokenizers). ``sizes``:
     each record's image (W, H) when known (records.Records.sizes, from the data check): the buckets and the
-    latent cache then use them instead of opening every image (``image_sizes``)."""
+    latent cache then use them instead of opening every image (``image_sizes``). ``subsets``: each record's
+    --dataset_config subset, whose caption flags replace the run's where it sets them."""
     # a latent cache holds each image's center crop (see --random_crop)
     transform = ImageTransform(config.resolution_wh, config.center_crop or config.caches_latents, config.random_flip,
                                config.image_interpolation_mode)
@@ -300,6 +303,8 @@ def build_dataset(config: TrainConfig, records, names, tokenizers: list, family,
     # Python 3.14) receive the dataset by pickle
     dataset = CaptionedImages(records, transform, tokenizers, family, describe=names.__getitem__, seed=seed,
                               augment=augment)
+    if subsets is not None:
+        dataset.record_augments = [subset_augment(subset, augment) for subset in subsets]
     if config.guide == "cac":
         dataset.cac_word_ids = word_token_ids(tokenizers[0], config.cac_word_list)
         family.check_caption_words(tokenizers, config.cac_word_list, records, names)
@@ -310,6 +315,16 @@ def build_dataset(config: TrainConfig, records, names, tokenizers: list, family,
     if config.enable_bucket:
         dataset.buckets = assign_buckets(config, dataset.record_sizes())
     return dataset
+
+
+def subset_augment(subset, run: CaptionAugment) -> CaptionAugment:
+    """The caption flags of a subset (subsets.Subset): its own values, the run's where it sets none."""
+    def pick(own, default):
+        return default if own is None else own
+
+    return CaptionAugment(shuffle=pick(subset.shuffle_caption, run.shuffle), keep_tokens=pick(subset.keep_tokens,
+                          run.keep_tokens), dropout_rate=pick(subset.caption_dropout_rate, run.dropout_rate),
+                          tag_dropout_rate=pick(subset.caption_tag_dropout_rate, run.tag_dropout_rate))
 
 
 def image_sizes(records, describe) -> list[tuple[int, int]]:

@@ -139,6 +139,28 @@ def read_mask_sources(config: TrainConfig, records: list, names: list[str], size
     return found
 
 
+def subset_mask_sources(config: TrainConfig, records, folder: Path | None) -> list:
+    """Each record's mask source under --dataset_config: its subset's (alpha_mask, or conditioning_data_dir
+    mirroring image_dir), else the run's (``folder``: --conditioning_data_dir; --alpha_mask), else None (a
+    full mask: kohya trains a subset without masks unmasked). Checked subset by subset."""
+    found, start = [], 0
+    while start < len(records.records):  # a subset's records are consecutive (records.record_subsets)
+        subset = records.subsets[start]
+        end = start
+        while end < len(records.records) and records.subsets[end] is subset:
+            end += 1
+        alpha = subset.alpha_mask or (config.alpha_mask and subset.conditioning_data_dir is None)
+        where = subset.conditioning_data_dir or folder
+        if alpha or where is not None:
+            sizes = None if records.sizes is None else records.sizes[start:end]
+            found += read_mask_sources(config, records.records[start:end], records.names[start:end], sizes,
+                                       subset.image_dir, None if alpha else where)
+        else:
+            found += [None] * (end - start)
+        start = end
+    return found
+
+
 def check_one(config, source, name: str, size, root: Path | None, folder: Path | None, problems: list):
     """The mask source of one image (see read_mask_sources); its problems appended to ``problems``."""
     def problem(where, kind, message):
@@ -207,9 +229,11 @@ def check_mask_flags(config) -> None:
         raise UsageError("--conditioning_data_dir holds the loss masks of --masked_loss: add --masked_loss")
     given = [flag for flag, on_ in (("--conditioning_data_dir", config.conditioning_data_dir is not None),
                                     ("--alpha_mask", config.alpha_mask), ("--face_masks", config.face_masks)) if on_]
+    in_file = config.dataset_config is not None and any(
+        s.alpha_mask or s.conditioning_data_dir is not None for s in config.dataset_subsets)
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)} are two mask sources: pick one")
-    if on and not given:
+    if on and not given and not in_file:
         raise UsageError("--masked_loss needs masks: give --conditioning_data_dir DIR (a mask per image, same stem), "
                          "--alpha_mask (the images' alpha channel) or --face_masks (masks from detected faces)")
     if config.conditioning_data_dir is not None and not Path(config.conditioning_data_dir).is_dir():

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import UsageError
-from .datacheck import SmallImageRule, scan_image_folder
+from .datacheck import SmallImageRule, scan_image_folder, scan_subsets
 from .dataset import DatasetRow
 from .main_process import from_main_process
 
@@ -109,6 +109,7 @@ class Records:
     records: list[tuple[object, str | tuple[str, ...]]]
     names: list[str]
     sizes: list[tuple[int, int]] | None = None
+    subsets: list | None = None  # --dataset_config: each record's subsets.Subset (its caption flags and mask)
 
 
 def read_records(config: TrainConfig, data_dir: Path | None = None, quiet: bool = False
@@ -132,27 +133,45 @@ def collect_records(config: TrainConfig, data_dir: Path | None = None, quiet: bo
     """The Records of --train_data_dir (through the data check) or --dataset_name; runs before any model
     loads, so data problems show in seconds. ``data_dir`` overrides --train_data_dir (the demo's photos).
     ``quiet``: the data check prints nothing; errors still raise."""
-    sizes = None
+    sizes, subsets = None, None
     if config.dataset_name is not None and data_dir is None:
         records, names = read_hf_dataset(config)
+    elif config.dataset_config is not None and data_dir is None:
+        report = scan_subsets(Path(config.dataset_config), [s for s in config.dataset_subsets if not s.is_reg],
+                              **data_check_rules(config), quiet=quiet)
+        records, names, sizes, subsets = report.records, report.names, report.sizes, record_subsets(report)
     else:
         # the data check (datacheck.py): every problem listed in one pass, fatal ones exit 2 here
-        (width, height), size_flag = config.small_image_size
-        no_upscale = config.enable_bucket and config.bucket_no_upscale
-        small = SmallImageRule(width, height, size_flag,
-                               "--bucket_no_upscale" if no_upscale else "--skip_small_images")
         report = scan_image_folder(Path(data_dir or config.train_data_dir), config.image_column,
-                                   config.caption_column, resolution=small,
-                                   skip_small_images=config.skip_small_images or no_upscale, strict=config.strict_data,
-                                   quiet=quiet, caption_suffix=config.caption_suffix)
+                                   config.caption_column, **data_check_rules(config), quiet=quiet,
+                                   caption_suffix=config.caption_suffix)
         records, names, sizes = report.records, report.names, report.sizes
     if config.max_train_samples is not None:
         records, names = records[: config.max_train_samples], names[: config.max_train_samples]
         sizes = sizes[: config.max_train_samples] if sizes is not None else None
-    return Records(records, names, sizes)
+        subsets = subsets[: config.max_train_samples] if subsets is not None else None
+    return Records(records, names, sizes, subsets)
+
+
+def data_check_rules(config: TrainConfig) -> dict:
+    """The data check's size rule and strictness from the flags (datacheck.scan_* keyword arguments)."""
+    (width, height), size_flag = config.small_image_size
+    no_upscale = config.enable_bucket and config.bucket_no_upscale
+    small = SmallImageRule(width, height, size_flag, "--bucket_no_upscale" if no_upscale else "--skip_small_images")
+    return dict(resolution=small, skip_small_images=config.skip_small_images or no_upscale, strict=config.strict_data)
+
+
+def record_subsets(report) -> list:
+    """Each record's subset, from a subsets' data check (``DataReport.usable``: each image's first record)."""
+    subsets = []
+    for first, subset in report.usable:
+        subsets += [subset] * subset.num_repeats
+    return subsets
 
 
 def check_dataset_flags(config) -> None:
+    if config.dataset_config is not None and config.dataset_name is not None:
+        raise UsageError("--dataset_config and --dataset_name both name the training images: keep one")
     if config.dataset_name is not None and (config.strict_data or config.skip_small_images):
         raise UsageError("--strict_data and --skip_small_images act on the image-folder data check, which "
                          "--dataset_name does not run (its images are decoded per sample); drop them, or "

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from .datacheck import IMAGE_SUFFIXES, DataReport, SmallImageRule, scan_kohya_folder, scan_subsets
+from .datacheck import IMAGE_SUFFIXES, DataReport, scan_kohya_folder, scan_subsets
 from .main_process import from_main_process
-from .records import Records
+from .records import Records, data_check_rules
 from .subsets import Subset, balanced_repeats
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ class RegImages:
 
 
 def uses_regularization(config: TrainConfig) -> bool:
-    return config.reg_data_dir is not None or config.with_prior_preservation
+    return (config.reg_data_dir is not None or config.with_prior_preservation
+            or any(subset.is_reg for subset in config.dataset_subsets or ()))
 
 
 def reg_subsets_root(config: TrainConfig) -> Path:
@@ -53,12 +54,12 @@ def reg_subsets_root(config: TrainConfig) -> Path:
 
 def read_reg_images(config: TrainConfig, quiet: bool = False) -> RegImages:
     """--reg_data_dir's ``N_class/`` folders (an image without its caption file takes its folder's class
-    tokens), or --class_data_dir as one subset of 1 repeat captioned by --class_prompt; through the data check."""
-    (width, height), size_flag = config.small_image_size
-    no_upscale = config.enable_bucket and config.bucket_no_upscale
-    small = SmallImageRule(width, height, size_flag, "--bucket_no_upscale" if no_upscale else "--skip_small_images")
-    common = dict(resolution=small, skip_small_images=config.skip_small_images or no_upscale,
-                  strict=config.strict_data, quiet=quiet)
+    tokens), --dataset_config's is_reg subsets, or --class_data_dir as one subset of 1 repeat captioned by
+    --class_prompt; through the data check."""
+    common = dict(**data_check_rules(config), quiet=quiet)
+    if config.dataset_config is not None:
+        reg = [subset for subset in config.dataset_subsets if subset.is_reg]
+        return reg_images_of(scan_subsets(Path(config.dataset_config), reg, **common))
     root = reg_subsets_root(config)
     if config.reg_data_dir is not None:
         report = scan_kohya_folder(root, config.caption_suffix, is_reg=True, **common)
@@ -96,13 +97,16 @@ def with_regularization(train: Records, reg: RegImages | None) -> tuple[Records,
     counts = balanced_repeats([subset.num_repeats for subset in reg.subsets], len(train.records))
     records, names, sizes = list(train.records), list(train.names), train.sizes
     sizes = None if sizes is None else list(sizes)
-    for record, name, size, count in zip(reg.records, reg.names, reg.sizes, counts):
+    subsets = None if train.subsets is None else list(train.subsets)
+    for record, name, size, subset, count in zip(reg.records, reg.names, reg.sizes, reg.subsets, counts):
         records += [record] * count
         names += [f"{name} (regularization, x{count} an epoch)"] * count
         if sizes is not None:
             sizes += [size] * count
+        if subsets is not None:
+            subsets += [subset] * count
     flags = [False] * len(train.records) + [True] * (len(records) - len(train.records))
-    return Records(records, names, sizes), flags
+    return Records(records, names, sizes, subsets), flags
 
 
 def reg_metadata(reg: RegImages | None, config: TrainConfig) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """Kohya's data model: a run's images come in subsets, each a folder of images with its repeat count,
 whether it holds regularization images, and its class tokens (kohya-ss/sd-scripts' ``DreamBoothSubset``:
 ``image_dir``, ``num_repeats``, ``is_reg``, ``class_tokens``, ``caption_extension``). A ``--train_data_dir``
-or ``--reg_data_dir`` of ``N_name/`` folders is one subset per folder (``folder_subsets``); a dataset config's
-``[[datasets.subsets]]`` table would be one subset each, and a diffusers ``--class_data_dir`` is one
-regularization subset captioned by ``--class_prompt``.
+or ``--reg_data_dir`` of ``N_name/`` folders is one subset per folder (``folder_subset``); a --dataset_config
+``[[datasets.subsets]]`` table is one subset each (config/dataset_config.py), with its own caption flags and
+mask source; a diffusers ``--class_data_dir`` is one regularization subset captioned by ``--class_prompt``.
 
 ``balanced_repeats`` is kohya's balancing of regularization images against the training images.
 """
@@ -29,6 +29,14 @@ class Subset:
     is_reg: bool = False
     class_tokens: str | None = None
     caption_extension: str = ".caption"
+    # a --dataset_config subset's own values (None: the run's flag): kohya's caption flags
+    # (dataset.CaptionAugment) and its loss-mask source (data/masks.py)
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = None
+    caption_dropout_rate: float | None = None
+    caption_tag_dropout_rate: float | None = None
+    alpha_mask: bool = False
+    conditioning_data_dir: Path | None = None
 
 
 def folder_subset(folder: Path, is_reg: bool, caption_extension: str) -> Subset | None:

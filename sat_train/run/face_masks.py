@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from PIL import Image
 from ..data.datacheck import SHOWN_PER_KIND
 from ..data.latent_cache import image_identity
 from ..data.main_process import from_main_process
-from ..data.masks import FACE_MASK_FOLDER, masks_on, read_mask_sources
+from ..data.masks import subset_mask_sources, FACE_MASK_FOLDER, masks_on, read_mask_sources
 from ..data.records import Records
 from ..errors import UsageError
 from ..faults import fsync_dir, write_atomically
@@ -120,6 +121,8 @@ def loss_mask_sources(config: TrainConfig, accelerator, records: Records, data_d
     if not masks_on(config):
         return None
     root = Path(data_dir or config.train_data_dir) if (data_dir or config.train_data_dir) else None
+    if records.subsets is not None:  # --dataset_config: the images' folders, wherever they are
+        root = Path(os.path.commonpath([subset.image_dir.resolve() for subset in records.subsets]))
 
     def work():
         folder = None
@@ -127,6 +130,8 @@ def loss_mask_sources(config: TrainConfig, accelerator, records: Records, data_d
             folder = make_face_masks(config, records, root)
         elif config.conditioning_data_dir is not None:
             folder = Path(config.conditioning_data_dir)
+        if records.subsets is not None and not config.face_masks:
+            return subset_mask_sources(config, records, folder)
         return read_mask_sources(config, records.records, records.names, records.sizes, root, folder)
 
     return from_main_process(accelerator, "checking the loss masks", work)

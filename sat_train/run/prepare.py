@@ -93,7 +93,8 @@ def prepare_run(config: TrainConfig) -> Run:
     records = read_run_records(config, accelerator, demo.DEMO_DATA_DIR if config.is_demo else None)
     # --masked_loss: the masks found and checked (the face masks made) before any model loads, main process
     mask_sources = loss_mask_sources(config, accelerator, records, demo.DEMO_DATA_DIR if config.is_demo else None)
-    reg = read_run_reg_images(config, accelerator) if config.reg_data_dir is not None else None
+    # regularization images (None without); --with_prior_preservation's once the base model made them
+    reg = None if config.with_prior_preservation else read_run_reg_images(config, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     sample_metrics = SampleMetrics.for_run(config, accelerator)  # reference photos without a face stop here
     components, backend = prepare_models(config, accelerator, weight_dtype)
@@ -143,7 +144,7 @@ def prepare_data(config: TrainConfig, accelerator, components, records: Records,
     ``mask_sources``: the training records' loss-mask sources (run/face_masks.py); the regularization records
     that follow them train unmasked."""
     dataset = build_dataset(config, records.records, records.names, components.tokenizers, components.family,
-                            seed=seed, sizes=records.sizes)
+                            seed=seed, sizes=records.sizes, subsets=records.subsets)
     dataset.is_reg = is_reg
     if mask_sources is not None:
         full = [None] * (len(dataset.records) - len(mask_sources))  # regularization records: a full mask
