@@ -18,13 +18,12 @@ sd-scripts knows but sat does not implement, and unknown keys, are one line each
 from __future__ import annotations
 
 import difflib
-import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.subsets import Subset
 from ..errors import UsageError
+from .file import read_settings_file
 
 # key -> (type check, what the message calls it); bool before int: True is an int in Python
 _BOOL, _INT, _FLOAT, _STR = ((bool,), "true or false"), ((int,), "an integer"), ((int, float), "a number"), \
@@ -120,7 +119,7 @@ def say_dataset_config_notes(given: dict) -> None:
 
 
 def read_dataset_config(path: str) -> DatasetFile:
-    data = read_table_file(path)
+    data = read_settings_file(path, "--dataset_config", "[general] and [[datasets]]")
     where = f"--dataset_config {path}"
     unknown = set(data) - {"general", "datasets"}
     if unknown:
@@ -187,24 +186,6 @@ def check_subset_values(subset: SubsetTable, where: str) -> None:
             raise UsageError(f"{at}: {key} is a probability: give a value in [0, 1], got {v[key]}")
     if v.get("alpha_mask") and "conditioning_data_dir" in v:
         raise UsageError(f"{at}: alpha_mask and conditioning_data_dir are two mask sources: keep one")
-
-
-def read_table_file(path: str) -> dict:
-    """The file's top-level table: JSON for .json, else TOML."""
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-        data = json.loads(text) if file.suffix.lower() == ".json" else tomllib.loads(text)
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) else err
-        raise UsageError(f"--dataset_config {path}: cannot read it ({reason}); give an existing .toml or .json "
-                         "file") from None
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        kind = "JSON" if file.suffix.lower() == ".json" else "TOML"
-        raise UsageError(f"--dataset_config {path}: not valid {kind} ({err}); fix the file") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--dataset_config {path}: holds a {type(data).__name__}, not [general] and [[datasets]]")
-    return data
 
 
 def check_table(table, table_where: str, where: str, allowed: set[str]) -> dict:
