@@ -161,26 +161,40 @@ def subset_mask_sources(config: TrainConfig, records, folder: Path | None) -> li
     return found
 
 
+NOTHING_TO_LEARN = "is all zero: nothing of the image would be learned; fix the mask, or give --unmasked_weight > 0"
+
+
 def check_one(config, source, name: str, size, root: Path | None, folder: Path | None, problems: list):
-    """The mask source of one image (see read_mask_sources); its problems appended to ``problems``."""
+    """The mask source of one image (see read_mask_sources): ALPHA (``folder`` None: --alpha_mask), its mask
+    file, or None when it has a problem, which is appended to ``problems``."""
     def problem(where, kind, message):
         problems.append(Problem(str(where), kind, message, fatal=True))
 
-    nothing_to_learn = "is all zero: nothing of the image would be learned; fix the mask, or give --unmasked_weight > 0"
-    if folder is None:  # --alpha_mask
-        try:
-            image = open_image(source)
-            alpha = alpha_values(image)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            problem(name, "unreadable", f"cannot read image {name} ({err}); fix or remove it")
-            return None
-        if alpha is None:
-            problem(name, "no-alpha", f"--alpha_mask: image {name} has no alpha channel ({image.mode}); save it as "
-                                      "RGBA PNG with the mask in its alpha, or give masks with --conditioning_data_dir")
-            return None
-        if not config.unmasked_weight and not alpha.any():
-            problem(name, "all-zero", f"--alpha_mask: the alpha of image {name} {nothing_to_learn}")
-        return ALPHA
+    if folder is None:
+        return check_alpha_mask(config, source, name, problem)
+    return check_mask_file(config, source, name, size, root, folder, problem)
+
+
+def check_alpha_mask(config, source, name: str, problem):
+    """ALPHA when the image has an alpha channel that is not all zero; else None, its problem reported."""
+    try:
+        image = open_image(source)
+        alpha = alpha_values(image)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        problem(name, "unreadable", f"cannot read image {name} ({err}); fix or remove it")
+        return None
+    if alpha is None:
+        problem(name, "no-alpha", f"--alpha_mask: image {name} has no alpha channel ({image.mode}); save it as "
+                                  "RGBA PNG with the mask in its alpha, or give masks with --conditioning_data_dir")
+        return None
+    if not config.unmasked_weight and not alpha.any():
+        problem(name, "all-zero", f"--alpha_mask: the alpha of image {name} {NOTHING_TO_LEARN}")
+    return ALPHA
+
+
+def check_mask_file(config, source, name: str, size, root: Path | None, folder: Path, problem):
+    """The image's mask file in ``folder`` when it is found, readable, 8-bit grayscale/RGB, the image's size
+    and not all zero; else None, its problem reported."""
     path = find_mask_file(Path(source), root, folder)
     if path is None:
         problem(name, "no-mask", f"image {name} has no mask in {folder} (expected e.g. "
@@ -205,7 +219,7 @@ def check_one(config, source, name: str, size, root: Path | None, folder: Path |
                                   f"{size[0]}x{size[1]}; save the mask at the image's size")
         return None
     if not config.unmasked_weight and not values.any():
-        problem(path, "all-zero", f"mask {path} {nothing_to_learn}")
+        problem(path, "all-zero", f"mask {path} {NOTHING_TO_LEARN}")
     return path
 
 
