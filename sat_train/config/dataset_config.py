@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..data.subsets import Subset
 from ..errors import UsageError
-from .file import read_settings_file
+from .table_file import read_settings_file
 
 # key -> (type check, what the message calls it); bool before int: True is an int in Python
 _BOOL, _INT, _FLOAT, _STR = ((bool,), "true or false"), ((int,), "an integer"), ((int, float), "a number"), \

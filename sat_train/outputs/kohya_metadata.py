@@ -158,21 +158,27 @@ def _package_version() -> str:
 
 
 def sat_metadata(config) -> dict[str, str]:
-    """SAT's own settings, so a file says how it was guided."""
-    from ..data.masks import masks_on
-
+    """SAT's own settings, so a file says how it was guided (also what the kohya launcher adds to their file)."""
     settings = config.guide_settings
     values = {"sat_guide": config.guide, "sat_guide_ratio": settings.ratio, "sat_guide_threshold": settings.threshold,
               "sat_guide_kernel_size": settings.kernel_size, "sat_guide_sigma": settings.sigma,
               "sat_guide_capture": settings.capture, "sat_guide_detach_degraded": settings.detach_degraded}
     if config.guide == "cac":
         values["sat_cac_words"] = config.cac_words
-    if masks_on(config):  # the loss masks (data/masks.py)
-        values.update(sat_unmasked_weight=config.unmasked_weight,
-                      sat_normalize_masked_area_loss=config.normalize_masked_area_loss,
-                      sat_face_masks=config.face_masks, sat_guide_within_mask=config.guide_within_mask)
-        if config.face_masks:
-            values["sat_face_mask_margin"] = config.face_mask_margin
+    return {k: str(v) for k, v in values.items()}
+
+
+def mask_metadata(config) -> dict[str, str]:
+    """sat's loss-mask settings (data/masks.py), when the run masks its loss."""
+    from ..data.masks import masks_on
+
+    if not masks_on(config):
+        return {}
+    values = dict(sat_unmasked_weight=config.unmasked_weight,
+                  sat_normalize_masked_area_loss=config.normalize_masked_area_loss,
+                  sat_face_masks=config.face_masks, sat_guide_within_mask=config.guide_within_mask)
+    if config.face_masks:
+        values["sat_face_mask_margin"] = config.face_mask_margin
     return {k: str(v) for k, v in values.items()}
 
 
@@ -184,6 +190,6 @@ def kohya_file_metadata(state: dict, config, steps: int, epoch: int, max_train_s
     only the data knows (regularization images: data/regularization.reg_metadata)."""
     metadata = {"format": "pt", **kohya_training_metadata(config, steps, epoch, max_train_steps, family),
                 **(data_keys or {}), **modelspec_metadata(config, prediction_type, time.time(), family),
-                **sat_metadata(config)}
+                **sat_metadata(config), **mask_metadata(config)}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
     return metadata
