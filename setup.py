@@ -39,7 +39,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sat_kernels", "sat_kernels.*", "sat_train", "sat_train.*"]),
-    package_data={"sat_train": ["assets/demo_data/*", "assets/sd15/*/*"]},
+    package_data={"sat_train": ["assets/demo_data/*", "assets/demo_model/*", "assets/demo_model/*/*",
+                              "assets/sd15/*/*"]},
     # torch: install the build for your machine first (CPU: pip install torch==2.13.0);
     # a bare requirement would pull a multi-GB CUDA build on CPU-only machines. 2.4 is the first
     # with torch.is_autocast_enabled(device_type), which the torch path uses to ignore autocast.

@@ -1,14 +1,22 @@
 """The embedded default: a tiny SD-v1.5-shaped model and bundled photos, so that
-``python -m sat_train`` trains offline on a CPU in well under two minutes.
+``python -m sat_train`` trains offline on a CPU in about two minutes.
 
-The model has SD v1.5's block types (CrossAttnDownBlock2D ... UNetMidBlock2DCrossAttn ...
-CrossAttnUpBlock2D), cross-attention on CLIP text embeddings, an AutoencoderKL with SD's 8x
-downsampling and a CLIP tokenizer, all at toy widths with seeded random weights. It learns
-nothing useful; it exercises exactly the code path an SD v1.5 run takes.
+The SD v1.5 demo (``--demo_model sd15``) fine-tunes a LoRA on a tiny pretrained base shipped in
+assets/demo_model/ (made by assets/make_demo_model.py: a VAE that reconstructs photos, a UNet and text
+encoder that draw the six bundled photos from their captions), loaded as any model folder is
+(models.load.load_folder, its checksums checked). It has SD v1.5's block types (CrossAttnDownBlock2D ...
+UNetMidBlock2DCrossAttn ... CrossAttnUpBlock2D), cross-attention on CLIP text embeddings, an
+AutoencoderKL with SD's 8x downsampling and a CLIP tokenizer, at toy widths.
+
+``build_components`` / ``build_sdxl_components`` are the tests' tiny models: the same structure at
+smaller widths with seeded random weights (they learn nothing; they exercise exactly the code path a
+real run takes). The SDXL demo trains the random one; so does the SD v1.5 demo when the environment
+sets DEMO_MODEL_ENV to "random" (the tests do: their runs need only the shapes, and stay fast).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -19,6 +27,8 @@ from .models.components import Components
 from .models.words import clip_tokenizer
 
 DEMO_DATA_DIR = Path(__file__).with_name("assets") / "demo_data"
+DEMO_MODEL_DIR = Path(__file__).with_name("assets") / "demo_model"
+DEMO_MODEL_ENV = "SAT_DEMO_MODEL"  # "random": the SD v1.5 demo trains build_components' random model
 DEMO_SEED = 0
 MODEL_MAX_LENGTH = 77
 # Caption words that become single tokens (whole-word BPE merges), e.g. for picking "face" later.
@@ -26,9 +36,9 @@ WORDS = ("a photo portrait of woman man face eyes hair smiling brown short dark 
          "astronaut camera close-up black white with in the").split()
 
 BANNER = """\
-=== sat_train DEMO: a tiny random SD-v1.5-shaped model on {n} bundled photos (offline, CPU) ===
-It shows the training loop and the SAT guidance working; its images are noise.
-To train Stable Diffusion v1.5 instead:
+=== sat_train DEMO: a LoRA on a tiny pretrained SD-v1.5-shaped model, {n} bundled photos (offline, CPU) ===
+The base (a few MB) draws the bundled photos from their captions, at 128 px: see masks/ (photo | where SAT
+blurs | the blurred copy) and validation/. To train Stable Diffusion v1.5 instead:
   python -m sat_train --guide sac \\
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --train_data_dir YOUR_IMAGES --resolution 512 --train_batch_size 4 --mixed_precision fp16
@@ -37,7 +47,7 @@ To train Stable Diffusion v1.5 instead:
 SDXL_BANNER = """\
 === sat_train DEMO: a tiny random SDXL-shaped model on {n} bundled photos (offline, CPU) ===
 It shows the SDXL training path (two text encoders, text_time conditioning) and the SAT guidance working;
-its images are noise. To train Stable Diffusion XL instead:
+its weights are random, so its images are noise. To train Stable Diffusion XL instead:
   python -m sat_train --guide sac \\
       --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
       --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \\
@@ -49,8 +59,30 @@ def banner(demo_model: str, num_samples: int) -> str:
 
 
 def build_demo_components(demo_model: str = "sd15") -> Components:
-    """The tiny model --demo_model names."""
-    return build_sdxl_components() if demo_model == "sdxl" else build_components()
+    """The tiny model --demo_model names: SD v1.5's pretrained one (load_demo_model; build_components'
+    random one when the environment's DEMO_MODEL_ENV says "random"), SDXL's random one."""
+    if demo_model == "sdxl":
+        return build_sdxl_components()
+    if os.environ.get(DEMO_MODEL_ENV) == "random":
+        return build_components()
+    return load_demo_model()
+
+
+def load_demo_model(folder: str | Path | None = None) -> Components:
+    """The shipped pretrained demo model (``folder``: DEMO_MODEL_DIR), through the loader of a user's model
+    folder (which checks the folder's recorded checksums first)."""
+    from transformers.utils import logging as transformers_logging
+
+    from .models.load import load_folder
+
+    # transformers' "Loading weights" bar for a 80 kB text encoder is chatter in the demo's first lines
+    bar_was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        return load_folder(str(folder or DEMO_MODEL_DIR))
+    finally:
+        if bar_was_on:
+            transformers_logging.enable_progress_bar()
 
 
 # The demo's mask pictures (output_dir/masks/): every 10 steps, so steps 10, 20 and 30 (the last) of its 30.
@@ -87,7 +119,9 @@ def demo_defaults() -> dict:
         "checkpointing_steps": 15,
         "checkpoints_total_limit": 2,
         "rank": 4,
-        "validation_prompt": "a portrait photo of a woman astronaut, face, eyes, short brown hair",
+        # a training caption (person_01.jpg's): the base draws its six photos, not new prompts
+        "validation_prompt": ("a head and shoulders portrait of a woman astronaut, detailed face, brown eyes, "
+                              "short hair"),
         "num_validation_images": 2,
         "validation_epochs": 10,  # 3 steps per epoch: once, at the end
         "output_dir": "sat-demo-output",

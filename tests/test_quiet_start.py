@@ -19,9 +19,9 @@ SCRIPT = textwrap.dedent(f"""
 
     main(["--output_dir", sys.argv[1], "--max_train_steps", "2"])  # the demo: trains, then exports the LoRA
 
-    from sat_train.demo import build_components
+    from sat_train.demo import build_demo_components
 
-    build_components().pipeline()  # the pipeline validation and sampling build
+    build_demo_components().pipeline()  # the pipeline validation and sampling build
 
     from transformers.utils import logging as transformers_logging
 
@@ -36,7 +36,9 @@ CHATTER = ("torchvision", "falling back to", "ImageProcessor")
 def test_demo_and_pipeline_print_no_library_chatter_but_real_warnings(tmp_path):
     # a user's environment: conftest's TRANSFORMERS_VERBOSITY=error (inherited by subprocesses) would hide
     # the chatter and the real warnings alike
-    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")}
+    # the same for conftest's SAT_DEMO_MODEL: the README's demo loads the shipped model
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "SAT_DEMO_MODEL")}
     env.update(HF_HUB_OFFLINE="1", TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out")], capture_output=True, text=True,

@@ -149,7 +149,7 @@ def test_resolution_too_small_for_the_blur_fails_before_any_model_loads(tmp_path
     """--resolution 32 gives 4x4 latents; the 9-tap blur reflect-pads by 4, which needs more than 4."""
     import sat_train.demo
 
-    monkeypatch.setattr(sat_train.demo, "build_components", lambda: pytest.fail("a model was built"))
+    monkeypatch.setattr(sat_train.demo, "build_demo_components", lambda *a: pytest.fail("a model was built"))
     for flags, fragment in [(["--resolution", "32"], "--resolution 32 gives 4x4 latents"),
                             (["--resolution", "64", "--guide_kernel_size", "17"], "--guide_kernel_size 17")]:
         with pytest.raises(SystemExit) as exit_info:
