@@ -32,7 +32,7 @@ from sat_train.data.datacheck import scan_image_folder
 from sat_train.demo import build_components, build_tokenizer, save_components
 from sat_train import train
 from sat_train.models.family import SD15
-from train_helpers import LORA_FILE, REPO, tiny_config
+from train_helpers import LORA_FILE, REPO, assert_same_tensors, tiny_config
 
 # ----------------------------------------------------------------------------- the bucket table
 
@@ -393,9 +393,7 @@ def test_killed_bucketed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resuming from {out / 'checkpoint-3'}" in proc.stdout
     got = load_file(out / LORA_FILE)
-    assert got.keys() == expected.keys() and len(got) > 0
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert_same_tensors(got, expected)
 
 
 # ----------------------------------------------------------------------------- flags

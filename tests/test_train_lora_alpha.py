@@ -21,7 +21,7 @@ from sat_train.demo import build_components
 from sat_train.outputs.lora_files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from sat_train.models.lora import LORA_TARGET_MODULES, add_lora
 from sat_train import train
-from train_helpers import step_inputs, tiny_config
+from train_helpers import assert_same_tensors, step_inputs, tiny_config
 
 RANK, ALPHA, DROPOUT = 4, 8.0, 0.25
 
@@ -133,8 +133,6 @@ def test_resume_with_alpha_and_dropout_is_exact_and_a_changed_alpha_is_refused(t
     shutil.rmtree(tmp_path / "checkpoint-4")
     (tmp_path / LORA_WEIGHTS_NAME).unlink()
     got = load_file(train(tiny_config(tmp_path, resume_from_checkpoint="latest", **settings)))
-    assert expected.keys() == got.keys() and len(expected) > 0
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert_same_tensors(got, expected)
     with pytest.raises(UsageError, match="trained with --lora_alpha 8, this run has 2"):
         train(tiny_config(tmp_path, resume_from_checkpoint="checkpoint-2", **{**settings, "lora_alpha": 2.0}))

@@ -5,9 +5,7 @@ buckets, flips and the latent cache, face masks on real photos, SAT's blur insid
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +28,7 @@ from sat_train.errors import UsageError
 from sat_train.guide.capture import MidBlockCapture
 from sat_train.guide.guidance import MidBlockSaliency, SATGuide
 from sat_train.guide.loss import StepLoss
-from sat_train.guide.masks import LossMask, latent_loss_mask
+from sat_train.guide.masks import latent_loss_mask
 from sat_train.guide.settings import GuideSettings
 from sat_train.models.family import SD15
 from sat_train.outputs.kohya_metadata import kohya_training_metadata, mask_metadata

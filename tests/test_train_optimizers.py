@@ -14,7 +14,7 @@ from sat_train.errors import UsageError
 from sat_train.run.optimizers import parse_optimizer_args
 from sat_train import train
 from sat_train.run.optimizers import make_lr_scheduler, make_optimizer, make_scaled_optimizer
-from train_helpers import tiny_config
+from train_helpers import assert_same_tensors, tiny_config
 
 import sat_train.demo
 import sat_train.run.prepare as prepare_module
@@ -220,9 +220,7 @@ def test_resume_with_adafactor_matches_uninterrupted_run(tmp_path):
     resumed = train(tiny_config(interrupted, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest",
                                 **settings))
     expected, got = load_file(straight), load_file(resumed)
-    assert expected.keys() == got.keys() and len(expected) > 0
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert_same_tensors(got, expected)
 
 
 @pytest.mark.parametrize("first, then", [("adafactor", "adamw"), ("adamw", "lion")])

@@ -30,7 +30,7 @@ from sat_train.errors import UsageError
 from sat_train.outputs.sample_prompts import SamplePrompt, parse_prompt_file, parse_prompt_line
 from sat_train import train
 from sat_train.outputs.samples import generate_images
-from train_helpers import lora_unet, run_cli, tiny_config
+from train_helpers import assert_same_tensors, lora_unet, run_cli, tiny_config
 
 PROMPT_FILE = """\
 # comment line, then a blank line
@@ -235,9 +235,7 @@ def unsampled_lora(tmp_path_factory):
 
 
 def assert_same_lora(got, expected):
-    assert expected.keys() == got.keys() and len(expected) > 0
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert_same_tensors(got, expected)
 
 
 def tensorboard_images(logs) -> dict:

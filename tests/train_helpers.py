@@ -12,7 +12,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from sat_train.config.settings import TrainConfig
-from sat_train.demo import DEMO_DATA_DIR, build_components, build_sdxl_components
+from sat_train.demo import DEMO_DATA_DIR, build_components
 from sat_train.guide.guidance import StepInputs
 from sat_train.models.lora import add_lora
 
@@ -142,3 +142,10 @@ def padded_square(image, size: int):
     out = Image.new("RGB", (size, size), (127, 127, 127))
     out.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     return out
+
+
+def assert_same_tensors(got: dict, expected: dict) -> None:
+    """Two state dicts (e.g. LoRA files) hold the same non-empty set of tensors, bit for bit."""
+    assert got.keys() == expected.keys() and len(expected) > 0, sorted(set(got) ^ set(expected))[:5]
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)

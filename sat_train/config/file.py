@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import difflib
 import typing
-from pathlib import Path
 
 from ..errors import UsageError
 from .flags import build_parser
