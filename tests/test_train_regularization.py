@@ -24,7 +24,7 @@ from sat_train.guide.prior import with_base_targets, with_prior_loss_weights
 from sat_train.guide.settings import GuideSettings
 from sat_train.outputs.lora_files import KOHYA_WEIGHTS_NAME
 from sat_train.run.class_images import class_images, generate_class_images
-from train_helpers import lora_unet, step_inputs, tiny_config
+from train_helpers import assert_same_tensors, lora_unet, step_inputs, tiny_config
 
 
 def photo(seed: int, size=(64, 64)) -> Image.Image:
@@ -117,6 +117,13 @@ def test_a_run_holds_the_balanced_share_of_regularization_samples(tmp_path, monk
     with safe_open(str(out.parent / KOHYA_WEIGHTS_NAME), "pt") as f:
         meta = f.metadata()
     assert meta["ss_num_reg_images"] == "7"  # 3 x 1 + 2 x 2, before balancing, as kohya counts
+    # the training folder's keys as kohya's train_network.py writes them; tags counted once per image (kohya's
+    # set_tag_frequency), the regularization folders' too
+    assert json.loads(meta["ss_dataset_dirs"]) == {"3_sks woman": {"n_repeats": 3, "img_count": 2}}
+    assert meta["ss_num_train_images"] == "6"
+    assert json.loads(meta["ss_tag_frequency"]) == {"3_sks woman": {"sks woman": 2},
+                                                    "2_woman": {"a woman": 1, "smiling": 1, "woman": 1},
+                                                    "1_person": {"a person": 3}}
     assert meta["ss_prior_loss_weight"] == "0.5"
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_person": {"n_repeats": 1, "img_count": 3},
                                                       "2_woman": {"n_repeats": 2, "img_count": 2}}
@@ -271,9 +278,7 @@ def test_resume_with_regularization_matches_the_uninterrupted_run(tmp_path, tiny
     resumed = train(reg_config(resumed_dir, tiny_sd, max_train_steps=5, resume_from_checkpoint="latest",
                                train_data_dir=str(tmp_path / "train"), reg_data_dir=str(tmp_path / "reg"), **common))
     expected, got = load_file(straight), load_file(resumed)
-    assert expected.keys() == got.keys() and len(expected) > 0
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert_same_tensors(got, expected)
 
 
 def test_a_killed_run_with_regularization_resumes_bit_exact(tmp_path):
@@ -300,6 +305,4 @@ def test_a_killed_run_with_regularization_resumes_bit_exact(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resuming from {out / 'checkpoint-2'}" in proc.stdout
     got = load_file(out / LORA_FILE)
-    assert expected.keys() == got.keys() and len(expected) > 0
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert_same_tensors(got, expected)

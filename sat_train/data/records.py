@@ -16,6 +16,7 @@ broadcast (``read_run_records``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -167,6 +168,49 @@ def record_subsets(report) -> list:
     for first, subset in report.usable:
         subsets += [subset] * subset.num_repeats
     return subsets
+
+
+def kohya_dataset_metadata(train: Records, reg_records: list = ()) -> dict[str, str]:
+    """Kohya's ss_* keys of the images, as train_network.py writes them: ``ss_num_train_images`` (the training
+    samples with repeats), ``ss_dataset_dirs`` ({folder name: {"n_repeats", "img_count"}}) and
+    ``ss_tag_frequency`` ({folder name: {tag: images whose caption holds it}}, lower-cased comma-separated tags,
+    the regularization images' folders too), which A1111's metadata viewer shows. --dataset_name rows have
+    no folder: only the count."""
+    values = {"ss_num_train_images": str(len(train.records))}
+    folders = image_folders(train.records)
+    if folders is not None:
+        values["ss_dataset_dirs"] = json.dumps({name: {"n_repeats": info["n_repeats"], "img_count": len(info["images"])}
+                                               for name, info in folders.items()})
+        tags = image_folders([*train.records, *reg_records])
+        values["ss_tag_frequency"] = json.dumps({name: tag_frequency(info["images"].values())
+                                                 for name, info in tags.items()})
+    return values
+
+
+def image_folders(records: list) -> dict | None:
+    """{folder name: {"n_repeats": the records of its first image, "images": {image: caption}}} of file
+    records, each image once; None when a record is no file (a --dataset_name row)."""
+    folders: dict[str, dict] = {}
+    counts: dict[Path, int] = {}
+    for source, caption in records:
+        if not isinstance(source, (str, Path)):
+            return None
+        counts[Path(source)] = counts.get(Path(source), 0) + 1
+        folders.setdefault(Path(source).parent.name, {"images": {}})["images"][Path(source)] = caption
+    for info in folders.values():
+        info["n_repeats"] = counts[next(iter(info["images"]))]
+    return folders
+
+
+def tag_frequency(captions) -> dict[str, int]:
+    """Kohya's set_tag_frequency: each caption's comma-separated tags, stripped and lower-cased, counted."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in (caption if isinstance(caption, str) else ", ".join(caption)).split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
 
 
 def check_dataset_flags(config) -> None:

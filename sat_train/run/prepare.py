@@ -23,7 +23,7 @@ from ..data.buckets import BucketBatchSampler, bucket_table_text
 from ..data.dataset import build_dataset, collate
 from ..data.latent_cache import cache_latents
 from ..data.masks import LossMasks
-from ..data.records import Records, read_run_records
+from ..data.records import Records, kohya_dataset_metadata, read_run_records
 from ..data.regularization import read_run_reg_images, reg_metadata, with_regularization
 from ..errors import UsageError
 from ..evaluate.training_metrics import SampleMetrics
@@ -78,7 +78,7 @@ class Run:
     micro_batch: int = 0  # micro-batches since the last optimizer step
     running: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRICS, 0.0))
     progress: Any = None  # the tqdm bar of optimizer steps
-    data_metadata: dict[str, str] = field(default_factory=dict)  # the data's kohya keys (regularization images)
+    data_metadata: dict[str, str] = field(default_factory=dict)  # the data's kohya keys (folders, tags, regularization)
 
 
 def prepare_run(config: TrainConfig) -> Run:
@@ -110,12 +110,13 @@ def prepare_run(config: TrainConfig) -> Run:
     text_encoder_params = [lora_parameters(m) for m in trained_text_encoders]
     optimizer, learning_rate = make_scaled_optimizer(config, params, accelerator.num_processes, text_encoder_params)
     seed = config.seed if config.seed is not None else int(torch.initial_seed() % 2**31)
-    records, is_reg = with_regularization(records, reg)
-    dataset, dataloader = prepare_data(config, accelerator, components, records, seed, is_reg, mask_sources)
+    trained, is_reg = with_regularization(records, reg)  # the training records, then the regularization ones
+    dataset, dataloader = prepare_data(config, accelerator, components, trained, seed, is_reg, mask_sources)
     lr_scheduler, max_train_steps = make_lr_scheduler(config, optimizer, len(dataloader), accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
                                                                     lr_scheduler)
     steps_per_epoch = math.ceil(len(dataloader) / config.gradient_accumulation_steps)  # per process, prepared
+    data_metadata = {**kohya_dataset_metadata(records, reg.records if reg else []), **reg_metadata(reg, config)}
     run = Run(config=config, accelerator=accelerator, components=components, unet=unet,
               params=params + [p for group in text_encoder_params for p in group],
               text_encoders=[accelerator.prepare(m) for m in trained_text_encoders],
@@ -123,7 +124,7 @@ def prepare_run(config: TrainConfig) -> Run:
               weight_dtype=weight_dtype, seed=seed, output_dir=Path(config.output_dir),
               max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch,
               num_epochs=math.ceil(max_train_steps / steps_per_epoch), checkpoint_tag=main_process_pid(accelerator),
-              sample_metrics=sample_metrics, data_metadata=reg_metadata(reg, config))
+              sample_metrics=sample_metrics, data_metadata=data_metadata)
     # validate(step, epoch=None): every --validation_steps (RunPictures) and at the --validation_epochs (the loop)
     validate = functools.partial(write_validation_images, accelerator, components, unet, config, weight_dtype,
                                  score=sample_metrics)
