@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 import sat_train.evaluate.stats as stats
+from sat_train.outputs.pictures import save_png
 from sat_train.evaluate.report import (BOX_COLOR, MISSING_COLOR, NO_FACE_NOTE, PAD, image_grid, write_metrics_csv,
-                                       write_png, write_report_html, write_summary_csv)
+                                       write_report_html, write_summary_csv)
 from sat_train.evaluate.stats import (METRIC_COLUMNS, bootstrap_interval, format_interval, format_number,
                                       paired_difference, summarize, summary_columns, underpowered, verdict)
 
@@ -347,7 +348,7 @@ def step_rows(faces=1):
 
 def test_report_html_is_one_self_contained_page(tmp_path):
     grid = image_grid({"none": [solid((200, 30, 30))], "sat-sac": [solid((30, 30, 200))]}, labels=["seed 0"])
-    grid_file = write_png(tmp_path / "grid_p00.png", grid)
+    grid_file = save_png(grid, tmp_path / "grid_p00.png")
     path = write_report_html(tmp_path / "report.html", hand_summary(), "sat-sac vs none: face_sharpness +2.00 <b>",
                              [grid_file], step_rows(), metrics=["face_sharpness"], warning="warning: underpowered")
     text = path.read_text(encoding="utf-8")
@@ -383,7 +384,7 @@ def test_report_without_steps_has_no_plot_and_notes_when_no_face_was_found(tmp_p
 
 
 def test_report_scales_wide_grids_down_for_the_page_only(tmp_path):
-    grid_file = write_png(tmp_path / "grid_p00.png", solid((10, 200, 10), (900, 300)))
+    grid_file = save_png(solid((10, 200, 10), (900, 300)), tmp_path / "grid_p00.png")
     page = Page(write_report_html(tmp_path / "report.html", hand_summary(), "v", [grid_file], [], max_grid_width=300).read_text())
     assert Image.open(io.BytesIO(base64.b64decode(page.images[0].split(",", 1)[1]))).size == (300, 100)
     assert Image.open(grid_file).size == (900, 300)

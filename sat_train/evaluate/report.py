@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..faults import write_atomically
+from ..outputs.pictures import png_bytes
 from .stats import METRIC_COLUMNS, bootstrap_interval, format_interval, format_number, has_face, present, summary_columns
 
 ROW_COLUMNS = ("source", "file", "prompt_index", "seed", "step")
@@ -51,18 +52,6 @@ def write_metrics_csv(path: str | os.PathLike, rows: Iterable[Mapping], metrics:
 def write_summary_csv(path: str | os.PathLike, summary: Iterable[Mapping], metrics: Sequence[str] = METRIC_COLUMNS) -> Path:
     """summary.csv: one row per source in ``stats.summary_columns`` order."""
     return write_csv(path, summary_columns(metrics), summary)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_png(path: str | os.PathLike, image: Image.Image) -> Path:
-    """A grid (or any picture) as PNG, atomically."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return write_atomically(path, png_bytes(image))
 
 
 # ---- grids --------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .report import image_grid, write_metrics_csv, write_png, write_report_html, write_summary_csv
+from ..outputs.pictures import save_png
+from .report import image_grid, write_metrics_csv, write_report_html, write_summary_csv
 from .sources import read_image
 from .stats import METRIC_COLUMNS, has_face, summarize, underpowered, verdict
 
@@ -92,7 +93,7 @@ def write_results(output_dir: Path, rows: Sequence[Mapping], pages: Sequence[Gri
     warning = underpowered(summary)
     files = [write_metrics_csv(output_dir / "metrics.csv", rows, METRIC_COLUMNS),
              write_summary_csv(output_dir / "summary.csv", summary, METRIC_COLUMNS)]
-    grids = [write_png(output_dir / page.name, grid_picture(page, rows)) for page in pages
+    grids = [save_png(grid_picture(page, rows), output_dir / page.name) for page in pages
              if any(row["file"] in page.files for row in rows)]
     files += grids
     files.append(write_report_html(output_dir / "report.html", summary, line, grids, report_rows(rows, runs),

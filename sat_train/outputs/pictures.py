@@ -7,6 +7,7 @@ to ``loss.png`` and into every checkpoint, so a resumed run's curve starts at st
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -26,13 +27,16 @@ MAX_PREVIEW_ROWS = 4
 LOSS_HISTORY_NAME = "loss_history.json"
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    """``image`` as a PNG at ``path`` (its folder made), written atomically: never half a picture."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(path, png_bytes(image))
 
 
 def write_loss_history(path: str | os.PathLike, steps: list[int], losses: list[float]) -> Path:

@@ -13,7 +13,6 @@ the same folder comes out however often generation is interrupted; the global ge
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ from ..data.datacheck import IMAGE_SUFFIXES
 from ..data.main_process import from_main_process
 from ..faults import write_atomically
 from ..guide.capture import lora_disabled
+from ..outputs.pictures import png_bytes
 from ..outputs.samples import make_pipeline
 from ..seeding import derived_generator
 
@@ -58,9 +58,7 @@ def generate_class_images(folder: Path, prompt: str, wanted: int, components, si
             images = pipeline([prompt] * len(chunk), num_inference_steps=steps, guidance_scale=CLASS_IMAGE_CFG,
                               width=size[0], height=size[1], generator=generators).images
             for index, image in zip(chunk, images):
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                data = buffer.getvalue()
+                data = png_bytes(image)
                 write_atomically(folder / f"{index}-{hashlib.sha1(data).hexdigest()}.png", data)
                 bar.update(1)
     return missing

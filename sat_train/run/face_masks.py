@@ -12,7 +12,6 @@ and a warning line; with --strict_data it stops the run, as the data check does 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -25,10 +24,11 @@ from PIL import Image
 from ..data.datacheck import SHOWN_PER_KIND
 from ..data.latent_cache import image_identity
 from ..data.main_process import from_main_process
-from ..data.masks import subset_mask_sources, FACE_MASK_FOLDER, masks_on, read_mask_sources
+from ..data.masks import FACE_MASK_FOLDER, masks_on, read_mask_sources, subset_mask_sources
 from ..data.records import Records
 from ..errors import UsageError
 from ..faults import fsync_dir, write_atomically
+from ..outputs.pictures import save_png
 
 if TYPE_CHECKING:
     from ..config.settings import TrainConfig
@@ -90,10 +90,7 @@ def make_face_masks(config: TrainConfig, records: Records, root: Path, stream=No
                 size = opened.size
             pixels = face_mask(size, [f.box for f in faces], config.face_mask_margin) if faces else \
                 np.full((size[1], size[0]), 255, dtype=np.uint8)  # no face: a full mask, trained unmasked
-            path.parent.mkdir(parents=True, exist_ok=True)
-            buffer = io.BytesIO()
-            Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
-            write_atomically(path, buffer.getvalue())
+            save_png(Image.fromarray(pixels, mode="L"), path)
             entry = manifest[key] = {**wanted, "faces": len(faces)}
             made += 1
         if entry["faces"] == 0:
