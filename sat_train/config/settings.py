@@ -12,6 +12,7 @@ take whole. Imports no torch: ``--help`` stays light.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -352,9 +353,10 @@ class TrainConfig:
         return (self.pretrained_model_name_or_path is None and self.train_data_dir is None and self.dataset_name is None
                 and self.dataset_config is None)
 
-    @property
+    @functools.cached_property
     def dataset_subsets(self) -> list | None:
-        """--dataset_config's subsets (data.subsets.Subset) in the file's order; None without the flag."""
+        """--dataset_config's subsets (data.subsets.Subset) in the file's order, read once; None without the
+        flag."""
         if self.dataset_config is None:
             return None
         from .dataset_config import read_dataset_config

@@ -20,6 +20,7 @@ aligned by construction. The loss downsamples it to the latents (guide/masks.py)
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,11 +145,8 @@ def subset_mask_sources(config: TrainConfig, records, folder: Path | None) -> li
     mirroring image_dir), else the run's (``folder``: --conditioning_data_dir; --alpha_mask), else None (a
     full mask: kohya trains a subset without masks unmasked). Checked subset by subset."""
     found, start = [], 0
-    while start < len(records.records):  # a subset's records are consecutive (records.record_subsets)
-        subset = records.subsets[start]
-        end = start
-        while end < len(records.records) and records.subsets[end] is subset:
-            end += 1
+    for subset, run in itertools.groupby(records.subsets):  # a subset's records are consecutive
+        end = start + len(list(run))
         alpha = subset.alpha_mask or (config.alpha_mask and subset.conditioning_data_dir is None)
         where = subset.conditioning_data_dir or folder
         if alpha or where is not None:

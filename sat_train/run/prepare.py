@@ -9,6 +9,7 @@ loss history for loss.png).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -278,7 +279,8 @@ def announce_run(run: Run, backend: str, learning_rate: float, num_samples: int)
             "lora_alpha": config.resolved_lora_alpha,
             "text_encoder_lr": run.optimizer.param_groups[1]["initial_lr"] if run.text_encoders else None,
             "mask_preview_steps": run.pictures.mask_every})
-        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()}
+        flags = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # not cached derived values
+        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flags.items()}
         accelerator.init_trackers("sat_train", config=tracker_config)
     if config.is_demo:
         accelerator.print(demo.banner(config.demo_model, num_samples))
